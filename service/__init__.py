@@ -1,0 +1,1 @@
+"""detserve: object-detection model serving."""

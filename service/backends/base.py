@@ -1,0 +1,81 @@
+"""The backend contract: a preprocessed batch in, raw head outputs or input-space detections out.
+
+Eager PyTorch, ONNX Runtime (CPU/CUDA/TensorRT EPs) and foreign end2end graphs all implement
+`Backend`; callers (the Predictor) never know which one runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class HeadOutputs:
+    """Network-only outputs; decode, NMS and mask paste happen in the shared postprocessing."""
+
+    cls_scores: list[torch.Tensor]  # per level [B, C, H, W], logits (sigmoid not applied)
+    bbox_preds: list[torch.Tensor]  # per level [B, 4, H, W], (l, t, r, b) input pixels, activated, x stride
+    kernel_preds: list[torch.Tensor] | None = None  # Ins: per level [B, 169, H, W]
+    mask_feat: torch.Tensor | None = None  # Ins: [B, 8, H/8, W/8]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cls_scores[0].shape[0]
+
+    def flat(self) -> tuple[torch.Tensor, ...]:
+        """The detector's forward/ONNX output order: cls x L, bbox x L[, kernel x L, mask_feat]."""
+        out = [*self.cls_scores, *self.bbox_preds]
+        if self.kernel_preds is not None:
+            out += [*self.kernel_preds, self.mask_feat]
+        return tuple(out)
+
+    @classmethod
+    def from_flat(cls, outputs, num_levels: int = 3) -> "HeadOutputs":
+        outputs = list(outputs)
+        n = num_levels
+        if len(outputs) == 2 * n:
+            return cls(outputs[:n], outputs[n : 2 * n])
+        if len(outputs) == 3 * n + 1:
+            return cls(outputs[:n], outputs[n : 2 * n], outputs[2 * n : 3 * n], outputs[3 * n])
+        raise ValueError(f"expected {2 * n} or {3 * n + 1} head outputs, got {len(outputs)}")
+
+
+@dataclass
+class InputDetections:
+    """End2end graphs (MMDeploy layout): detections in network-input pixels, before rescale."""
+
+    dets: torch.Tensor  # [B, K, 5] x1, y1, x2, y2, score
+    labels: torch.Tensor  # [B, K] int
+    masks: torch.Tensor | None = None  # [B, K, S, S] probabilities at input resolution
+
+    @property
+    def batch_size(self) -> int:
+        return self.dets.shape[0]
+
+
+BackendOutputs = HeadOutputs | InputDetections
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """`load` once per worker, `infer` per batch, `close` at shutdown."""
+
+    name: str
+    device: str
+
+    def load(self) -> None: ...
+
+    def infer(self, batch: torch.Tensor) -> BackendOutputs:
+        """`batch` is [B, 3, S, S] float32, normalized BGR, on the CPU. Returns B results."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_batch(outputs: BackendOutputs, expected: int, backend: str) -> BackendOutputs:
+    """Fail loudly when a backend returns a different batch size than it was given."""
+    if outputs.batch_size != expected:
+        raise RuntimeError(f"backend {backend!r} returned {outputs.batch_size} results for a batch of {expected}")
+    return outputs

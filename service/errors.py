@@ -1,0 +1,121 @@
+"""Domain errors and the one table that maps them to HTTP and gRPC status codes.
+
+Raise these anywhere (worker, scheduler, adapters); the doors translate them with `http_status`
+and `grpc_status` and never invent codes of their own.
+"""
+from __future__ import annotations
+
+
+class DetserveError(Exception):
+    """Base class. `code` is the stable machine-readable name sent to clients."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # cross the process boundary with the message intact
+        return (_rebuild, (type(self), self.message, self.retry_after_s))
+
+
+def _rebuild(cls, message, retry_after_s):
+    return cls(message, retry_after_s=retry_after_s)
+
+
+class InvalidRequest(DetserveError):
+    code = "invalid_request"
+
+
+class InvalidImage(InvalidRequest):
+    """Empty, corrupt or truncated image data."""
+
+    code = "invalid_image"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(DetserveError):
+    code = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """Declared pixel count over the limit; refused before decoding."""
+
+    code = "image_too_large"
+
+
+class ModelNotFound(DetserveError):
+    code = "model_not_found"
+
+
+class Unauthenticated(DetserveError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(DetserveError):
+    code = "permission_denied"
+
+
+class Overloaded(DetserveError):
+    """The model's queue is full; retry after `retry_after_s`."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(DetserveError):
+    code = "deadline_exceeded"
+
+
+class ModelNotReady(DetserveError):
+    code = "model_not_ready"
+
+
+class WorkerDied(DetserveError):
+    code = "worker_died"
+
+
+class ConfigError(DetserveError):
+    code = "config_error"
+
+
+class InternalError(DetserveError):
+    code = "internal"
+
+
+# error class -> (HTTP status, gRPC status name). Most specific classes first: lookup walks the MRO.
+ERROR_TABLE: dict[type[DetserveError], tuple[int, str]] = {
+    InvalidImage: (400, "INVALID_ARGUMENT"),
+    UnsupportedMediaType: (415, "INVALID_ARGUMENT"),
+    InvalidRequest: (400, "INVALID_ARGUMENT"),
+    ImageTooLarge: (413, "INVALID_ARGUMENT"),
+    PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
+    ModelNotFound: (404, "NOT_FOUND"),
+    Unauthenticated: (401, "UNAUTHENTICATED"),
+    PermissionDenied: (403, "PERMISSION_DENIED"),
+    Overloaded: (429, "RESOURCE_EXHAUSTED"),
+    DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
+    ModelNotReady: (503, "UNAVAILABLE"),
+    WorkerDied: (503, "UNAVAILABLE"),
+    ConfigError: (400, "INVALID_ARGUMENT"),
+    InternalError: (500, "INTERNAL"),
+}
+
+
+def _lookup(err: BaseException) -> tuple[int, str]:
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return (500, "INTERNAL")
+
+
+def http_status(err: BaseException) -> int:
+    return _lookup(err)[0]
+
+
+def grpc_status(err: BaseException) -> str:
+    """The name of a `grpc.StatusCode` member, so this module does not import grpc."""
+    return _lookup(err)[1]

@@ -1,0 +1,208 @@
+"""One typed, validated configuration tree: the server (file + DETSERVE_* env) and each model's
+`model.toml`. Validation happens at start-up; an error names the field and the allowed values.
+"""
+from __future__ import annotations
+
+import enum
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+MODEL_CONFIG_FILE = "model.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendKind(str, enum.Enum):
+    EAGER = "eager"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class TestConfig(_Strict):
+    """MMDetection's `test_cfg`. Defaults are the README's deployment values, not the COCO-eval ones."""
+
+    nms_pre: int = Field(1000, ge=1)
+    min_bbox_size: float = Field(0.0, ge=0)
+    score_thr: float = Field(0.05, ge=0, le=1)
+    iou_threshold: float = Field(0.65, gt=0, le=1)
+    max_per_img: int = Field(100, ge=1)
+    mask_thr_binary: float = Field(0.5, ge=0, le=1)
+
+
+class BatchConfig(_Strict):
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # 0: never wait while a worker is idle
+    max_queue_size: int = Field(256, ge=1)
+    request_timeout_ms: float = Field(30_000.0, gt=0)
+
+
+class WorkerConfig(_Strict):
+    count: int = Field(1, ge=0, le=64)
+    devices: list[str] = Field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]; empty: auto
+    threads: int = Field(0, ge=0)  # torch/ORT intra-op threads per worker; 0: cores // workers
+
+
+class EagerConfig(_Strict):
+    fp16: bool = False  # CUDA only
+    channels_last: bool = False
+    compile: bool = False  # torch.compile with fixed batch buckets
+    cuda_graphs: bool = False
+
+
+class OnnxRuntimeConfig(_Strict):
+    model: str = "model.onnx"
+    providers: list[str] = Field(default_factory=lambda: ["tensorrt", "cuda", "cpu"])
+    trt_fp16: bool = True
+    trt_cache_dir: str = "trt_cache"
+    end2end: bool = False  # the graph holds decode + NMS (MMDeploy's end2end.onnx layout)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        allowed = {"tensorrt", "cuda", "cpu"}
+        bad = [p for p in value if p not in allowed]
+        if bad:
+            raise ValueError(f"unknown provider(s) {bad}; allowed: {sorted(allowed)}")
+        return value
+
+
+class ModelConfig(_Strict):
+    """The contents of `models/<name>/model.toml`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    arch: str  # a registry name such as "rtmdet-tiny", "rtmdet-ins-s" or "null"
+    weights: str | None = None  # file in the model folder; None only for weightless archs
+    classes: list[str] | None = None  # else from the checkpoint meta, else the 80 COCO names
+    classes_file: str | None = None  # one class per line, alternative to `classes`
+    input_size: int = Field(640, ge=32, le=4096)
+    backend: BackendKind = BackendKind.EAGER
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    default_score_thr: float = Field(0.3, ge=0, le=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    test_cfg: TestConfig = TestConfig()
+    batch: BatchConfig = BatchConfig()
+    workers: WorkerConfig = WorkerConfig()
+    eager: EagerConfig = EagerConfig()
+    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+
+    # Set by the loader, not by the file: where the model folder lives.
+    root: Annotated[Path, Field(exclude=True)] = Path(".")
+
+    def path(self, relative: str) -> Path:
+        return (self.root / relative).resolve()
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        parts.append(f"{source}: field '{loc}': {e['msg']}")
+    return "\n".join(parts)
+
+
+def load_model_config(folder: str | Path, **overrides) -> ModelConfig:
+    """Read and validate `folder/model.toml`; raise ConfigError naming the bad field."""
+    folder = Path(folder)
+    path = folder / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no {MODEL_CONFIG_FILE} in model folder")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", folder.name)
+    data.update(overrides)
+    try:
+        return ModelConfig(**data, root=folder.resolve())
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def discover_models(store: str | Path) -> dict[str, Path]:
+    """Model folders in the store, by name (the folder name)."""
+    store = Path(store)
+    if not store.is_dir():
+        return {}
+    return {p.name: p for p in sorted(store.iterdir()) if (p / MODEL_CONFIG_FILE).is_file()}
+
+
+class AuthSettings(_Strict):
+    """Bearer tokens; an empty set means that API is open. Files hold one token per line."""
+
+    inference_tokens: list[str] = Field(default_factory=list)
+    management_tokens: list[str] = Field(default_factory=list)
+    inference_tokens_file: Path | None = None
+    management_tokens_file: Path | None = None
+    protect_health: bool = False
+    protect_metrics: bool = False
+
+
+class LabelStudioSettings(_Strict):
+    url: str | None = None  # LABEL_STUDIO_URL: where /data/upload/... lives
+    api_key: str | None = None  # LABEL_STUDIO_API_KEY: legacy token or personal access token (JWT)
+    document_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/?d=
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+
+
+class ServerSettings(BaseSettings):
+    """Server configuration: defaults < `--config` TOML file < DETSERVE_* environment < CLI flags.
+
+    Nested fields use a double underscore: DETSERVE_AUTH__INFERENCE_TOKENS='["t1"]'.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DETSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    model_store: Path = Path("models")
+    models: list[str] | None = None  # names to load at start-up; None: every folder in the store
+    default_model: str | None = None
+
+    inference_address: str = "0.0.0.0"
+    inference_port: int = Field(8080, ge=0, le=65535)
+    management_address: str = "127.0.0.1"  # closed to the network unless configured otherwise
+    management_port: int = Field(8081, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = Field(8082, ge=0, le=65535)
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = Field(7070, ge=0, le=65535)
+    enable_grpc: bool = True
+
+    max_request_size: int = Field(16 * 1024 * 1024, ge=1)  # bytes per HTTP/gRPC request body
+    drain_timeout_s: float = Field(30.0, ge=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is killed and restarted
+    worker_start_timeout_s: float = Field(120.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+
+    auth: AuthSettings = AuthSettings()
+    labelstudio: LabelStudioSettings = LabelStudioSettings()
+
+
+def load_server_settings(config_file: str | Path | None = None, **overrides) -> ServerSettings:
+    """Build settings from an optional TOML file, the environment and explicit overrides."""
+    data: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read server config: {exc}") from None
+    try:
+        # Env beats the file: pydantic-settings gives init kwargs priority, so apply the file as
+        # defaults by constructing twice only where the env is silent.
+        from_env = ServerSettings()
+        env_set = from_env.model_fields_set
+        merged = {**data, **{k: getattr(from_env, k) for k in env_set}, **overrides}
+        return ServerSettings(**merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(config_file or "server settings"))) from None
