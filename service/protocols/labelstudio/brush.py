@@ -1,0 +1,89 @@
+"""Label Studio's brush RLE (not COCO's): the encoding `label_studio_sdk.converter.brush` reads.
+
+The stream is a bit string: a 32-bit value count, a 5-bit word size minus one, four 4-bit run
+length widths minus one, then tokens until `count` values are produced. A token is one bit
+(1: a run of one repeated value, 0: that many literal values), two bits picking a run-length
+width, the length minus one in that width, then the value word(s). Values are an RGBA image
+flattened row by row, so a 2-D mask is repeated four times per pixel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WORD_BITS = 8
+RUN_WIDTHS = (3, 4, 8, 16)  # the SDK's defaults; any values would decode, these are what LS writes
+_MAX_RUN = 1 << RUN_WIDTHS[-1]
+
+
+def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
+    """A 2-D mask (nonzero = inside) -> LS brush RLE bytes, painted with value 255 on all channels."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    pixels = np.where(mask.reshape(-1) != 0, 255, 0).astype(np.uint8)
+    return encode_rle(np.repeat(pixels, 4))
+
+
+def encode_rle(values: np.ndarray) -> list[int]:
+    """Flat uint8 values -> LS RLE bytes. Every stretch of equal values becomes run tokens."""
+    values = np.asarray(values, dtype=np.uint8).reshape(-1)
+    header = f"{len(values):032b}{WORD_BITS - 1:05b}" + "".join(f"{w - 1:04b}" for w in RUN_WIDTHS)
+    parts = [header]
+    if len(values):
+        change = np.flatnonzero(values[1:] != values[:-1]) + 1
+        starts = np.concatenate(([0], change))
+        lengths = np.diff(np.concatenate((starts, [len(values)])))
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            word = f"{int(values[start]):08b}"
+            while length > 0:
+                chunk = min(length, _MAX_RUN)
+                parts.append(_run_token(chunk, word))
+                length -= chunk
+    bits = "".join(parts)
+    bits += "0" * (-len(bits) % 8)
+    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
+
+
+def _run_token(length: int, word: str) -> str:
+    for index, width in enumerate(RUN_WIDTHS):
+        if length <= 1 << width:
+            return f"1{index:02b}{length - 1:0{width}b}{word}"
+    raise AssertionError("run longer than the widest run width")  # callers chunk runs
+
+
+def decode_rle(rle: list[int] | bytes) -> np.ndarray:
+    """LS RLE bytes -> flat uint8 values (the inverse of `encode_rle`; used by tests and tools)."""
+    bits = "".join(f"{b:08b}" for b in bytes(rle))
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > len(bits):
+            raise ValueError("truncated brush RLE")
+        value = int(bits[pos : pos + n], 2) if n else 0
+        pos += n
+        return value
+
+    count = read(32)
+    word_bits = read(5) + 1
+    widths = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(count, dtype=np.uint8)
+    i = 0
+    while i < count:
+        is_run = read(1)
+        end = min(count, i + 1 + read(widths[read(2)]))
+        if is_run:
+            out[i:end] = read(word_bits)
+            i = end
+        else:
+            while i < end:
+                out[i] = read(word_bits)
+                i += 1
+    return out
+
+
+def brush_rle_to_mask(rle: list[int] | bytes, height: int, width: int) -> np.ndarray:
+    """LS RLE -> a [height, width] uint8 mask (the alpha channel, as LS's own converter reads it)."""
+    values = decode_rle(rle)
+    if values.size != height * width * 4:
+        raise ValueError(f"RLE holds {values.size} values, expected {height}x{width}x4")
+    return values.reshape(height, width, 4)[:, :, 3]
