@@ -1,0 +1,140 @@
+"""What both gRPC servicers share: error mapping, deadlines, metrics and the ordered stream window."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import grpc
+
+from ...errors import DetserveError, InternalError, ModelNotFound, grpc_status
+from ...observability.metrics import record_request
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Frames a stream may have in flight; the reader stops pulling (and HTTP/2 flow control pushes back
+# on the client) until the oldest one is answered.
+STREAM_WINDOW = 8
+
+
+def status_code(err: BaseException) -> grpc.StatusCode:
+    return grpc.StatusCode[grpc_status(err)]
+
+
+def as_detserve_error(exc: BaseException, *, quiet: bool = False) -> DetserveError:
+    if isinstance(exc, DetserveError):
+        return exc
+    if not quiet:
+        log.error("unexpected error in a gRPC handler", exc_info=exc)
+    return InternalError(f"internal error: {type(exc).__name__}")
+
+
+def timeout_from(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's remaining deadline, passed to the engine as its request timeout."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.0)
+
+
+@asynccontextmanager
+async def recorded(model: str, protocol: str | None):
+    """Time one request and record its metric with the status it ends in; re-raise failures.
+    `protocol=None` records nothing: metadata calls are not inference requests."""
+    start = time.perf_counter()
+
+    def record(code: str) -> None:
+        if protocol is not None:
+            record_request(model, protocol, code, time.perf_counter() - start)
+
+    try:
+        yield
+    except asyncio.CancelledError:
+        record(grpc.StatusCode.CANCELLED.name)
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        record(status_code(as_detserve_error(exc, quiet=True)).name)
+        raise
+    else:
+        record(grpc.StatusCode.OK.name)
+
+
+@asynccontextmanager
+async def door(context: grpc.aio.ServicerContext, model: str, protocol: str | None):
+    """`recorded`, then any failure leaves as the error table's status (never a traceback)."""
+    try:
+        async with recorded(model, protocol):
+            yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        await abort(context, exc)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    err = as_detserve_error(exc)
+    if err.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, round(err.retry_after_s)))),))
+    await context.abort(status_code(err), err.message)
+
+
+async def ordered_window(
+    requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]], window: int = STREAM_WINDOW
+) -> AsyncIterator[Resp]:
+    """Run `handle` on each request concurrently, at most `window` at a time, yielding in request order.
+
+    `handle` must turn per-item failures into a response; an exception from the request iterator
+    itself (a broken stream, an undecodable message) ends the stream with that error.
+    """
+    slots = asyncio.Semaphore(window)
+    pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                pending.put_nowait(asyncio.create_task(handle(request)))
+        finally:
+            pending.put_nowait(None)
+
+    reader = asyncio.create_task(read())
+    in_flight: list[asyncio.Task] = []
+    try:
+        while (task := await pending.get()) is not None:
+            in_flight.append(task)
+            result = await task
+            in_flight.remove(task)
+            slots.release()
+            yield result
+        await reader  # re-raise the reader's error, if any
+    finally:
+        reader.cancel()
+        for task in in_flight + _drain(pending):
+            task.cancel()
+
+
+def _drain(queue: asyncio.Queue) -> list[asyncio.Task]:
+    tasks = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is not None:
+            tasks.append(item)
+    return tasks
+
+
+def resolve_model(engine, default_model: str | None, name: str) -> str:
+    """An empty model name means the configured default, or the only model served."""
+    if name:
+        return name
+    if default_model:
+        return default_model
+    names = [m.name for m in engine.models()]
+    if len(names) == 1:
+        return names[0]
+    raise ModelNotFound(f"no model given and no default model configured; models: {names}")

@@ -1,0 +1,134 @@
+"""One server interceptor for every gRPC service: bearer-token auth and undecodable messages.
+
+grpc answers a request that fails to deserialize with INTERNAL; a client sending bad protobuf
+deserves INVALID_ARGUMENT, so deserializers are wrapped to hand the handler a marker instead.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+import grpc
+
+from ...errors import DetserveError, InvalidRequest, grpc_status
+from ...settings import ServerSettings
+
+# Health and reflection stay open unless auth.protect_health says otherwise, like /ping on REST.
+_HEALTH_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, but be broad
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _bad_message(marker: _Undecodable) -> InvalidRequest:
+    return InvalidRequest(f"request is not a valid protobuf message for this method: {marker.error}")
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _bad_message(request)
+        yield request
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, denied: DetserveError | None) -> grpc.RpcMethodHandler:
+    """The same handler with tolerant deserialization, or one that only answers `denied`."""
+    code = grpc.StatusCode[grpc_status(denied)] if denied else None
+
+    def unary_in(behavior):
+        async def call(request, context):
+            if denied:
+                await context.abort(code, denied.message)
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_message(request).message)
+            return await behavior(request, context)
+        return call
+
+    def stream_in(behavior):
+        async def call(requests, context):
+            if denied:
+                await context.abort(code, denied.message)
+            return await behavior(_checked_stream(requests), context)
+        return call
+
+    def stream_out(behavior, wrap_requests: bool):
+        async def admit(request_or_requests, context):
+            if denied:
+                await context.abort(code, denied.message)
+            if wrap_requests:
+                return _checked_stream(request_or_requests)
+            if isinstance(request_or_requests, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_message(request_or_requests).message)
+            return request_or_requests
+
+        # grpc picks the streaming style from the handler's kind: keep the wrapped one's.
+        if inspect.isasyncgenfunction(behavior):
+            async def generator(request_or_requests, context):
+                async for response in behavior(await admit(request_or_requests, context), context):
+                    yield response
+            return generator
+
+        async def writer(request_or_requests, context):  # handlers that use context.write
+            return await behavior(await admit(request_or_requests, context), context)
+        return writer
+
+    kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary_in(handler.unary_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream_out(handler.unary_stream, False), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(stream_in(handler.stream_unary), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream_out(handler.stream_stream, True), **kwargs)
+
+
+class DoorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth=None, protect_health: bool = False):
+        self._auth = auth  # service.protocols.auth.TokenAuth, or None when that module is absent
+        self._protect_health = protect_health
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> DoorInterceptor:
+        try:
+            auth_module = importlib.import_module("service.protocols.auth")
+        except ModuleNotFoundError:
+            return cls(None)
+        return cls(auth_module.TokenAuth.from_settings(settings.auth), settings.auth.protect_health)
+
+    def _denied(self, details: grpc.HandlerCallDetails) -> DetserveError | None:
+        if self._auth is None or not self._auth.enabled("inference"):
+            return None
+        method = details.method or ""
+        if not self._protect_health and (method.startswith(_HEALTH_PREFIXES) or method in _HEALTH_METHODS):
+            return None
+        from ..auth import authorization_from_metadata
+
+        try:
+            self._auth.check("inference", authorization_from_metadata(details.invocation_metadata))
+        except DetserveError as err:
+            return err
+        return None
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _rebuild(handler, self._denied(handler_call_details))

@@ -1,0 +1,340 @@
+"""KServe V2 / Open Inference Protocol tensors <-> detserve types, shared by the REST and gRPC doors.
+
+Wire framing differs between the doors (JSON + binary extension over HTTP, protobuf over gRPC);
+everything after that (which tensors a detector takes and returns, their datatypes and shapes,
+request parameters) lives here, once.
+
+Inputs: one tensor, either BYTES [N] (or [N,1], [1]) of encoded image files, or UINT8 [N,H,W,3] /
+[H,W,3] pixels (RGB unless the `channel_order` parameter says BGR).
+Outputs (K = most detections of any image in the batch; shorter rows are zero-padded):
+`boxes` FP32 [N,K,4] xyxy original-image pixels, `scores` FP32 [N,K], `labels` INT32 [N,K],
+`num_detections` INT32 [N], and for mask models `masks_rle` BYTES [N,K] (a COCO RLE JSON per
+detection, "" for padding).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidRequest, ModelNotFound
+from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
+
+SERVER_NAME = "detserve"
+EXTENSIONS = ("binary_tensor_data",)
+PLATFORM = "detserve_rtmdet"
+
+INPUT_NAME = "image"
+# Numpy dtypes by KServe datatype; BYTES is a list of bytes objects, not an ndarray.
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+BYTES = "BYTES"
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]  # ndarray shaped `shape`; BYTES: flat list of elements
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+# --- element framing -------------------------------------------------------------------------
+
+def _element_count(shape: Sequence[int]) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"tensor shape {list(shape)} has a negative dimension")
+    return math.prod(shape)
+
+
+def unpack_bytes_elements(raw: bytes) -> list[bytes]:
+    """Split a serialized BYTES tensor: each element is a 4-byte little-endian length, then data."""
+    items, offset, view = [], 0, memoryview(raw)
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidRequest("BYTES tensor data is truncated inside an element length")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidRequest("BYTES tensor element is longer than the data that follows it")
+        items.append(bytes(view[offset:offset + size]))
+        offset += size
+    return items
+
+
+def pack_bytes_elements(items: Iterable[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _checked_datatype(name: str, datatype: str) -> str:
+    if datatype != BYTES and datatype not in DTYPES:
+        raise InvalidRequest(f"input '{name}': unknown datatype {datatype!r}")
+    return datatype
+
+
+def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters=None) -> Tensor:
+    """A tensor from its binary form (HTTP binary extension, gRPC raw_input_contents)."""
+    datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
+    count = _element_count(shape)
+    if datatype == BYTES:
+        items = unpack_bytes_elements(raw)
+        if len(items) != count:
+            raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} BYTES elements, got {len(items)}")
+        return Tensor(name, datatype, shape, items, dict(parameters or {}))
+    dtype = DTYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidRequest(
+            f"input '{name}': shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape), dict(parameters or {}))
+
+
+def _flatten(values: Any) -> list:
+    if not isinstance(values, list):
+        return [values]
+    if values and isinstance(values[0], list):
+        return [v for sub in values for v in _flatten(sub)]
+    return values
+
+
+def _element_bytes(value: Any) -> bytes:
+    """A BYTES element from JSON: a base64 string or {"b64": "..."} (JSON cannot carry raw bytes)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("b64"), str):
+        value = value["b64"]
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("BYTES image elements in JSON must be base64 strings") from None
+    raise InvalidRequest(f"BYTES element of type {type(value).__name__} is not a string")
+
+
+def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: Any, parameters=None) -> Tensor:
+    """A tensor from typed values (JSON `data`, gRPC `contents`), nested or flat."""
+    datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
+    flat = _flatten(list(values) if not isinstance(values, list) else values)
+    count = _element_count(shape)
+    if len(flat) != count:
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}")
+    if datatype == BYTES:
+        return Tensor(name, datatype, shape, [_element_bytes(v) for v in flat], dict(parameters or {}))
+    try:
+        array = np.asarray(flat, dtype=DTYPES[datatype]).reshape(shape)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"input '{name}': data is not {datatype}: {exc}") from None
+    return Tensor(name, datatype, shape, array, dict(parameters or {}))
+
+
+def tensor_to_raw(tensor: Tensor) -> bytes:
+    if tensor.datatype == BYTES:
+        return pack_bytes_elements(tensor.data)  # type: ignore[arg-type]
+    return np.ascontiguousarray(tensor.data, dtype=DTYPES[tensor.datatype]).tobytes()
+
+
+def tensor_to_values(tensor: Tensor) -> list:
+    """Flat JSON-friendly values; BYTES elements become text (they are JSON strings or empty)."""
+    if tensor.datatype == BYTES:
+        return [b.decode("utf-8", "replace") for b in tensor.data]  # type: ignore[union-attr]
+    return np.asarray(tensor.data).reshape(-1).tolist()
+
+
+# --- detector semantics ----------------------------------------------------------------------
+
+def input_specs() -> list[TensorSpec]:
+    # BYTES is what metadata can show; UINT8 [N,H,W,3] pixels are accepted under the same name.
+    return [TensorSpec(INPUT_NAME, BYTES, (-1,))]
+
+
+def output_specs(has_masks: bool) -> list[TensorSpec]:
+    specs = [
+        TensorSpec("boxes", "FP32", (-1, -1, 4)),
+        TensorSpec("scores", "FP32", (-1, -1)),
+        TensorSpec("labels", "INT32", (-1, -1)),
+        TensorSpec("num_detections", "INT32", (-1,)),
+    ]
+    if has_masks:
+        specs.append(TensorSpec("masks_rle", BYTES, (-1, -1)))
+    return specs
+
+
+def model_metadata(info: ModelInfo) -> dict:
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": PLATFORM,
+        "inputs": [s.to_json() for s in input_specs()],
+        "outputs": [s.to_json() for s in output_specs(info.has_masks)],
+    }
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
+
+
+def check_version(info: ModelInfo, version: str | None) -> None:
+    """An empty version means the served one; any other must match it."""
+    if version and version != info.version:
+        raise ModelNotFound(f"model '{info.name}' has no version '{version}' (serving '{info.version}')")
+
+
+def images_from_inputs(inputs: Sequence[Tensor]) -> list[ImageInput]:
+    if not inputs:
+        raise InvalidRequest(f"no input tensor: send one BYTES (encoded images) or UINT8 (HWC pixels) input named '{INPUT_NAME}'")
+    if len(inputs) > 1:
+        names = [t.name for t in inputs]
+        raise InvalidRequest(f"expected one input tensor, got {len(inputs)}: {names}")
+    tensor = inputs[0]
+    if tensor.datatype == BYTES:
+        images: list[ImageInput] = [EncodedImage(b) for b in tensor.data]  # type: ignore[union-attr]
+    elif tensor.datatype == "UINT8":
+        images = _raw_images(tensor)
+    else:
+        raise InvalidRequest(
+            f"input '{tensor.name}' has datatype {tensor.datatype}; expected BYTES (encoded images) or UINT8 (HWC pixels)"
+        )
+    if not images:
+        raise InvalidRequest(f"input '{tensor.name}' holds no images")
+    return images
+
+
+def _raw_images(tensor: Tensor) -> list[ImageInput]:
+    pixels = np.asarray(tensor.data)
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise InvalidRequest(f"UINT8 input '{tensor.name}' must be [N,H,W,3] or [H,W,3], got {list(tensor.shape)}")
+    order = str(tensor.parameters.get("channel_order", "RGB")).upper()
+    if order not in ("RGB", "BGR"):
+        raise InvalidRequest(f"channel_order must be RGB or BGR, got {order!r}")
+    _, height, width, _ = pixels.shape
+    return [RawImage(np.ascontiguousarray(img).tobytes(), int(height), int(width), order) for img in pixels]
+
+
+def options_from_parameters(parameters: Mapping[str, Any]) -> DetectOptions:
+    """Request parameters `score_thr`, `max_dets` and `classes` (comma-separated or a list)."""
+    try:
+        score_thr = parameters.get("score_thr")
+        score_thr = None if score_thr is None else float(score_thr)
+        max_dets = parameters.get("max_dets")
+        max_dets = None if max_dets is None else int(max_dets)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"bad detection parameter: {exc}") from None
+    if score_thr is not None and not 0.0 <= score_thr <= 1.0:
+        raise InvalidRequest(f"score_thr must be within [0, 1], got {score_thr}")
+    if max_dets is not None and max_dets < 1:
+        raise InvalidRequest(f"max_dets must be >= 1, got {max_dets}")
+    classes = parameters.get("classes")
+    if isinstance(classes, str):
+        classes = tuple(c.strip() for c in classes.split(",") if c.strip())
+    elif classes is not None:
+        classes = tuple(str(c) for c in classes)
+    return DetectOptions(score_thr=score_thr, max_dets=max_dets, classes=classes or None)
+
+
+def detection_outputs(results: Sequence[DetectResult], has_masks: bool) -> list[Tensor]:
+    """Every declared output for a batch of results, zero-padded to the longest detection list."""
+    n = len(results)
+    k = max((len(r.detections) for r in results), default=0)
+    boxes = np.zeros((n, k, 4), dtype=np.float32)
+    scores = np.zeros((n, k), dtype=np.float32)
+    labels = np.zeros((n, k), dtype=np.int32)
+    counts = np.zeros((n,), dtype=np.int32)
+    masks: list[bytes] = []
+    for i, result in enumerate(results):
+        counts[i] = len(result.detections)
+        for j, det in enumerate(result.detections):
+            boxes[i, j] = det.box_xyxy
+            scores[i, j] = det.score
+            labels[i, j] = det.label
+        if has_masks:
+            row = [json.dumps(d.mask.to_coco()).encode() if d.mask else b"" for d in result.detections]
+            masks += row + [b""] * (k - len(row))
+    tensors = [
+        Tensor("boxes", "FP32", (n, k, 4), boxes),
+        Tensor("scores", "FP32", (n, k), scores),
+        Tensor("labels", "INT32", (n, k), labels),
+        Tensor("num_detections", "INT32", (n,), counts),
+    ]
+    if has_masks:
+        tensors.append(Tensor("masks_rle", BYTES, (n, k), masks))
+    return tensors
+
+
+def select_outputs(tensors: list[Tensor], requested: Sequence[str]) -> list[Tensor]:
+    """The requested outputs in request order; all of them when none were requested."""
+    if not requested:
+        return tensors
+    by_name = {t.name: t for t in tensors}
+    unknown = [name for name in requested if name not in by_name]
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {unknown}; this model has {list(by_name)}")
+    return [by_name[name] for name in requested]
+
+
+# --- the one inference step both KServe doors run -------------------------------------------
+
+@dataclass(slots=True)
+class InferOutcome:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+
+
+async def infer(
+    engine,
+    model: str,
+    version: str | None,
+    inputs: Sequence[Tensor],
+    parameters: Mapping[str, Any],
+    requested: Sequence[str],
+    *,
+    protocol,
+    request_id: str | None = None,
+    timeout_s: float | None = None,
+) -> InferOutcome:
+    """Validate the request against the model, run it through the engine, build the outputs."""
+    info = engine.model_info(model)
+    check_version(info, version)
+    images = images_from_inputs(inputs)
+    options = options_from_parameters(parameters)
+    outputs_for = output_specs(info.has_masks)
+    unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
+    if unknown:  # refuse before spending compute
+        raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
+    results = await engine.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
+    outputs = select_outputs(detection_outputs(results, info.has_masks), requested)
+    served_version = next((r.model_version for r in results if r.model_version), info.version)
+    return InferOutcome(info.name, served_version, outputs)
+
+
+def server_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("detserve")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        return "0.0.0"

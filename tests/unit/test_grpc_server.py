@@ -1,0 +1,262 @@
+"""The gRPC doors over a small fake engine: conversions, errors, deadlines, streaming order, health."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.errors import InvalidImage, ModelNotFound, Overloaded
+from service.protocols import kserve_codec as codec
+from service.protocols.grpc.generated import detserve_pb2 as pb
+from service.protocols.grpc.generated import detserve_pb2_grpc as pb_grpc
+from service.protocols.grpc.generated import grpc_service_pb2 as kpb
+from service.protocols.grpc.generated import grpc_service_pb2_grpc as kpb_grpc
+from service.protocols.grpc.server import start_grpc_server
+from service.settings import ServerSettings
+from service.types import BatchSettings, DetectResult, Detection, EncodedImage, ModelInfo, RawImage, RLEMask
+
+
+class FakeEngine:
+    """Answers from the image bytes: b"bad..." is an invalid image, b"full" overloads, b"slow" waits;
+    otherwise len(data) % 4 detections. Records every call's timeout."""
+
+    def __init__(self, has_masks: bool = False):
+        self.has_masks = has_masks
+        self.timeouts: list[float | None] = []
+        self.ready_models = {"toy"}
+
+    def _info(self) -> ModelInfo:
+        return ModelInfo("toy", "toy-abc12345", "null", "eager", ("cat", "dog"), 320, self.has_masks,
+                         "toy" in self.ready_models, BatchSettings())
+
+    async def detect(self, model, images, options=None, *, protocol=None, request_id=None, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        if model != "toy":
+            raise ModelNotFound(f"model '{model}' is not loaded")
+        out = []
+        for image in images:
+            data = image.data if isinstance(image, EncodedImage) else image.pixels
+            if data.startswith(b"bad"):
+                raise InvalidImage("cannot decode image")
+            if data == b"full":
+                raise Overloaded("queue full", retry_after_s=2.0)
+            if data == b"slow":
+                await asyncio.sleep(5)
+            n = len(data) % 4
+            mask = RLEMask(4, 5, "abc") if self.has_masks else None
+            dets = [Detection(i % 2, ("cat", "dog")[i % 2], 0.9 - 0.1 * i, (1.0 * i, 2.0, 3.0 + i, 4.0), mask)
+                    for i in range(n)]
+            w = image.width if isinstance(image, RawImage) else 64
+            out.append(DetectResult(dets, w, 48, "toy", "toy-abc12345"))
+        return out
+
+    def live(self):
+        return True
+
+    def ready(self):
+        return bool(self.ready_models)
+
+    def model_ready(self, model):
+        return model in self.ready_models
+
+    def models(self):
+        return [self._info()]
+
+    def model_info(self, model):
+        if model != "toy":
+            raise ModelNotFound(f"model '{model}' is not loaded")
+        return self._info()
+
+
+@pytest.fixture
+def run():
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    loop.close()
+
+
+async def _serve(engine, **settings):
+    server = await start_grpc_server(engine, ServerSettings(grpc_address="127.0.0.1", grpc_port=0, **settings))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.detserve_port}")
+    return server, channel
+
+
+def test_detect_batch_stream_and_errors(run):
+    async def scenario():
+        engine = FakeEngine()
+        server, channel = await _serve(engine)
+        try:
+            stub = pb_grpc.DetectorStub(channel)
+            res = await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"abc")), timeout=10)
+            assert [d.class_name for d in res.detections] == ["cat", "dog", "cat"]
+            assert res.detections[1].box.x2 == pytest.approx(4.0) and res.image_width == 64
+            assert 0 < engine.timeouts[-1] <= 10  # the deadline reached the engine
+
+            batch = await stub.DetectBatch(pb.DetectBatchRequest(
+                model="toy", images=[pb.Image(encoded=b"a"), pb.Image(raw=pb.RawImage(pixels=bytes(12), height=2, width=2))]))
+            assert [len(r.detections) for r in batch.results] == [1, 0] and batch.results[1].image_width == 2
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"bad")))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(model="nope", image=pb.Image(encoded=b"x")))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"full")))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("retry-after", "2") in tuple(err.value.trailing_metadata())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"slow")), timeout=0.3)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(options=pb.DetectOptions(score_thr=3.0), image=pb.Image(encoded=b"x")))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            async def frames():
+                for i in range(40):
+                    yield pb.StreamFrame(frame_id=i, image=pb.Image(encoded=b"bad" if i == 7 else b"x" * i))
+            results = [r async for r in stub.DetectStream(frames())]
+            assert [r.frame_id for r in results] == list(range(40))
+            assert results[7].error.grpc_status == "INVALID_ARGUMENT"
+            assert len(results[5].result.detections) == 1
+
+            models = await stub.ListModels(pb.ListModelsRequest())
+            assert [m.name for m in models.models] == ["toy"] and list(models.models[0].classes) == ["cat", "dog"]
+            info = await stub.ModelInfo(pb.ModelInfoRequest(model="toy"))
+            assert info.version == "toy-abc12345"
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_undecodable_and_oversized_messages(run):
+    async def scenario():
+        server, channel = await _serve(FakeEngine(), max_request_size=4096)
+        try:
+            raw = channel.unary_unary("/detserve.v1.Detector/Detect")  # no serializer: bytes go as they are
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw(b"\xff\xff\xff\xff")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            stub = pb_grpc.DetectorStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"x" * 10_000)))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_kserve_infer_raw_and_typed(run):
+    async def scenario():
+        engine = FakeEngine(has_masks=True)
+        server, channel = await _serve(engine)
+        try:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerLive(kpb.ServerLiveRequest())).live
+            assert (await stub.ServerReady(kpb.ServerReadyRequest())).ready
+            assert (await stub.ModelReady(kpb.ModelReadyRequest(name="toy"))).ready
+            meta = await stub.ModelMetadata(kpb.ModelMetadataRequest(name="toy"))
+            assert [o.name for o in meta.outputs] == ["boxes", "scores", "labels", "num_detections", "masks_rle"]
+            assert list(meta.outputs[0].shape) == [-1, -1, 4]
+
+            tensor = kpb.ModelInferRequest.InferInputTensor
+            req = kpb.ModelInferRequest(
+                model_name="toy", id="r1", inputs=[tensor(name="image", datatype="BYTES", shape=[2])],
+                raw_input_contents=[codec.pack_bytes_elements([b"abc", b"a"])])
+            res = await stub.ModelInfer(req)
+            assert res.id == "r1" and res.model_version == "toy-abc12345"
+            outs = {o.name: (o, raw) for o, raw in zip(res.outputs, res.raw_output_contents)}
+            boxes = np.frombuffer(outs["boxes"][1], dtype="<f4").reshape(list(outs["boxes"][0].shape))
+            assert boxes.shape == (2, 3, 4) and boxes[0, 1].tolist() == [1.0, 2.0, 4.0, 4.0]
+            assert np.frombuffer(outs["num_detections"][1], dtype="<i4").tolist() == [3, 1]
+            masks = codec.unpack_bytes_elements(outs["masks_rle"][1])
+            assert len(masks) == 6 and masks[3] != b"" and masks[4] == b""
+
+            typed = kpb.ModelInferRequest(
+                model_name="toy", inputs=[tensor(name="image", datatype="UINT8", shape=[2, 2, 3],
+                                                 contents=kpb.InferTensorContents(uint_contents=list(range(12))))],
+                outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="scores")])
+            res = await stub.ModelInfer(typed)
+            assert [o.name for o in res.outputs] == ["scores"] and list(res.outputs[0].shape) == [1, 0]
+
+            bad = [
+                (kpb.ModelInferRequest(model_name="toy"), grpc.StatusCode.INVALID_ARGUMENT),
+                (kpb.ModelInferRequest(model_name="nope"), grpc.StatusCode.NOT_FOUND),
+                (kpb.ModelInferRequest(model_name="toy", inputs=[tensor(name="image", datatype="FP32", shape=[1],
+                 contents=kpb.InferTensorContents(fp32_contents=[1.0]))]), grpc.StatusCode.INVALID_ARGUMENT),
+                (kpb.ModelInferRequest(model_name="toy", inputs=[tensor(name="image", datatype="BYTES", shape=[3])],
+                 raw_input_contents=[codec.pack_bytes_elements([b"x"])]), grpc.StatusCode.INVALID_ARGUMENT),
+                (kpb.ModelInferRequest(model_name="toy", model_version="9", inputs=[tensor(name="image", datatype="BYTES",
+                 shape=[1])], raw_input_contents=[codec.pack_bytes_elements([b"x"])]), grpc.StatusCode.NOT_FOUND),
+            ]
+            for request, code in bad:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfer(request)
+                assert err.value.code() == code, request
+
+            async def stream():
+                yield req
+                yield kpb.ModelInferRequest(model_name="nope", id="bad")
+                yield req
+            responses = [r async for r in stub.ModelStreamInfer(stream())]
+            assert [r.error_message != "" for r in responses] == [False, True, False]
+            assert responses[1].infer_response.id == "bad"
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_health_follows_model_readiness(run):
+    async def scenario():
+        engine = FakeEngine()
+        server, channel = await _serve(engine)
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == serving
+            assert (await health.Check(health_pb2.HealthCheckRequest(service="toy"))).status == serving
+            engine.ready_models.clear()
+            for _ in range(40):
+                await asyncio.sleep(0.1)
+                if (await health.Check(health_pb2.HealthCheckRequest(service="toy"))).status == not_serving:
+                    break
+            assert (await health.Check(health_pb2.HealthCheckRequest(service="toy"))).status == not_serving
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == not_serving
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_token_auth_metadata(run):
+    async def scenario():
+        server, channel = await _serve(FakeEngine(), auth={"inference_tokens": ["s3cret"], "management_tokens": ["adm"]})
+        try:
+            stub = pb_grpc.DetectorStub(channel)
+            request = pb.DetectRequest(image=pb.Image(encoded=b"a"))
+            cases = [(None, grpc.StatusCode.UNAUTHENTICATED), ((("authorization", "Bearer nope"),), grpc.StatusCode.UNAUTHENTICATED),
+                     ((("authorization", "Bearer adm"),), grpc.StatusCode.PERMISSION_DENIED)]
+            for metadata, code in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Detect(request, metadata=metadata)
+                assert err.value.code() == code
+            res = await stub.Detect(request, metadata=(("authorization", "Bearer s3cret"),))
+            assert len(res.detections) == 1
+            health = health_pb2_grpc.HealthStub(channel)  # health stays open by default
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
