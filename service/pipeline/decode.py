@@ -1,0 +1,207 @@
+"""Bytes -> HxWx3 uint8 BGR pixels, the way MMDetection's cv2 loader sees them.
+
+The pixel limit is checked against the size declared in the file header, before any pixel buffer
+is allocated, so a tiny PNG that declares 50000x50000 costs nothing. JPEG takes the simplejpeg
+(libjpeg-turbo) fast path; everything else, and any JPEG simplejpeg refuses (CMYK, progressive
+oddities), goes through Pillow, which also reads the header lazily.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageFile, ImageOps
+
+from ..errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from ..types import RawImage
+
+# Truncated files must fail loudly instead of decoding half an image padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_PIL_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the magic bytes: "jpeg", "png", "webp", "bmp" or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM":
+        return "bmp"
+    return None
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode an encoded image to an HxWx3 uint8 BGR array, EXIF orientation applied.
+
+    Raises InvalidImage (empty, corrupt, truncated), UnsupportedMediaType (not JPEG, PNG, WebP
+    or BMP) and ImageTooLarge (declared width*height over `max_pixels`).
+    """
+    if not data:
+        raise InvalidImage("empty image data")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedMediaType("unsupported image format: expected JPEG, PNG, WebP or BMP")
+    if fmt == "jpeg":
+        fast = _decode_jpeg_fast(data, max_pixels)
+        if fast is not None:
+            return fast
+    return _decode_with_pillow(data, max_pixels)
+
+
+def raw_image_to_bgr(image: RawImage, *, max_pixels: int | None = None) -> np.ndarray:
+    """Wrap RawImage pixels (uint8, HWC, RGB or BGR) as an HxWx3 BGR array, validating the size."""
+    h, w = image.height, image.width
+    if h <= 0 or w <= 0:
+        raise InvalidImage(f"raw image has invalid size {w}x{h}")
+    if max_pixels is not None:
+        _check_pixels(w, h, max_pixels)
+    order = image.channel_order.upper()
+    if order not in ("RGB", "BGR"):
+        raise InvalidImage(f"raw image channel_order must be RGB or BGR, got {image.channel_order!r}")
+    expected = h * w * 3
+    if len(image.pixels) != expected:
+        raise InvalidImage(f"raw image of {w}x{h}x3 needs {expected} bytes, got {len(image.pixels)}")
+    pixels = np.frombuffer(image.pixels, dtype=np.uint8).reshape(h, w, 3)
+    if order == "RGB":
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    return pixels
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image declares invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def _decode_jpeg_fast(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """simplejpeg decode, or None to let Pillow try (it reports the precise error)."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    _check_pixels(width, height, max_pixels)
+    if colorspace not in ("Gray", "YCbCr", "RGB"):
+        return None  # CMYK / YCCK: libjpeg-turbo cannot convert to BGR
+    try:
+        # Accurate DCT and fancy upsampling: what cv2.imdecode (the upstream loader) uses.
+        bgr = simplejpeg.decode_jpeg(data, colorspace="BGR", fastdct=False, fastupsample=False, strict=True)
+    except ValueError:
+        return None
+    return apply_orientation(bgr, jpeg_exif_orientation(data))
+
+
+def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"cannot read image header: {exc}") from None
+    with image:
+        if image.format not in _PIL_FORMATS:
+            raise UnsupportedMediaType(f"unsupported image format {image.format}")
+        _check_pixels(image.width, image.height, max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+                oriented = ImageOps.exif_transpose(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+            raise InvalidImage(f"corrupt or truncated image: {exc}") from None
+        return _pil_to_bgr(oriented)
+
+
+def _pil_to_bgr(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> HxWx3 uint8 BGR. Alpha is dropped, as cv2.IMREAD_COLOR does."""
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16-bit grayscale: keep the high byte, as cv2's 16->8 bit conversion does.
+        arr = np.asarray(image).astype(np.float64)
+        scaled = arr if image.mode == "F" else np.floor(arr / 256.0)
+        gray = np.clip(scaled, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode in ("L", "1", "LA", "La"):
+        gray = np.asarray(image.convert("L"))
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # a palette may carry transparency
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, ...
+    rgb = np.asarray(image)
+    return np.ascontiguousarray(rgb[:, :, 2::-1])
+
+
+# --- EXIF orientation for the simplejpeg path -------------------------------------------------
+
+_ORIENTATION_TAG = 0x0112
+
+
+def jpeg_exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) from a JPEG's APP1 segment; 1 when absent or unreadable."""
+    pos = 2
+    n = len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # EOI / start of scan: no more metadata
+            return 1
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd_offset,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd_offset : ifd_offset + 2])
+        for i in range(count):
+            entry = ifd_offset + 2 + 12 * i
+            tag, typ, _ = struct.unpack(order + "HHI", tiff[entry : entry + 8])
+            if tag == _ORIENTATION_TAG and typ == 3:  # SHORT
+                (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip HxWxC pixels for display, matching PIL.ImageOps.exif_transpose."""
+    if orientation == 2:
+        out = pixels[:, ::-1]
+    elif orientation == 3:
+        out = pixels[::-1, ::-1]
+    elif orientation == 4:
+        out = pixels[::-1, :]
+    elif orientation == 5:
+        out = pixels.transpose(1, 0, 2)
+    elif orientation == 6:
+        out = np.rot90(pixels, k=-1)
+    elif orientation == 7:
+        out = pixels[::-1, ::-1].transpose(1, 0, 2)
+    elif orientation == 8:
+        out = np.rot90(pixels, k=1)
+    else:
+        return pixels
+    return np.ascontiguousarray(out)
