@@ -1,0 +1,101 @@
+"""Typed messages across the front-process <-> worker boundary (pickled over a multiprocessing Pipe).
+
+Front -> worker: BatchRequest, Shutdown. Worker -> front: WorkerReady, BatchResult, Heartbeat,
+WorkerError. Images travel as the client's bytes (EncodedImage) or raw pixels (RawImage); pickle
+copies bytes without transformation, so a 200 KB JPEG costs one memcpy per hop plus the pipe write.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DetserveError
+from ..types import DetectOptions, DetectResult, ImageInput
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    item_id: int
+    image: ImageInput
+    options: DetectOptions
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    batch_id: int
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One outcome per item of the request, in order. Stage times ride inside each DetectResult."""
+
+    batch_id: int
+    worker_id: int
+    outcomes: tuple[DetectResult | DetserveError, ...]
+    batch_size: int
+    worker_seconds: float  # wall time in the worker for the whole batch
+    oom_splits: int = 0  # times the batch was halved after a CUDA out-of-memory error
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What the front process learns from a worker instead of importing torch itself."""
+
+    name: str
+    version: str
+    arch: str
+    classes: tuple[str, ...]
+    has_masks: bool
+    input_size: int
+    device: str
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    worker_id: int
+    pid: int
+    threads: int
+    facts: ModelFacts
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    worker_id: int
+    sent_at: float  # worker's time.time(), for logs only (clocks differ across processes)
+    gpu_memory_allocated: int | None = None  # bytes, CUDA devices only
+    gpu_memory_reserved: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerError:
+    """The worker could not start (bad weights, bad device) or hit an error outside any batch."""
+
+    worker_id: int
+    message: str
+    fatal: bool = True  # the worker exits after sending it
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Finish the current batch, close the predictor, exit."""
+
+    reason: str = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a spawned worker needs to build its predictor; pickled into the child once."""
+
+    worker_id: int
+    model_config: object  # service.settings.ModelConfig (kept loose: pydantic pickles fine)
+    device: str  # "cpu", "cuda:N", or "auto" (the worker picks round-robin by `slot`)
+    slot: int  # index among the model's workers, for GPU round-robin
+    threads: int
+    heartbeat_interval_s: float
+    predictor_factory: str = "service.pipeline.predictor:Predictor.from_config"
+    extra: dict = field(default_factory=dict)  # factory keyword arguments (tests' fakes)
+
+
+ToWorker = BatchRequest | Shutdown
+FromWorker = WorkerReady | BatchResult | Heartbeat | WorkerError

@@ -1,0 +1,178 @@
+"""The dynamic batcher: one bounded FIFO queue per model, stepped by the caller with an injected clock.
+
+Pure on purpose: no asyncio, no processes, no sleeps. The engine's dispatcher calls `expire(now)`,
+then `next_batch(now, idle_workers)` until it returns None, then sleeps until `wake_at(now)` or the
+next add / worker-idle event. Tests drive it the same way with a fake clock.
+
+Policy (Triton's dynamic batcher, not TorchServe's fixed wait):
+- `max_batch_delay_ms == 0`: whatever is queued goes out at once to an idle worker, up to
+  `max_batch_size`; a lone request never waits while a worker is idle.
+- `max_batch_delay_ms > 0`: hold for a fuller batch, but dispatch as soon as the batch is full or
+  the oldest item has waited the delay; no item waits longer than the delay for company.
+- A full queue refuses at `add` (Overloaded, with a Retry-After estimate), never later.
+- Items past their deadline are handed back by `expire` and are never in a batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .. import errors
+from ..types import Protocol as Door
+
+
+class BatchPolicy(Protocol):
+    """What the scheduler reads from its settings (service.types.BatchSettings fits)."""
+
+    max_batch_size: int
+    max_batch_delay_ms: float
+    max_queue_size: int
+
+
+@dataclass(slots=True)
+class QueueItem:
+    """One image of one request. `payload` is opaque to the scheduler (the engine's work + future)."""
+
+    item_id: int
+    request_id: str
+    protocol: Door
+    enqueued_at: float  # clock seconds
+    deadline: float  # clock seconds; past it the item is answered 504 and never run
+    payload: Any = None
+    attempts: int = 0  # dispatches so far; a worker crash requeues once
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """An idle worker as the pool sees it. Lower `in_flight`, then older `last_dispatch_at`, wins."""
+
+    worker_id: int
+    in_flight: int = 0  # items already on the worker (0 when it only takes one batch at a time)
+    last_dispatch_at: float = -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    items: tuple[QueueItem, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def protocol_mix(self) -> str:
+        """The common door of every item, or "mixed"; a metrics label."""
+        doors = {item.protocol for item in self.items}
+        return next(iter(doors)).value if len(doors) == 1 else "mixed"
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    worker_id: int
+    batch: Batch
+    dispatched_at: float
+
+
+@dataclass(slots=True)
+class _ServiceTime:
+    """EWMA of seconds per dispatched batch: the basis of the Retry-After estimate."""
+
+    seconds: float = 0.1
+    alpha: float = 0.2
+
+    def observe(self, seconds: float) -> None:
+        self.seconds += self.alpha * (max(0.0, seconds) - self.seconds)
+
+
+@dataclass
+class Scheduler:
+    settings: BatchPolicy
+    clock: Callable[[], float]
+    _queue: deque[QueueItem] = field(default_factory=deque)
+    _service: _ServiceTime = field(default_factory=_ServiceTime)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after_s(self) -> float:
+        """Roughly how long until a full queue has room: the queue in batches times the batch time."""
+        batches = math.ceil(max(1, self.depth) / max(1, self.settings.max_batch_size))
+        return float(max(1, math.ceil(batches * self._service.seconds)))
+
+    def add(self, item: QueueItem) -> None:
+        self.add_all([item])
+
+    def add_all(self, items: Sequence[QueueItem]) -> None:
+        """Admit every item or none (the images of one request share a fate)."""
+        if self.depth + len(items) > self.settings.max_queue_size:
+            raise errors.Overloaded(
+                f"queue full ({self.depth}/{self.settings.max_queue_size} waiting); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        self._queue.extend(items)
+
+    def requeue(self, items: Iterable[QueueItem]) -> None:
+        """Put items back at the head (a worker died under them); bypasses the size cap because
+        they were admitted already."""
+        self._queue.extendleft(reversed(list(items)))
+
+    def take_all(self) -> list[QueueItem]:
+        """Empty the queue (unload / shutdown past its drain timeout)."""
+        items = list(self._queue)
+        self._queue.clear()
+        return items
+
+    def expire(self, now: float | None = None) -> list[QueueItem]:
+        """Remove and return the items whose deadline has passed; the caller answers them 504."""
+        now = self.clock() if now is None else now
+        if not any(item.deadline <= now for item in self._queue):
+            return []
+        expired = [item for item in self._queue if item.deadline <= now]
+        self._queue = deque(item for item in self._queue if item.deadline > now)
+        return expired
+
+    def next_batch(self, now: float | None, idle_workers: Sequence[WorkerLoad]) -> Dispatch | None:
+        """A batch for the least-loaded idle worker, or None when nothing should go out yet."""
+        now = self.clock() if now is None else now
+        if not self._queue or not idle_workers:
+            return None
+        size = self.settings.max_batch_size
+        if len(self._queue) < size and now < self._hold_until():
+            return None
+        items: list[QueueItem] = []
+        expired: list[QueueItem] = []
+        while self._queue and len(items) < size:
+            item = self._queue.popleft()
+            (expired if item.deadline <= now else items).append(item)
+        # Expired items found mid-queue go back in front so that `expire` hands them out.
+        self._queue.extendleft(reversed(expired))
+        if not items:
+            return None
+        worker = min(idle_workers, key=lambda w: (w.in_flight, w.last_dispatch_at, w.worker_id))
+        return Dispatch(worker_id=worker.worker_id, batch=Batch(tuple(items)), dispatched_at=now)
+
+    def complete(self, dispatch: Dispatch, now: float) -> None:
+        """Record how long a batch took; feeds the Retry-After estimate."""
+        self._service.observe(now - dispatch.dispatched_at)
+
+    def wake_at(self, now: float | None = None) -> float | None:
+        """The next clock time at which `expire` or `next_batch` could answer differently without a
+        new add or an idle worker: the earliest deadline, or the end of the batch delay.
+        A hold that has already ended is left out: then only an idle worker changes the answer.
+        """
+        now = self.clock() if now is None else now
+        if not self._queue:
+            return None
+        wake = min(item.deadline for item in self._queue)
+        if self.settings.max_batch_delay_ms > 0 and len(self._queue) < self.settings.max_batch_size:
+            hold = self._hold_until()
+            if hold > now:
+                wake = min(wake, hold)
+        return wake
+
+    def _hold_until(self) -> float:
+        """When the oldest queued item stops waiting for company."""
+        return self._queue[0].enqueued_at + self.settings.max_batch_delay_ms / 1000.0

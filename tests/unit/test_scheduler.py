@@ -1,0 +1,196 @@
+"""The batcher as a pure class: fake clock, fake workers, no sleeps, no processes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fakes import FakeClock
+from service import errors
+from service.engine.scheduler import QueueItem, Scheduler, WorkerLoad
+from service.types import BatchSettings, Protocol
+
+IDLE = [WorkerLoad(worker_id=0)]
+
+
+def make(clock: FakeClock, **batch) -> Scheduler:
+    return Scheduler(BatchSettings(**batch), clock)
+
+
+def item(clock: FakeClock, n: int, *, timeout_s: float = 30.0, protocol: Protocol = Protocol.REST) -> QueueItem:
+    return QueueItem(item_id=n, request_id=f"r{n}", protocol=protocol, enqueued_at=clock(),
+                     deadline=clock() + timeout_s, payload=f"image-{n}")
+
+
+def ids(dispatch) -> list[int]:
+    return [i.item_id for i in dispatch.batch.items]
+
+
+def test_batch_is_capped_at_max_batch_size_in_fifo_order():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4)
+    for n in range(10):
+        s.add(item(clock, n))
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 1, 2, 3]
+    assert ids(s.next_batch(clock(), IDLE)) == [4, 5, 6, 7]
+    assert ids(s.next_batch(clock(), IDLE)) == [8, 9]
+    assert s.next_batch(clock(), IDLE) is None
+    assert s.depth == 0
+
+
+def test_zero_delay_dispatches_a_lone_request_at_once():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=8, max_batch_delay_ms=0)
+    s.add(item(clock, 1))
+    dispatch = s.next_batch(clock(), IDLE)
+    assert dispatch is not None and ids(dispatch) == [1]
+    assert dispatch.dispatched_at == clock()
+
+
+def test_nothing_is_dispatched_without_an_idle_worker():
+    clock = FakeClock()
+    s = make(clock)
+    s.add(item(clock, 1))
+    assert s.next_batch(clock(), []) is None
+    assert s.depth == 1
+
+
+def test_delay_waits_for_a_fuller_batch_but_never_past_the_delay():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4, max_batch_delay_ms=50)
+    s.add(item(clock, 1))
+    assert s.next_batch(clock(), IDLE) is None
+    assert s.wake_at(clock()) == pytest.approx(clock() + 0.050)
+    clock.advance(0.030)
+    s.add(item(clock, 2))
+    assert s.next_batch(clock(), IDLE) is None  # the oldest has waited 30 of 50 ms
+    assert s.wake_at(clock()) == pytest.approx(clock() + 0.020)  # measured from the oldest, not the newest
+    clock.advance(0.020)
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 2]
+
+
+def test_delay_is_cut_short_by_a_full_batch():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=3, max_batch_delay_ms=1000)
+    for n in range(3):
+        s.add(item(clock, n))
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 1, 2]
+
+
+def test_full_queue_raises_overloaded_with_retry_after_immediately():
+    clock = FakeClock()
+    s = make(clock, max_queue_size=3)
+    for n in range(3):
+        s.add(item(clock, n))
+    with pytest.raises(errors.Overloaded) as err:
+        s.add(item(clock, 99))
+    assert err.value.retry_after_s is not None and err.value.retry_after_s >= 1
+    assert s.depth == 3
+
+
+def test_multi_image_request_is_admitted_whole_or_not_at_all():
+    clock = FakeClock()
+    s = make(clock, max_queue_size=4)
+    s.add_all([item(clock, n) for n in range(3)])
+    with pytest.raises(errors.Overloaded):
+        s.add_all([item(clock, 10), item(clock, 11)])
+    assert s.depth == 3
+
+
+def test_expired_items_are_returned_by_expire_and_never_dispatched():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=8)
+    s.add(item(clock, 1, timeout_s=0.1))
+    s.add(item(clock, 2, timeout_s=10))
+    s.add(item(clock, 3, timeout_s=0.1))
+    assert s.wake_at(clock()) == pytest.approx(clock() + 0.1)
+    clock.advance(0.2)
+    dispatch = s.next_batch(clock(), IDLE)  # even when next_batch runs before expire
+    assert ids(dispatch) == [2]
+    assert [i.item_id for i in s.expire(clock())] == [1, 3]
+    assert s.expire(clock()) == []
+    assert s.depth == 0
+
+
+def test_only_expired_items_left_gives_no_batch():
+    clock = FakeClock()
+    s = make(clock)
+    s.add(item(clock, 1, timeout_s=0.1))
+    clock.advance(1)
+    assert s.next_batch(clock(), IDLE) is None
+    assert [i.item_id for i in s.expire()] == [1]  # `now` defaults to the injected clock
+
+
+def test_least_loaded_idle_worker_gets_the_batch():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=1)
+    workers = [WorkerLoad(0, in_flight=3), WorkerLoad(1, in_flight=1), WorkerLoad(2, in_flight=2)]
+    s.add(item(clock, 1))
+    assert s.next_batch(clock(), workers).worker_id == 1
+
+
+def test_ties_go_to_the_worker_that_waited_longest():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=1)
+    workers = [WorkerLoad(0, last_dispatch_at=5.0), WorkerLoad(1, last_dispatch_at=2.0), WorkerLoad(2, last_dispatch_at=9.0)]
+    s.add(item(clock, 1))
+    assert s.next_batch(clock(), workers).worker_id == 1
+
+
+def test_settings_changed_at_runtime_apply_to_the_next_decision():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=2, max_queue_size=3, max_batch_delay_ms=0)
+    for n in range(3):
+        s.add(item(clock, n))
+    s.settings = dataclasses.replace(s.settings, max_batch_size=8, max_queue_size=5, max_batch_delay_ms=100)
+    s.add(item(clock, 3))
+    s.add(item(clock, 4))
+    with pytest.raises(errors.Overloaded):
+        s.add(item(clock, 5))
+    assert s.next_batch(clock(), IDLE) is None  # now holding for company
+    clock.advance(0.1)
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 1, 2, 3, 4]
+
+
+def test_requeued_items_go_first_and_bypass_the_size_cap():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=2, max_queue_size=2)
+    first = [item(clock, 1), item(clock, 2)]
+    s.add_all(first)
+    dispatch = s.next_batch(clock(), IDLE)
+    s.add_all([item(clock, 3), item(clock, 4)])
+    s.requeue(dispatch.batch.items)  # the worker died under them
+    assert s.depth == 4
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 2]
+
+
+def test_wake_at_is_none_when_empty_and_ignores_an_elapsed_hold():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4, max_batch_delay_ms=10)
+    assert s.wake_at(clock()) is None
+    s.add(item(clock, 1, timeout_s=5))
+    clock.advance(1)  # the hold ended; no worker was idle
+    assert s.wake_at(clock()) == pytest.approx(clock() + 4)
+
+
+def test_batch_reports_its_protocol_mix():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4)
+    s.add(item(clock, 1, protocol=Protocol.REST))
+    s.add(item(clock, 2, protocol=Protocol.GRPC))
+    assert s.next_batch(clock(), IDLE).batch.protocol_mix == "mixed"
+    s.add(item(clock, 3, protocol=Protocol.GRPC))
+    assert s.next_batch(clock(), IDLE).batch.protocol_mix == "grpc"
+
+
+def test_retry_after_grows_with_observed_batch_time():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=1, max_queue_size=10)
+    for n in range(10):
+        s.add(item(clock, n))
+    dispatch = s.next_batch(clock(), IDLE)
+    for _ in range(20):
+        s.complete(dispatch, clock() + 2.0)  # each batch took 2 s
+    with pytest.raises(errors.Overloaded) as err:
+        s.add_all([item(clock, 50), item(clock, 51)])
+    assert err.value.retry_after_s >= 10
