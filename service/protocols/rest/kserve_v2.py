@@ -1,0 +1,183 @@
+"""KServe V2 / Open Inference Protocol over HTTP, with the binary tensor extension.
+
+Tensor semantics are shared with the gRPC door (`service.protocols.kserve_codec`); this module
+only frames them as JSON and binary bodies. Errors use the V2 shape `{"error": "..."}` with the
+status from the one error table.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ...errors import DetserveError, InvalidRequest, ModelNotFound, ModelNotReady, Overloaded, http_status
+from ...observability import metrics
+from ...types import Protocol
+from .. import kserve_codec as codec
+
+router = APIRouter(tags=["kserve-v2"])
+PROTOCOL = Protocol.KSERVE_REST
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _json(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(err: DetserveError) -> Response:
+    headers = {}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s or 1)))
+    return _json({"error": err.message}, http_status(err), headers)
+
+
+def _engine(request: Request):
+    return request.app.state.engine
+
+
+@router.get("/v2")
+async def server_metadata() -> Response:
+    return _json(codec.server_metadata(codec.server_version()))
+
+
+@router.get("/v2/health/live")
+async def health_live(request: Request) -> Response:
+    live = _engine(request).live()
+    return _json({"live": live}, 200 if live else 503)
+
+
+@router.get("/v2/health/ready")
+async def health_ready(request: Request) -> Response:
+    ready = _engine(request).ready() and not getattr(request.app.state, "starting", False)
+    return _json({"ready": ready}, 200 if ready else 503)
+
+
+@router.get("/v2/models/{model}")
+@router.get("/v2/models/{model}/versions/{version}")
+async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
+    try:
+        info = _engine(request).model_info(model)
+        codec.check_version(info, version)
+    except DetserveError as err:
+        return _error(err)
+    return _json(codec.model_metadata(info))
+
+
+@router.get("/v2/models/{model}/ready")
+@router.get("/v2/models/{model}/versions/{version}/ready")
+async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
+    engine = _engine(request)
+    try:
+        codec.check_version(engine.model_info(model), version)
+    except DetserveError as err:
+        return _error(err)
+    ready = engine.model_ready(model)
+    return _json({"name": model, "ready": ready}, 200 if ready else 503)
+
+
+@router.post("/v2/models/{model}/infer")
+@router.post("/v2/models/{model}/versions/{version}/infer")
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    started = time.perf_counter()
+    label, code = model, 500
+    try:
+        response = await _infer(request, model, version)
+        code = response.status_code
+        return response
+    except DetserveError as err:
+        code = http_status(err)
+        if isinstance(err, ModelNotFound):
+            label = "_unknown"  # client-chosen names must not grow the metric's label set
+        return _error(err)
+    finally:
+        metrics.record_request(label, PROTOCOL.value, code, time.perf_counter() - started)
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    engine = _engine(request)
+    if getattr(request.app.state, "starting", False) or not engine.live():
+        raise ModelNotReady("the server is starting or stopping; retry shortly")
+    engine.model_info(model)  # 404 before reading a large body
+    header, inputs = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    parameters = dict(header.get("parameters") or {})
+    binary_default = bool(parameters.pop("binary_data_output", False))
+    requested = header.get("outputs") or []
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+        raise InvalidRequest("'outputs' must be a list of objects with a 'name'")
+    request_id = header.get("id")
+    outcome = await codec.infer(
+        engine, model, version, inputs, parameters, [o["name"] for o in requested],
+        protocol=PROTOCOL, request_id=str(request_id) if request_id else None,
+    )
+    binary_for = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_default)) for o in requested}
+    return _render(outcome, request_id, lambda name: binary_for.get(name, binary_default))
+
+
+def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, list[codec.Tensor]]:
+    """The JSON header and the input tensors, from a JSON, binary-extension or raw body."""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise InvalidRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
+        split = int(header_length)
+        if split == 0:  # raw mode: the whole body is one encoded image
+            return {}, [codec.Tensor(codec.INPUT_NAME, codec.BYTES, (1,), [body])]
+        header_bytes, binary = body[:split], memoryview(body)[split:]
+    else:
+        header_bytes, binary = body, memoryview(b"")
+    try:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise InvalidRequest("request must be a JSON object with an 'inputs' list")
+    return header, _parse_inputs(header["inputs"], binary)
+
+
+def _parse_inputs(entries: list, binary: memoryview) -> list[codec.Tensor]:
+    tensors, offset = [], 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise InvalidRequest("each input must be a JSON object")
+        name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
+                or not all(isinstance(d, int) for d in shape):
+            raise InvalidRequest("each input needs 'name' (string), 'datatype' (string) and 'shape' (list of ints)")
+        parameters = dict(entry.get("parameters") or {})
+        size = parameters.pop("binary_data_size", None)
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
+            tensors.append(codec.tensor_from_raw(name, datatype, shape, bytes(binary[offset:offset + size]), parameters))
+            offset += size
+        elif "data" in entry:
+            tensors.append(codec.tensor_from_values(name, datatype, shape, entry["data"], parameters))
+        else:
+            raise InvalidRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
+    if offset != len(binary):
+        raise InvalidRequest(f"{len(binary) - offset} bytes of binary data follow the inputs unclaimed")
+    return tensors
+
+
+def _render(outcome: codec.InferOutcome, request_id: Any, binary) -> Response:
+    outputs, chunks = [], []
+    for tensor in outcome.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if binary(tensor.name):
+            raw = codec.tensor_to_raw(tensor)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = codec.tensor_to_values(tensor)
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": outcome.model_name, "model_version": outcome.model_version, "outputs": outputs}
+    if request_id:
+        body["id"] = request_id
+    header = orjson.dumps(body)
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(chunks), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
