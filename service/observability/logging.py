@@ -1,0 +1,77 @@
+"""Structured one-line logs (JSON objects) that carry the request id of the request being served.
+
+The doors set `request_id_var` when a request arrives, so any log line written while serving it
+(adapter, engine, error handler) is tagged without passing the id around by hand.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+import uuid
+
+import orjson
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+ACCESS_LOGGER = "detserve.access"
+
+# LogRecord attributes that are not user-supplied `extra=` fields.
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def clean_request_id(value: str | None) -> str:
+    """The client's id when it is printable and short, else a fresh one (ids end up in logs and headers)."""
+    if value and len(value) <= 128 and value.isprintable() and value.isascii():
+        return value
+    return new_request_id()
+
+
+class JsonLineFormatter(logging.Formatter):
+    """`{"ts","level","logger","msg","request_id",...extra}` on one line; tracebacks stay on that line too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            out["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RESERVED and key not in out and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    """Route the root logger (and uvicorn's) to one JSON-lines handler on stderr."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Our access log replaces uvicorn's, which does not know the request id.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def log_access(method: str, path: str, status: int, seconds: float, request_id: str, client: str | None) -> None:
+    logging.getLogger(ACCESS_LOGGER).info(
+        "%s %s %d", method, path, status,
+        extra={"status": status, "ms": round(seconds * 1000, 2), "request_id": request_id, "client": client},
+    )

@@ -1,0 +1,244 @@
+"""FastAPI apps for the three HTTP ports, and the one place HTTP errors are rendered.
+
+Inference (8080): TorchServe routes, health, and the KServe V2 / Label Studio routers when those
+modules exist. Management (8081) and metrics (8082) are separate apps so each port can be bound
+and protected on its own. Every response carries `X-Request-ID`; every error body is
+`{"code","message","request_id"}` with the status from `service.errors.http_status`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...engine.api import EngineAPI
+from ...errors import DetserveError, InvalidRequest, Overloaded, PayloadTooLarge, Unauthenticated, http_status
+from ...observability import metrics
+from ...observability.logging import clean_request_id, log_access, request_id_var
+from ...settings import ServerSettings
+
+log = logging.getLogger("detserve.rest")
+
+OPTIONAL_ROUTERS = ("service.protocols.rest.kserve_v2", "service.protocols.rest.labelstudio")
+# Open unless settings.auth.protect_health: orchestrators probe these without credentials.
+HEALTH_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# Label Studio only speaks HTTP Basic to ML backends (no bearer option), so its router checks its
+# own credentials and bearer tokens are not asked of it.
+BEARER_EXEMPT_MODULES = frozenset({"service.protocols.rest.labelstudio"})
+
+
+# ---- errors: the one table ---------------------------------------------------------------------
+
+def error_response(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None) -> Response:
+    body = orjson.dumps({"code": code, "message": message, "request_id": request_id or ""})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def detserve_error_response(err: DetserveError, request_id: str | None) -> Response:
+    headers = {}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s or 1)))
+    if isinstance(err, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(http_status(err), err.code, err.message, request_id, headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def _on_detserve_error(request: Request, exc: DetserveError) -> Response:
+    return detserve_error_response(exc, _request_id(request))
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "header", "path"))
+        parts.append(f"{loc or 'request'}: {e.get('msg')}")
+    return detserve_error_response(InvalidRequest("; ".join(parts) or "invalid request"), _request_id(request))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request", 413: "payload_too_large"}
+
+
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), _request_id(request), exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DetserveError, _on_detserve_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    # Anything else is caught by RequestContextMiddleware, which renders a 500 in the same shape.
+
+
+# ---- per-request context: id, body limit, access log, last-resort 500 ---------------------------
+
+class RequestContextMiddleware:
+    """Pure ASGI so the body limit applies to the stream, before anything buffers it."""
+
+    def __init__(self, app, max_body_bytes: int | None = None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        request_id = clean_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = {"code": 0, "sent": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            too_large = self._declared_too_large(headers)
+            if too_large is not None:
+                return await detserve_error_response(too_large, request_id)(scope, receive, send_with_id)
+            await self.app(scope, self._counting(receive), send_with_id)
+        except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
+            log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
+            if not status["sent"]:
+                response = error_response(500, "internal", "internal server error", request_id)
+                await response(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client")
+            log_access(scope.get("method", ""), scope.get("path", ""), status["code"] or 500,
+                       time.perf_counter() - started, request_id, f"{client[0]}:{client[1]}" if client else None)
+            request_id_var.reset(token)
+
+    def _declared_too_large(self, headers: dict) -> PayloadTooLarge | None:
+        if self.max_body_bytes is None:
+            return None
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return PayloadTooLarge(f"request body of {int(declared)} bytes exceeds max_request_size ({self.max_body_bytes} bytes)")
+        return None
+
+    def _counting(self, receive):
+        if self.max_body_bytes is None:
+            return receive
+        limit, seen = self.max_body_bytes, 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # chunked uploads declare no length: stop them mid-stream
+                    raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
+            return message
+
+        return counted
+
+
+# ---- auth --------------------------------------------------------------------------------------
+
+def _build_auth(settings: ServerSettings):
+    try:
+        auth_module = importlib.import_module("service.protocols.auth")
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.protocols.auth":
+            raise
+        return None
+    auth = auth_module.TokenAuth.from_settings(settings.auth)
+    return auth if (auth.enabled("inference") or auth.enabled("management")) else None
+
+
+def _auth_dependency(api: str):
+    async def check(request: Request) -> None:
+        auth = request.app.state.auth
+        path = request.url.path
+        if auth is None or path in request.app.state.open_paths or path.startswith(request.app.state.open_prefixes):
+            return
+        auth.check(api, request.headers.get("authorization"))
+
+    return check
+
+
+# ---- app builders ------------------------------------------------------------------------------
+
+def _base_app(title: str, api: str | None, settings: ServerSettings, auth, open_paths: set[str]) -> FastAPI:
+    dependencies = [Depends(_auth_dependency(api))] if api else []
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, dependencies=dependencies)
+    app.state.settings = settings
+    app.state.auth = auth
+    app.state.open_paths = open_paths
+    app.state.open_prefixes = ()
+    install_error_handlers(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_size)
+    return app
+
+
+def _optional_router(module_name: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return None
+    return module.router
+
+
+def build_inference_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+    from . import torchserve
+
+    open_paths: set[str] = set() if settings.auth.protect_health else set(HEALTH_PATHS)
+    app = _base_app("detserve inference", "inference", settings, _build_auth(settings), open_paths)
+    app.state.engine = engine
+    app.state.starting = False  # run_server sets it while the engine loads its models
+    app.state.draining = False
+    app.include_router(torchserve.router)
+    for module_name in OPTIONAL_ROUTERS:
+        router = _optional_router(module_name)
+        if router is None:
+            continue
+        app.include_router(router)
+        if module_name in BEARER_EXEMPT_MODULES:  # static part of each route, e.g. "/labelstudio/"
+            prefixes = {route.path.split("{")[0] for route in router.routes if hasattr(route, "path")}
+            app.state.open_prefixes += tuple(sorted(p for p in prefixes if len(p) > 1))
+        log.debug("included router %s", module_name)
+    return app
+
+
+def build_management_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+    from . import management
+
+    app = _base_app("detserve management", "management", settings, _build_auth(settings), set())
+    app.state.engine = engine
+    app.include_router(management.router)
+    return app
+
+
+def build_metrics_app(settings: ServerSettings | None = None) -> FastAPI:
+    """Prometheus text on GET /metrics; management tokens guard it when auth.protect_metrics is set."""
+    settings = settings or ServerSettings()
+    auth = _build_auth(settings) if settings.auth.protect_metrics else None
+    app = _base_app("detserve metrics", "management", settings, auth, set())
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render_latest()
+        return Response(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,183 @@
+"""The front process: engine + inference, management and metrics HTTP servers (+ gRPC) in one loop.
+
+It moves bytes and formats responses only; decoding and inference run in the engine's worker
+processes, so this module (and everything it imports at start-up) stays free of torch.
+
+Shutdown (SIGTERM/SIGINT): /readyz turns 503, the listeners close (no new connections), in-flight
+HTTP requests finish (up to drain_timeout_s), gRPC stops with the same grace, then the engine
+drains and stops its workers; the process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import ipaddress
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .settings import ServerSettings
+
+log = logging.getLogger("detserve.server")
+
+
+class _Uvicorn:
+    """Lazily built so importing this module does not import uvicorn's protocol stack."""
+
+    @staticmethod
+    def server(app, settings: ServerSettings):
+        import uvicorn
+
+        class QuietSignalsServer(uvicorn.Server):
+            # run_server owns SIGTERM/SIGINT for all servers; uvicorn would otherwise install its own
+            # handlers and re-raise the signal after its shutdown, killing the process mid-drain.
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        config = uvicorn.Config(
+            app, lifespan="off", log_config=None, access_log=False, server_header=False,
+            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), ws="none",
+        )
+        return QuietSignalsServer(config)
+
+
+@dataclass
+class _Listener:
+    name: str
+    host: str
+    port: int
+    sock: socket.socket
+
+
+def bind(name: str, host: str, port: int) -> _Listener:
+    """Bind here rather than in uvicorn so a busy port is a clear ConfigError, and port 0 works."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind the {name} API to {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return _Listener(name, host, sock.getsockname()[1], sock)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _log_bindings(listeners: list[_Listener], settings: ServerSettings) -> None:
+    for lst in listeners:
+        log.info("%s API listening on %s:%d", lst.name, lst.host, lst.port, extra={"api": lst.name, "port": lst.port})
+    mgmt = next(lst for lst in listeners if lst.name == "management")
+    if _is_loopback(mgmt.host):
+        log.info("management API bound to %s:%d (localhost only)", mgmt.host, mgmt.port)
+    elif settings.auth.management_tokens or settings.auth.management_tokens_file:
+        log.warning("management API bound to %s:%d and reachable from the network (token auth on)", mgmt.host, mgmt.port)
+    else:
+        log.warning("management API bound to %s:%d and reachable from the network WITHOUT auth: anyone who can "
+                    "reach it can load, unload and scale models", mgmt.host, mgmt.port)
+
+
+def _grpc_module():
+    try:
+        return importlib.import_module("service.protocols.grpc.server")
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.protocols.grpc.server":
+            raise
+        return None
+
+
+async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Event | None = None) -> int:
+    """Run until `stop_event` is set (SIGTERM/SIGINT set it), then drain. Returns the exit code."""
+    from .protocols.rest.app import build_inference_app, build_management_app, build_metrics_app
+
+    if engine is None:
+        from .engine.engine import Engine
+
+        engine = Engine(settings)
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop_event.set)
+
+    listeners = [
+        bind("inference", settings.inference_address, settings.inference_port),
+        bind("management", settings.management_address, settings.management_port),
+        bind("metrics", settings.metrics_address, settings.metrics_port),
+    ]
+    inference_app = build_inference_app(engine, settings)
+    apps = [inference_app, build_management_app(engine, settings), build_metrics_app(settings)]
+    servers = [_Uvicorn.server(app, settings) for app in apps]
+
+    # Serve HTTP while the models load, so probes get answers: /healthz 200, /readyz 503 until ready.
+    inference_app.state.starting = True
+    tasks = [asyncio.create_task(srv.serve(sockets=[lst.sock]), name=f"http-{lst.name}")
+             for srv, lst in zip(servers, listeners)]
+    _log_bindings(listeners, settings)
+    log.info("starting engine", extra={"model_store": str(settings.model_store)})
+    grpc_server = None
+    try:
+        await engine.start()
+        grpc_module = _grpc_module() if settings.enable_grpc else None
+        if grpc_module is not None:
+            grpc_server = await grpc_module.start_grpc_server(engine, settings)
+            log.info("gRPC API listening on %s:%d", settings.grpc_address, settings.grpc_port)
+    except Exception as exc:
+        log.error("start-up failed: %s", getattr(exc, "message", None) or repr(exc))
+        for srv in servers:
+            srv.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await engine.stop(0)
+        return 1
+    inference_app.state.starting = False
+    log.info("ready", extra={"models": [m.name for m in engine.models()]})
+
+    stopper = asyncio.create_task(stop_event.wait(), name="stop-signal")
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stopper]
+    exit_code = 0
+    for task in failed:
+        exc = task.exception() if not task.cancelled() else None
+        log.error("%s server stopped unexpectedly: %r", task.get_name(), exc)
+        exit_code = 1
+
+    log.info("draining: refusing new connections, finishing in-flight requests",
+             extra={"drain_timeout_s": settings.drain_timeout_s})
+    inference_app.state.draining = True
+    for srv in servers:
+        srv.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if grpc_server is not None:
+        await grpc_server.stop(settings.drain_timeout_s)
+    await engine.stop(settings.drain_timeout_s)
+    stopper.cancel()
+    log.info("stopped")
+    return exit_code
+
+
+def _new_event_loop():
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_server(settings: ServerSettings) -> int:
+    from .observability.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+        return runner.run(serve(settings))
