@@ -1,0 +1,109 @@
+"""`torch.load` without arbitrary code execution, for checkpoints that pickle mmengine objects.
+
+Loading always goes through torch's `weights_only=True` unpickler, which only resolves allowlisted
+globals. On top of torch's own allowlist we add:
+- numpy arrays, dtypes and scalars (mmengine's `HistoryBuffer` and log scalars hold them), including
+  the `numpy.core.*` names that numpy 1.x wrote;
+- inert stand-in classes for every `mmengine.*` global the pickle names, so 2022 MMDetection files
+  load with no mmengine installed. A stand-in only records the state it is given; it runs no code.
+Anything else (os.system, builtins.eval, subprocess, ...) is refused.
+"""
+from __future__ import annotations
+
+import io
+import pickletools
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STUB_PREFIXES = ("mmengine.",)
+
+_stubs: dict[str, type] = {}
+# safe_globals edits a process-wide set; serialise loads so concurrent threads don't drop each other's entries
+_lock = threading.Lock()
+
+
+class PickledStandIn:
+    """Base of the inert stand-ins: keeps constructor args and pickled state for inspection, nothing more."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {type(self).__module__}.{type(self).__qualname__}>"
+
+
+def stand_in(full_name: str) -> type:
+    """The (cached) inert class standing in for `module.QualName`, with matching __module__/__qualname__."""
+    if full_name not in _stubs:
+        module, _, qualname = full_name.rpartition(".")
+        cls = type(qualname.rsplit(".", 1)[-1], (PickledStandIn,), {"__module__": module})
+        cls.__qualname__ = qualname
+        _stubs[full_name] = cls
+    return _stubs[full_name]
+
+
+def _numpy_globals() -> list[Any]:
+    core = np._core if hasattr(np, "_core") else np.core
+    entries: list[Any] = [np.ndarray, np.dtype]
+    for name in ("scalar", "_reconstruct"):
+        fn = getattr(core.multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            entries.append((fn, f"{module}.{name}"))
+    # BUILD on a dtype needs its concrete class allowlisted; object arrays stay refused
+    for name in dir(np.dtypes):
+        if name.endswith("DType") and name != "ObjectDType":
+            entries.append(getattr(np.dtypes, name))
+    return entries
+
+
+def globals_in_checkpoint(path: str | Path) -> set[str]:
+    """Statically list the `module.name` globals a torch.save file's pickle refers to (zip or legacy)."""
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                for name in pickles:
+                    names |= _scan_pickle(io.BytesIO(archive.read(name)))
+            return names
+        f.seek(0)
+        # legacy format: magic number, protocol version, sys_info, then the object itself
+        for _ in range(4):
+            names |= _scan_pickle(f)
+    return names
+
+
+def _scan_pickle(stream) -> set[str]:
+    names = set()
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name in ("GLOBAL", "INST"):
+            module, _, name = str(arg).partition(" ")
+            names.add(f"{module}.{name}")
+    return names
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load(weights_only=True) with numpy and mmengine stand-ins allowed; raises pickle.UnpicklingError
+    (from torch) for anything outside the allowlist."""
+    try:
+        referenced = globals_in_checkpoint(path)
+    except Exception:  # unreadable here: let torch.load produce the real error
+        referenced = set()
+    stubs = [(stand_in(n), n) for n in sorted(referenced) if n.startswith(STUB_PREFIXES)]
+    with _lock, torch.serialization.safe_globals(_numpy_globals() + stubs):
+        return torch.load(path, map_location="cpu", weights_only=True)
