@@ -1,0 +1,316 @@
+"""Acceptance for issue 5 against the real server (`service.server.serve`: uvicorn + gRPC + engine)
+on loopback: tritonclient over HTTP and gRPC, a plain grpcio client built from proto/detserve.proto,
+the detserve Python client over both protocols, shared batches, and error status codes.
+
+The engine runs inline with `DetectingPredictor` below (deterministic detections from the image's
+pixels), so the test needs no weights and stays fast; the doors, scheduler and metrics are real.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import errors
+from service.client import AsyncDetserveClient, DetserveClient
+from service.types import DetectResult, Detection, RawImage
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "grpc_scripts"
+TRITON_VENV = REPO / ".venv-triton"
+CLASSES = ("circle", "square", "triangle")
+MODEL = "shapes"
+
+
+class DetectingPredictor:
+    """Decodes the image and reports 1-3 boxes derived from its size and mean colour; sleeps a
+    little per batch so concurrent requests queue up and share batches."""
+
+    def __init__(self, cfg):
+        self.name, self.version, self.arch = cfg.name, f"{cfg.name}-test0001", cfg.arch
+        self.classes, self.has_masks, self.input_size = CLASSES, False, cfg.input_size
+        self.device, self.backend_name = "cpu", "test"
+
+    @classmethod
+    def from_config(cls, cfg, *, device=None, threads=None, **kwargs):
+        return cls(cfg)
+
+    def predict(self, images, options):
+        time.sleep(0.02)
+        return [self._one(image, opt) for image, opt in zip(images, options)]
+
+    def _one(self, image, options):
+        try:
+            if isinstance(image, RawImage):
+                pixels = np.frombuffer(image.pixels, np.uint8).reshape(image.height, image.width, 3)
+            else:
+                pixels = np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB"))
+        except Exception:  # noqa: BLE001
+            return errors.InvalidImage("cannot decode image (test predictor)")
+        h, w, _ = pixels.shape
+        mean = int(pixels.mean())
+        dets = [Detection(i % 3, CLASSES[i % 3], round(0.9 - 0.17 * i - mean / 10_000, 4),
+                          (w * 0.1 * i + 0.25, h * 0.05 * i, w * (0.5 + 0.1 * i) + 0.125, h * 0.75))
+                for i in range(1 + mean % 3)]
+        if options.classes:
+            dets = [d for d in dets if d.class_name in options.classes]
+        if options.score_thr is not None:
+            dets = [d for d in dets if d.score >= options.score_thr]
+        return DetectResult(dets[: options.max_dets or None], w, h, self.name, self.version)
+
+    def close(self):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _jpeg(color, size=(96, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, tmp: Path):
+        from fakes import write_model
+
+        from service.engine.engine import Engine
+        from service.server import serve
+        from service.settings import ServerSettings
+
+        write_model(tmp, MODEL, batch={"max_batch_size": 16})
+        self.settings = ServerSettings(
+            model_store=tmp, inference_address="127.0.0.1", inference_port=_free_port(),
+            management_address="127.0.0.1", management_port=_free_port(), metrics_address="127.0.0.1",
+            metrics_port=_free_port(), grpc_address="127.0.0.1", grpc_port=_free_port(),
+            max_request_size=2 * 1024 * 1024, drain_timeout_s=2,
+        )
+        self.http = f"http://127.0.0.1:{self.settings.inference_port}"
+        self.management = f"http://127.0.0.1:{self.settings.management_port}"
+        self.grpc = f"127.0.0.1:{self.settings.grpc_port}"
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        engine = Engine(self.settings, inline=True, predictor_factory=f"{__name__}:DetectingPredictor.from_config")
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(serve(self.settings, engine=engine, stop_event=self._stop),),
+            daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.http}/v2/health/ready", timeout=1).status_code == 200:
+                    grpc.channel_ready_future(grpc.insecure_channel(self.grpc)).result(timeout=5)
+                    return
+            except (httpx.HTTPError, grpc.FutureTimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("store"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, color in enumerate([(200, 30, 30), (10, 200, 90), (120, 120, 250)]):
+        path = folder / f"img{i}.jpg"
+        path.write_bytes(_jpeg(color, (96 + 16 * i, 64 + 8 * i)))
+        paths.append(path)
+    return paths
+
+
+def _predictions(server, path: Path) -> list[dict]:
+    res = httpx.post(f"{server.http}/predictions/{MODEL}", content=path.read_bytes(), timeout=30)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def _ensure_triton_venv() -> Path:
+    python = TRITON_VENV / "bin" / "python"
+    if not python.exists():
+        created = subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], capture_output=True)
+        if created.returncode != 0:
+            pytest.skip(f"cannot create {TRITON_VENV}: {created.stderr.decode()[-300:]}")
+    probe = subprocess.run([str(python), "-c", "import tritonclient.http, tritonclient.grpc"], capture_output=True)
+    if probe.returncode != 0:
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "tritonclient[http,grpc]", "numpy"],
+                             capture_output=True, timeout=600)
+        if pip.returncode != 0:
+            pytest.skip(f"pip could not install tritonclient into {TRITON_VENV}: {pip.stderr.decode()[-300:]}")
+    return python
+
+
+def test_tritonclient_http_and_grpc_match_predictions(server, images):
+    python = _ensure_triton_venv()
+    run = subprocess.run(
+        [str(python), str(SCRIPTS / "triton_check.py"), server.http.removeprefix("http://"), server.grpc, MODEL,
+         *map(str, images)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    expected = [_predictions(server, p) for p in images]
+    for kind in ("http", "grpc"):
+        seen = report[kind]
+        assert seen["live"] and seen["ready"] and seen["model_ready"], kind
+        assert seen["metadata"]["name"] == MODEL and seen["id"] == "req-7"
+        assert [o["name"] for o in seen["metadata"]["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
+        out = seen["outputs"]
+        assert out["num_detections"] == [len(e) for e in expected], kind
+        for i, dets in enumerate(expected):
+            for j, det in enumerate(dets):
+                assert out["labels"][i][j] == det["class_label"]
+                assert out["scores"][i][j] == pytest.approx(det["score"], abs=1e-5)
+                assert out["boxes"][i][j] == pytest.approx(det["bbox"], abs=0.01)
+            assert all(s == 0 for s in out["scores"][i][len(dets):])  # zero padding up to K
+
+
+def test_plain_grpcio_client_detect_batch_stream_and_health(server, images, tmp_path):
+    generated = tmp_path / "gen"
+    generated.mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'proto'}", f"--python_out={generated}",
+                    f"--grpc_python_out={generated}", str(REPO / "proto" / "detserve.proto")], check=True)
+    run = subprocess.run([sys.executable, str(SCRIPTS / "plain_grpc_client.py"), str(generated), server.grpc, MODEL,
+                          str(images[0])], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    expected = _predictions(server, images[0])
+    assert [[d["class_label"], d["class_name"], d["score"]] for d in expected] == [d[:3] for d in report["detect"]]
+    for det, got in zip(expected, report["detect"]):
+        assert got[3] == pytest.approx(det["bbox"], abs=0.01)
+    assert report["size"] == [96, 64]
+    assert report["batch"] == [len(expected)] * 3
+    assert report["stream_ids"] == [1000 + i for i in range(100)] and report["stream_ok"]
+    assert report["health"] == "SERVING" and report["model_health"] == "SERVING"
+
+
+def _metric(server, name: str, labels: dict) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.settings.metrics_port}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_concurrent_grpc_and_rest_share_batches(server, images):
+    data = images[1].read_bytes()
+    client = DetserveClient(grpc=server.grpc, model=MODEL)
+    try:
+        def rest_call(_):
+            return httpx.post(f"{server.http}/predictions/{MODEL}", content=data, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            rest = [pool.submit(rest_call, i) for i in range(48)]
+            grpc_results = [client.detect_batch([data] * 2) for _ in range(12)]
+            assert all(f.result() == 200 for f in rest)
+        assert all(len(r) == 2 for r in grpc_results)
+    finally:
+        client.close()
+    for door in ("rest", "grpc"):
+        assert _metric(server, "detserve_batch_items_total", {"model": MODEL, "protocol": door, "batch_mix": "mixed"}) > 0
+
+
+def test_error_status_codes(server, images):
+    channel = grpc.insecure_channel(server.grpc)
+    try:
+        detect = channel.unary_unary("/detserve.v1.Detector/Detect")
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for method in (detect, infer):
+            with pytest.raises(grpc.RpcError) as err:
+                method(b"\x0a\xff\xff", timeout=10)  # a truncated field: not protobuf
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        from service.protocols.grpc.generated import detserve_pb2 as pb
+        from service.protocols.grpc.generated import grpc_service_pb2 as kpb
+
+        too_big = pb.DetectRequest(model=MODEL, image=pb.Image(encoded=b"x" * (3 * 1024 * 1024)))
+        with pytest.raises(grpc.RpcError) as err:
+            detect(too_big.SerializeToString(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as err:
+            detect(pb.DetectRequest(model=MODEL, image=pb.Image(encoded=b"not an image")).SerializeToString(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            infer(kpb.ModelInferRequest(model_name=MODEL).SerializeToString(), timeout=10)  # missing inputs
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        typed = kpb.ModelInferRequest(model_name=MODEL, inputs=[kpb.ModelInferRequest.InferInputTensor(
+            name="image", datatype="INT64", shape=[1], contents=kpb.InferTensorContents(int64_contents=[1]))])
+        with pytest.raises(grpc.RpcError) as err:
+            infer(typed.SerializeToString(), timeout=10)  # wrong datatype
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            infer(kpb.ModelInferRequest(model_name="nope").SerializeToString(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.close()
+
+    v2 = f"{server.http}/v2/models/{MODEL}/infer"
+    assert httpx.post(v2, content=b"{broken", timeout=10).status_code == 400
+    assert httpx.post(v2, json={"inputs": []}, timeout=10).json()["error"]
+    wrong = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0.5]}]}
+    assert httpx.post(v2, json=wrong, timeout=10).status_code == 400
+    big = httpx.post(v2, content=b"\0" * (3 * 1024 * 1024), headers={"Inference-Header-Content-Length": "0"}, timeout=10)
+    assert big.status_code == 413
+    raw = httpx.post(v2, content=images[0].read_bytes(), headers={"Inference-Header-Content-Length": "0"}, timeout=10)
+    assert raw.status_code == 200 and raw.json()["outputs"][3]["data"] == [len(_predictions(server, images[0]))]
+
+
+def test_python_client_rest_and_grpc_agree(server, images):
+    data = [p.read_bytes() for p in images]
+    with DetserveClient(server.http, model=MODEL, management_url=server.management) as rest, \
+            DetserveClient(grpc=server.grpc) as grpc_client:
+        assert rest.health() and grpc_client.health()
+        for client in (rest, grpc_client):
+            models = client.list_models()
+            assert [m.name for m in models] == [MODEL] and models[0].classes == CLASSES
+            assert client.model_info(MODEL).version == f"{MODEL}-test0001"
+        via_rest = rest.detect_batch(data)
+        via_grpc = grpc_client.detect_batch(data)
+        for a, b in zip(via_rest, via_grpc):
+            assert [(d.label, d.class_name) for d in a.detections] == [(d.label, d.class_name) for d in b.detections]
+            for da, db in zip(a.detections, b.detections):
+                assert da.score == pytest.approx(db.score, abs=1e-5)
+                assert da.box_xyxy == pytest.approx(db.box_xyxy, abs=0.01)
+        one = grpc_client.detect(data[0], score_thr=0.8, classes=["circle"])
+        assert all(d.class_name == "circle" and d.score >= 0.8 for d in one.detections)
+        with pytest.raises(errors.InvalidRequest):
+            grpc_client.detect(b"junk")
+        with pytest.raises(errors.ModelNotFound):
+            rest.detect(data[0], model="nope")
+
+    async def async_use():
+        async with AsyncDetserveClient(grpc=server.grpc, model=MODEL) as client:
+            results = await asyncio.gather(*(client.detect(d) for d in data))
+            raw = await client.detect(RawImage(np.zeros((8, 8, 3), np.uint8).tobytes(), 8, 8))
+            return results, raw
+    results, raw = asyncio.run(async_use())
+    assert [len(r.detections) for r in results] == [len(r.detections) for r in via_grpc]
+    assert (raw.image_width, raw.image_height) == (8, 8)
