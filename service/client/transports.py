@@ -213,9 +213,10 @@ class GrpcTransport:
 
 
 def _grpc_error(exc: grpc.aio.AioRpcError) -> errors.DetserveError:
-    retry_after = next((_retry_after(v) for k, v in (exc.trailing_metadata() or ()) if k == "retry-after"), None)
-    cls = _BY_GRPC_STATUS.get(exc.code(), errors.InternalError)
-    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is None:
-        cls = errors.PayloadTooLarge  # a message-size limit, not a full queue: retrying cannot help
-    return cls(exc.details() or exc.code().name, retry_after_s=retry_after)
-
+    trailers = dict(exc.trailing_metadata() or ())
+    cls = _BY_CODE.get(trailers.get("detserve-error", ""))  # detserve's own code, when the server sent one
+    if cls is None and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        cls = errors.PayloadTooLarge  # grpc's own message-size limit: retrying cannot help
+    if cls is None:
+        cls = _BY_GRPC_STATUS.get(exc.code(), errors.InternalError)
+    return cls(exc.details() or exc.code().name, retry_after_s=_retry_after(trailers.get("retry-after")))

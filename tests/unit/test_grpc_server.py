@@ -14,6 +14,7 @@ from service.protocols.grpc.generated import detserve_pb2 as pb
 from service.protocols.grpc.generated import detserve_pb2_grpc as pb_grpc
 from service.protocols.grpc.generated import grpc_service_pb2 as kpb
 from service.protocols.grpc.generated import grpc_service_pb2_grpc as kpb_grpc
+from service.protocols.grpc.common import STREAM_WINDOW
 from service.protocols.grpc.server import start_grpc_server
 from service.settings import ServerSettings
 from service.types import BatchSettings, DetectResult, Detection, EncodedImage, ModelInfo, RawImage, RLEMask
@@ -27,6 +28,7 @@ class FakeEngine:
         self.has_masks = has_masks
         self.timeouts: list[float | None] = []
         self.ready_models = {"toy"}
+        self.in_flight = self.max_in_flight = 0
 
     def _info(self) -> ModelInfo:
         return ModelInfo("toy", "toy-abc12345", "null", "eager", ("cat", "dog"), 320, self.has_masks,
@@ -34,6 +36,14 @@ class FakeEngine:
 
     async def detect(self, model, images, options=None, *, protocol=None, request_id=None, timeout_s=None):
         self.timeouts.append(timeout_s)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._detect(model, images)
+        finally:
+            self.in_flight -= 1
+
+    async def _detect(self, model, images):
         if model != "toy":
             raise ModelNotFound(f"model '{model}' is not loaded")
         out = []
@@ -45,6 +55,8 @@ class FakeEngine:
                 raise Overloaded("queue full", retry_after_s=2.0)
             if data == b"slow":
                 await asyncio.sleep(5)
+            if data.startswith(b"tick"):
+                await asyncio.sleep(0.01)
             n = len(data) % 4
             mask = RLEMask(4, 5, "abc") if self.has_masks else None
             dets = [Detection(i % 2, ("cat", "dog")[i % 2], 0.9 - 0.1 * i, (1.0 * i, 2.0, 3.0 + i, 4.0), mask)
@@ -123,6 +135,15 @@ def test_detect_batch_stream_and_errors(run):
             assert [r.frame_id for r in results] == list(range(40))
             assert results[7].error.grpc_status == "INVALID_ARGUMENT"
             assert len(results[5].result.detections) == 1
+
+            engine.max_in_flight = 0
+
+            async def fast_producer():
+                for i in range(60):
+                    yield pb.StreamFrame(frame_id=i, image=pb.Image(encoded=b"tick"))
+            ids = [r.frame_id async for r in stub.DetectStream(fast_producer())]
+            assert ids == list(range(60))
+            assert 1 < engine.max_in_flight <= STREAM_WINDOW  # frames overlap, but never more than the window
 
             models = await stub.ListModels(pb.ListModelsRequest())
             assert [m.name for m in models.models] == ["toy"] and list(models.models[0].classes) == ["cat", "dog"]

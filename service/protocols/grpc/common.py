@@ -21,6 +21,7 @@ Resp = TypeVar("Resp")
 # Frames a stream may have in flight; the reader stops pulling (and HTTP/2 flow control pushes back
 # on the client) until the oldest one is answered.
 STREAM_WINDOW = 8
+ERROR_CODE_KEY = "detserve-error"
 
 
 def status_code(err: BaseException) -> grpc.StatusCode:
@@ -81,9 +82,14 @@ async def door(context: grpc.aio.ServicerContext, model: str, protocol: str | No
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the table's status; trailing metadata carries the precise error code
+    (several codes share one gRPC status) and, for a full queue, when to retry."""
     err = as_detserve_error(exc)
+    trailers = [(ERROR_CODE_KEY, err.code)]
     if err.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, round(err.retry_after_s)))),))
+        # Seconds, fractions allowed (unlike HTTP's Retry-After): gRPC clients parse it themselves.
+        trailers.append(("retry-after", f"{err.retry_after_s:.3g}"))
+    context.set_trailing_metadata(tuple(trailers))
     await context.abort(status_code(err), err.message)
 
 

@@ -1,16 +1,13 @@
 """detserve.v1.Detector: thin handlers over the engine; conversions live in convert.py."""
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from ...engine.api import EngineAPI
 from ...errors import InvalidRequest
-from ...observability.metrics import record_request
 from ...types import Protocol
 from . import convert
-from .common import abort, as_detserve_error, door, ordered_window, resolve_model, status_code, timeout_from
+from .common import abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from
 from .generated import detserve_pb2 as pb
 from .generated import detserve_pb2_grpc as pb_grpc
 
@@ -53,22 +50,17 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def DetectStream(self, request_iterator, context):
         async def one_frame(frame: pb.StreamFrame) -> pb.StreamResult:
-            start = time.perf_counter()
-            model = frame.model or "-"
             try:
-                model = self._model(frame.model)
-                if not frame.HasField("image"):
-                    raise InvalidRequest(f"frame {frame.frame_id}: image is required")
-                results = await self._engine.detect(
-                    model, [convert.image_from_proto(frame.image)], convert.options_from_proto(frame.options),
-                    protocol=PROTOCOL, timeout_s=timeout_from(context),
-                )
+                async with recorded(frame.model or "-", PROTOCOL.value):
+                    if not frame.HasField("image"):
+                        raise InvalidRequest(f"frame {frame.frame_id}: image is required")
+                    results = await self._engine.detect(
+                        self._model(frame.model), [convert.image_from_proto(frame.image)],
+                        convert.options_from_proto(frame.options), protocol=PROTOCOL, timeout_s=timeout_from(context),
+                    )
             except Exception as exc:  # noqa: BLE001 - a bad frame is answered in-stream; the stream goes on
                 err = as_detserve_error(exc)
-                code = status_code(err)
-                record_request(model, PROTOCOL.value, code.name, time.perf_counter() - start)
-                return pb.StreamResult(frame_id=frame.frame_id, error=convert.frame_error_to_proto(err, code.name))
-            record_request(model, PROTOCOL.value, grpc.StatusCode.OK.name, time.perf_counter() - start)
+                return pb.StreamResult(frame_id=frame.frame_id, error=convert.frame_error_to_proto(err, status_code(err).name))
             return pb.StreamResult(frame_id=frame.frame_id, result=convert.result_to_proto(results[0]))
 
         try:
