@@ -191,6 +191,7 @@ def test_tritonclient_http_and_grpc_match_predictions(server, images):
                 assert out["scores"][i][j] == pytest.approx(det["score"], abs=1e-5)
                 assert out["boxes"][i][j] == pytest.approx(det["bbox"], abs=0.01)
             assert all(s == 0 for s in out["scores"][i][len(dets):])  # zero padding up to K
+    assert report["stream"] == [[f"s{i}", [len(e)]] for i, e in enumerate(expected)]
 
 
 def test_plain_grpcio_client_detect_batch_stream_and_health(server, images, tmp_path):

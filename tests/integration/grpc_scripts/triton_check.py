@@ -41,9 +41,24 @@ def check(module, url, model, images):
     }
 
 
+def stream(url, model, images):
+    """ModelStreamInfer: one request per image; returns each response's id and num_detections."""
+    seen = []
+    client = grpcclient.InferenceServerClient(url=url)
+    client.start_stream(callback=lambda result, error: seen.append(
+        ("error", str(error)) if error else (result.get_response().id, result.as_numpy("num_detections").tolist())))
+    for i, path in enumerate(images):
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([open(path, "rb").read()], dtype=np.object_))
+        client.async_stream_infer(model, [tensor], request_id=f"s{i}")
+    client.stop_stream()  # waits for the outstanding responses
+    return seen
+
+
 def main():
     http_url, grpc_url, model, *images = sys.argv[1:]
-    report = {"http": check(httpclient, http_url, model, images), "grpc": check(grpcclient, grpc_url, model, images)}
+    report = {"http": check(httpclient, http_url, model, images), "grpc": check(grpcclient, grpc_url, model, images),
+              "stream": stream(grpc_url, model, images)}
     print(json.dumps(report))
 
 
