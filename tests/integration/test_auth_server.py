@@ -163,6 +163,7 @@ def test_grpc_refuses_bad_tokens_and_accepts_the_right_one(server):
             call((("authorization", f"Bearer {INFERENCE_TOKEN}"),))
 
 
-def test_tokens_never_reach_the_log(server):
+def test_log_names_the_management_binding_and_never_the_tokens(server):
     text = server["log"].read_text(errors="replace")
     assert INFERENCE_TOKEN not in text and MANAGEMENT_TOKEN not in text
+    assert "management API bound to 127.0.0.1" in text  # closed to the network by default, and said so
