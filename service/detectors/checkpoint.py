@@ -17,7 +17,8 @@ from torch import nn
 
 from service.errors import ConfigError
 
-from .safe_load import safe_torch_load
+from .registry import arch_spec, list_archs
+from .safe_load import UnsafeCheckpoint, safe_torch_load
 
 FORMAT = "detserve-v1"
 MMYOLO_PREFIX = "bbox_head.head_module."
@@ -39,12 +40,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         obj = safe_torch_load(path)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"refusing to load {path}: it references objects outside the safe allowlist ({reason})")
+    except UnsafeCheckpoint as exc:
+        raise ConfigError(f"refusing to load {path}: it would import or call {', '.join(exc.names)}") from None
     except Exception as exc:
-        raise ConfigError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+        reason = _unpickler_reason(exc)
+        if isinstance(exc, pickle.UnpicklingError) and any(m in reason for m in _REFUSAL_MARKERS):
+            raise ConfigError(f"refusing to load {path}: {reason}") from None
+        raise ConfigError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
     return parse_checkpoint(obj, source=str(path))
+
+
+# torch's weights_only unpickler wording for objects it will not build or call
+_REFUSAL_MARKERS = ("Unsupported global", "unrecognized function", "Can only", "is blocked", "allowlist")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The informative line of torch's multi-paragraph load error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if any(m in line for m in _REFUSAL_MARKERS):
+            return line.split("WeightsUnpickler error:", 1)[-1].strip()
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (useful or lines or [type(exc).__name__])[0]
 
 
 def parse_checkpoint(obj: Any, source: str = "checkpoint") -> Checkpoint:
@@ -102,10 +119,13 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], cl
     tensors, converted = {}, {}
     for key, value in state_dict.items():
         # shared head convs appear under several keys: convert each tensor once so the file stores it once
-        if id(value) not in converted:
+        # (state_dict() gives a fresh tensor per key, so identify them by storage and view)
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
+                 value.stride(), value.dtype)
+        if ident not in converted:
             out = value.detach().cpu()
-            converted[id(value)] = out.half() if fp16 and out.is_floating_point() else out
-        tensors[key] = converted[id(value)]
+            converted[ident] = out.half() if fp16 and out.is_floating_point() else out
+        tensors[key] = converted[ident]
     payload = {
         "format": FORMAT,
         "state_dict": tensors,
@@ -151,8 +171,24 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint | Mapping[str, torch.T
     return model.load_state_dict(casted, strict=strict)
 
 
+def guess_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registry arch whose stem width and head type match the weights (sizes differ in width)."""
+    stem = state_dict.get("backbone.stem.0.conv.weight")
+    if stem is None:
+        return None
+    has_masks = any(k.startswith("bbox_head.mask_head.") for k in state_dict)
+    for arch in list_archs():
+        spec = arch_spec(arch)
+        if spec.has_masks == has_masks and int(64 * spec.widen_factor // 2) == stem.shape[0]:
+            return arch
+    return None
+
+
 def _mismatch_message(missing, unexpected, mismatched, state_dict, expected, limit: int = 8) -> str:
     parts = ["checkpoint does not fit the model"]
+    if len(missing) + len(mismatched) > len(expected) // 2:
+        guess = guess_arch(state_dict)
+        parts.append("the architecture (arch) differs" + (f": the weights look like {guess}" if guess else ""))
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if keys:
             shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -160,6 +196,4 @@ def _mismatch_message(missing, unexpected, mismatched, state_dict, expected, lim
     have, want = num_classes_in(state_dict), num_classes_in(expected)
     if have is not None and want is not None and have != want:
         parts.append(f"the checkpoint has {have} classes, the model {want}")
-    if len(missing) > len(expected) // 2:
-        parts.append("the architecture (arch) probably differs from the checkpoint's")
     return "; ".join(parts)

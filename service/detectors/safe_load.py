@@ -11,7 +11,7 @@ Anything else (os.system, builtins.eval, subprocess, ...) is refused.
 from __future__ import annotations
 
 import io
-import pickletools
+import pickle
 import threading
 import zipfile
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._weights_only_unpickler as _wo  # its allowlist, to name refusals up front
 
 STUB_PREFIXES = ("mmengine.",)
 
@@ -82,28 +83,43 @@ def globals_in_checkpoint(path: str | Path) -> set[str]:
                     names |= _scan_pickle(io.BytesIO(archive.read(name)))
             return names
         f.seek(0)
-        # legacy format: magic number, protocol version, sys_info, then the object itself
+        # legacy format: magic number, protocol version, sys_info, then the object itself; a foreign
+        # pickle may end after the first, so keep what was found before a scan fails
         for _ in range(4):
-            names |= _scan_pickle(f)
+            try:
+                names |= _scan_pickle(f)
+            except Exception:
+                break
     return names
 
 
 def _scan_pickle(stream) -> set[str]:
-    names = set()
-    for opcode, arg, _ in pickletools.genops(stream):
-        if opcode.name in ("GLOBAL", "INST"):
-            module, _, name = str(arg).partition(" ")
-            names.add(f"{module}.{name}")
-    return names
+    # torch's scanner applies the same python2 -> 3 name mapping as its unpickler (`__builtin__.set` -> `builtins.set`)
+    return set(_wo.get_globals_in_pkl(stream))
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """The pickle names globals outside the allowlist; nothing from it was executed."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(f"disallowed globals: {', '.join(names)}")
+        self.names = names
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """torch.load(weights_only=True) with numpy and mmengine stand-ins allowed; raises pickle.UnpicklingError
-    (from torch) for anything outside the allowlist."""
+    """torch.load(weights_only=True) with numpy and mmengine stand-ins allowed.
+
+    Raises UnsafeCheckpoint when a static scan finds disallowed globals, else whatever torch.load raises
+    (pickle.UnpicklingError for anything its unpickler refuses at run time).
+    """
     try:
         referenced = globals_in_checkpoint(path)
-    except Exception:  # unreadable here: let torch.load produce the real error
+    except Exception:  # not a pickle we can scan: torch.load below produces the real error
         referenced = set()
     stubs = [(stand_in(n), n) for n in sorted(referenced) if n.startswith(STUB_PREFIXES)]
     with _lock, torch.serialization.safe_globals(_numpy_globals() + stubs):
+        allowed = set(_wo._get_allowed_globals()) | set(_wo._get_user_allowed_globals())
+        disallowed = sorted(n for n in referenced if n not in allowed)
+        if disallowed:
+            raise UnsafeCheckpoint(disallowed)
         return torch.load(path, map_location="cpu", weights_only=True)
