@@ -19,6 +19,9 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
+# The server needs the engine and the gRPC door; skip (not fail) in a tree where they have not landed.
+pytest.importorskip("service.engine.engine")
+pytest.importorskip("service.protocols.grpc.server")
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
