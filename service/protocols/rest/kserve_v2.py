@@ -52,7 +52,8 @@ async def health_live(request: Request) -> Response:
 
 @router.get("/v2/health/ready")
 async def health_ready(request: Request) -> Response:
-    ready = _engine(request).ready() and not getattr(request.app.state, "starting", False)
+    state = request.app.state
+    ready = _engine(request).ready() and not (getattr(state, "starting", False) or getattr(state, "draining", False))
     return _json({"ready": ready}, 200 if ready else 503)
 
 
