@@ -1,0 +1,349 @@
+"""The engine every door calls: per model, one Scheduler queue, one worker pool, one dispatcher task.
+
+`Engine(settings)` runs spawned worker processes; `Engine(settings, inline=True)` runs the same
+scheduler and batch code with predictors in threads of this process (tests, in-process bench).
+The front process never imports torch: workers report the model facts when they are ready.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from .. import errors
+from ..observability import metrics
+from ..settings import BatchConfig, ModelConfig, ServerSettings, discover_models, load_model_config
+from ..types import BatchSettings, DetectOptions, DetectResult, ImageInput, ModelInfo
+from ..types import Protocol as Door
+from .messages import BatchRequest, BatchResult, WorkItem
+from .pool import InlinePool, ProcessPool
+from .scheduler import Dispatch, QueueItem, Scheduler
+
+log = logging.getLogger("detserve.engine")
+
+_STAGES = ("decode", "preprocess", "inference", "postprocess")
+
+
+@dataclass(slots=True)
+class _Work:
+    """The scheduler payload: what goes to the worker and where its answer lands."""
+
+    item: WorkItem
+    future: asyncio.Future  # result: DetectResult | DetserveError (never set_exception: no orphan warnings)
+
+
+def _answer(item: QueueItem, outcome) -> None:
+    future = item.payload.future
+    if not future.done():
+        future.set_result(outcome)
+
+
+class _ModelRuntime:
+    """One model: queue, pool and dispatcher. Implements the pool's PoolEvents."""
+
+    def __init__(self, cfg: ModelConfig, settings: ServerSettings, *, inline: bool,
+                 predictor_factory: str | None, factory_kwargs: dict | None):
+        self.cfg = cfg
+        self.batch = BatchSettings(**cfg.batch.model_dump())
+        self.scheduler = Scheduler(self.batch, time.monotonic)
+        pool_cls = InlinePool if inline else ProcessPool
+        self.pool = pool_cls(cfg, settings, self, predictor_factory=predictor_factory, factory_kwargs=factory_kwargs)
+        self.accepting = False
+        self.in_flight: dict[int, tuple[Dispatch, list[QueueItem]]] = {}
+        self._wake = asyncio.Event()
+        self._batch_ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    async def start(self, workers: int) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"dispatch-{self.name}")
+        try:
+            await self.pool.start(workers)
+        except BaseException:
+            self._task.cancel()
+            raise
+        self.accepting = True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- PoolEvents (loop thread) -------------------------------------------------------------
+    def workers_changed(self) -> None:
+        self._wake.set()
+
+    def batch_done(self, result: BatchResult) -> None:
+        entry = self.in_flight.pop(result.batch_id, None)
+        if entry is None:
+            return
+        dispatch, items = entry
+        self.scheduler.complete(dispatch, time.monotonic())
+        if result.oom_splits:
+            metrics.OOM_SPLITS.labels(self.name).inc(result.oom_splits)
+        for item, outcome in zip(items, result.outcomes):
+            if isinstance(outcome, DetectResult):
+                for stage in _STAGES:
+                    metrics.STAGE_LATENCY.labels(self.name, stage).observe(getattr(outcome.times, stage))
+            _answer(item, outcome)
+        self._publish()
+        self._wake.set()
+
+    def batch_lost(self, worker_id: int, batch_id: int, reason: str) -> None:
+        """Detection is idempotent: retry each item once on another worker, else fail it fast."""
+        entry = self.in_flight.pop(batch_id, None)
+        if entry is None:
+            return
+        _, items = entry
+        pending = [i for i in items if not i.payload.future.done()]
+        can_retry = self.pool.size > 0  # a seat that will come back (restarting counts)
+        retry = [i for i in pending if i.attempts < 2 and can_retry]
+        for item in pending:
+            if item not in retry:
+                _answer(item, errors.WorkerDied(f"worker {worker_id} of {self.name!r} died ({reason}) running this request"))
+        self.scheduler.requeue(retry)
+        self._publish()
+        self._wake.set()
+
+    # -- the dispatcher -------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            for item in self.scheduler.expire(now):
+                metrics.REJECTED.labels(self.name, "deadline").inc()
+                _answer(item, errors.DeadlineExceeded(f"request {item.request_id} expired in the queue of {self.name!r}"))
+            while (dispatch := self.scheduler.next_batch(now, self.pool.idle_workers())) is not None:
+                self._send(dispatch, now)
+            self._publish()
+            wake_at = self.scheduler.wake_at(now)
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _send(self, dispatch: Dispatch, now: float) -> None:
+        items = [i for i in dispatch.batch.items if not i.payload.future.done()]  # caller gave up
+        if not items:
+            return
+        batch_id = next(self._batch_ids)
+        mix = dispatch.batch.protocol_mix
+        metrics.BATCH_SIZE.labels(self.name).observe(len(items))
+        for item in items:
+            item.attempts += 1
+            metrics.QUEUE_WAIT.labels(self.name).observe(now - item.enqueued_at)
+            metrics.BATCH_PROTOCOLS.labels(self.name, item.protocol.value, mix).inc()
+        self.in_flight[batch_id] = (dispatch, items)
+        request = BatchRequest(batch_id, tuple(i.payload.item for i in items))
+        self.pool.submit(dispatch.worker_id, request)
+
+    def _publish(self) -> None:
+        metrics.QUEUE_DEPTH.labels(self.name).set(self.scheduler.depth)
+        metrics.IN_FLIGHT.labels(self.name).set(sum(len(items) for _, items in self.in_flight.values()))
+
+    # -- shutdown -------------------------------------------------------------------------
+    async def drain_and_stop(self, timeout_s: float) -> None:
+        """Stop accepting, let queued and in-flight work finish (up to `timeout_s`), stop workers."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self.scheduler.depth or self.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for item in self.scheduler.take_all():
+            _answer(item, errors.ModelNotReady(f"model {self.name!r} stopped before this request ran"))
+        for _, items in self.in_flight.values():
+            for item in items:
+                _answer(item, errors.WorkerDied(f"model {self.name!r} stopped while this request ran"))
+        self.in_flight.clear()
+        if self._task is not None:
+            self._task.cancel()
+        await self.pool.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        self._publish()
+
+    def info(self) -> ModelInfo:
+        facts = self.pool.facts
+        return ModelInfo(
+            name=self.name,
+            version=facts.version if facts else self.name,
+            arch=facts.arch if facts and facts.arch else self.cfg.arch,
+            backend=facts.backend if facts else self.cfg.backend.value,
+            classes=facts.classes if facts else tuple(self.cfg.classes or ()),
+            input_size=facts.input_size if facts else self.cfg.input_size,
+            has_masks=facts.has_masks if facts else False,
+            ready=self.accepting and self.pool.live_count() > 0,
+            batch=self.batch,
+            workers=self.pool.statuses(),
+            queue_depth=self.scheduler.depth,
+            default_score_thr=self.cfg.default_score_thr,
+        )
+
+
+class Engine:
+    """Implements service.engine.api.EngineAPI."""
+
+    def __init__(self, settings: ServerSettings, *, inline: bool = False,
+                 predictor_factory: str | None = None, factory_kwargs: dict | None = None):
+        self.settings = settings
+        self.inline = inline
+        # Tests hand workers a fake predictor ("module:Class.factory"); production uses the Predictor.
+        self._factory = predictor_factory
+        self._factory_kwargs = factory_kwargs
+        self._models: dict[str, _ModelRuntime] = {}
+        self._configured: set[str] = set()
+        self._item_ids = itertools.count(1)
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        store = discover_models(self.settings.model_store)
+        names = list(self.settings.models) if self.settings.models is not None else list(store)
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise errors.ConfigError(f"model(s) {missing} not found in model store {str(self.settings.model_store)!r}")
+        results = await asyncio.gather(*(self.load_model(n) for n in names), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.stop(0)
+            raise failures[0]
+        self._configured = set(names)
+        self._started = True
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """SIGTERM path: refuse new work (503), finish queued and in-flight work, stop workers."""
+        timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        for runtime in self._models.values():
+            runtime.accepting = False
+        await asyncio.gather(*(r.drain_and_stop(timeout) for r in self._models.values()))
+        self._models.clear()
+        self._stopped = True
+
+    # -- health ---------------------------------------------------------------------------
+    def live(self) -> bool:
+        return not self._stopped
+
+    def ready(self) -> bool:
+        if not self._started or self._stopped:
+            return False
+        return all(self.model_ready(n) for n in self._configured if n in self._models)
+
+    def model_ready(self, model: str) -> bool:
+        runtime = self._models.get(model)
+        return runtime is not None and runtime.accepting and runtime.pool.live_count() > 0
+
+    # -- inference ------------------------------------------------------------------------
+    async def detect(self, model: str, images: Sequence[ImageInput], options: DetectOptions = DetectOptions(), *,
+                     protocol: Door = Door.REST, request_id: str | None = None,
+                     timeout_s: float | None = None) -> list[DetectResult]:
+        runtime = self._runtime(model)
+        if not runtime.accepting:
+            metrics.REJECTED.labels(model, "not_ready").inc()
+            raise errors.ModelNotReady(f"model {model!r} is not accepting requests (loading, unloading or stopping)")
+        if not images:
+            raise errors.InvalidRequest("no images in the request")
+        timeout = runtime.batch.request_timeout_ms / 1000.0 if timeout_s is None else timeout_s
+        if timeout <= 0:
+            raise errors.InvalidRequest(f"request timeout must be positive, got {timeout} s")
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = []
+        for image in images:
+            item_id = next(self._item_ids)
+            work = _Work(WorkItem(item_id, image, options), loop.create_future())
+            items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, work))
+        try:
+            runtime.scheduler.add_all(items)
+        except errors.Overloaded:
+            metrics.REJECTED.labels(model, "queue_full").inc()
+            raise
+        runtime.wake()
+        futures = [item.payload.future for item in items]
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+        finally:
+            for future in futures:  # the caller went away or timed out: never run what is still queued
+                future.cancel()
+        if pending:
+            raise errors.DeadlineExceeded(f"request {request_id} exceeded its {timeout * 1000:.0f} ms deadline")
+        outcomes = [f.result() for f in futures]
+        for outcome in outcomes:
+            if isinstance(outcome, errors.DetserveError):
+                raise outcome
+        return outcomes
+
+    # -- management -----------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        return [r.info() for r in self._models.values()]
+
+    def model_info(self, model: str) -> ModelInfo:
+        return self._runtime(model).info()
+
+    async def load_model(self, name: str, *, workers: int | None = None) -> ModelInfo:
+        if name in self._models:
+            raise errors.InvalidRequest(f"model {name!r} is already loaded")
+        folder = discover_models(self.settings.model_store).get(name)
+        if folder is None:
+            raise errors.ModelNotFound(f"no model {name!r} in model store {str(self.settings.model_store)!r}")
+        cfg = load_model_config(folder)
+        count = cfg.workers.count if workers is None else self._check_count(workers)
+        runtime = _ModelRuntime(cfg, self.settings, inline=self.inline,
+                                predictor_factory=self._factory, factory_kwargs=self._factory_kwargs)
+        self._models[name] = runtime
+        try:
+            await runtime.start(count)
+        except BaseException:
+            self._models.pop(name, None)
+            await runtime.drain_and_stop(0)
+            raise
+        log.info("model %s loaded with %d worker(s)", name, count)
+        return runtime.info()
+
+    async def unload_model(self, name: str) -> None:
+        runtime = self._runtime(name)
+        await runtime.drain_and_stop(self.settings.drain_timeout_s)
+        self._models.pop(name, None)
+        self._configured.discard(name)
+        log.info("model %s unloaded", name)
+
+    async def scale_workers(self, name: str, count: int) -> ModelInfo:
+        runtime = self._runtime(name)
+        await runtime.pool.scale(self._check_count(count))
+        return runtime.info()
+
+    async def set_batch_settings(self, name: str, *, max_batch_size: int | None = None,
+                                 max_batch_delay_ms: float | None = None, max_queue_size: int | None = None,
+                                 request_timeout_ms: float | None = None) -> ModelInfo:
+        runtime = self._runtime(name)
+        changes = {k: v for k, v in dict(max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                                          max_queue_size=max_queue_size, request_timeout_ms=request_timeout_ms).items()
+                   if v is not None}
+        try:
+            checked = BatchConfig(**{**dataclasses.asdict(runtime.batch), **changes})  # same bounds as model.toml
+        except ValidationError as exc:
+            details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise errors.InvalidRequest(f"invalid batch settings: {details}") from None
+        runtime.batch = BatchSettings(**checked.model_dump())
+        runtime.scheduler.settings = runtime.batch
+        runtime.wake()
+        return runtime.info()
+
+    def _runtime(self, model: str) -> _ModelRuntime:
+        runtime = self._models.get(model)
+        if runtime is None:
+            raise errors.ModelNotFound(f"model {model!r} is not loaded")
+        return runtime
+
+    @staticmethod
+    def _check_count(count: int) -> int:
+        if not 0 <= count <= 64:
+            raise errors.InvalidRequest(f"worker count must be between 0 and 64, got {count}")
+        return count

@@ -1,0 +1,223 @@
+"""The worker process: one Predictor on one device, fed batches over a Pipe.
+
+`worker_main` runs in a child started with the spawn context. `run_batch` is the part shared with
+the inline (in-process) pool: predictor call, CUDA out-of-memory splitting, and the rule that any
+exception becomes a typed per-item error instead of a dead worker.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from .. import errors
+from ..types import DetectResult
+from .messages import (
+    BatchRequest,
+    BatchResult,
+    Heartbeat,
+    ModelFacts,
+    Shutdown,
+    WorkerError,
+    WorkerReady,
+    WorkerSpec,
+    WorkItem,
+)
+
+Outcome = DetectResult | errors.DetserveError
+
+
+def resolve_factory(path: str) -> Callable:
+    """"pkg.module:Class.method" -> the callable (so tests can hand workers a fake predictor)."""
+    module_name, _, attr_path = path.partition(":")
+    target = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        target = getattr(target, attr)
+    return target
+
+
+def pick_device(device: str, slot: int) -> str:
+    """"auto" or bare "cuda": round-robin over visible GPUs by worker slot; "auto" falls back to CPU."""
+    if device not in ("auto", "cuda"):
+        return device
+    if device == "auto" and not _may_have_gpu():
+        return "cpu"  # skip importing torch just to learn there is no GPU (weightless archs never need it)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return f"cuda:{slot % torch.cuda.device_count()}"
+    return "cpu" if device == "auto" else "cuda:0"  # explicit cuda without a GPU fails loudly at load
+
+
+def _may_have_gpu() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def load_predictor(spec: WorkerSpec):
+    factory = resolve_factory(spec.predictor_factory)
+    device = pick_device(spec.device, spec.slot)
+    return factory(spec.model_config, device=device, threads=spec.threads, **spec.extra)
+
+
+def describe(predictor) -> ModelFacts:
+    return ModelFacts(
+        name=predictor.name,
+        version=predictor.version,
+        arch=getattr(predictor, "arch", ""),
+        classes=tuple(predictor.classes),
+        has_masks=bool(predictor.has_masks),
+        input_size=int(predictor.input_size),
+        device=str(predictor.device),
+        backend=predictor.backend_name,
+    )
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # never import torch here: the inline pool runs in the front process
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_cuda_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _internal(exc: BaseException) -> errors.DetserveError:
+    if isinstance(exc, errors.DetserveError):
+        return exc
+    return errors.InternalError(f"{type(exc).__name__}: {exc}")
+
+
+class _BatchRunner:
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.oom_splits = 0
+
+    def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
+        try:
+            outcomes = self.predictor.predict([i.image for i in items], [i.options for i in items])
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed per-item error
+            return self._recover(items, exc)
+        if len(outcomes) != len(items):
+            # A predictor that loses or invents results is a bug; fail the batch loudly, not silently.
+            message = f"predictor returned {len(outcomes)} results for a batch of {len(items)}"
+            return [errors.InternalError(message) for _ in items]
+        return list(outcomes)
+
+    def _recover(self, items: Sequence[WorkItem], exc: Exception) -> list[Outcome]:
+        if _is_cuda_oom(exc):
+            if len(items) == 1:
+                _free_cuda_cache()
+                return [errors.InternalError("CUDA out of memory on a single image")]
+            self.oom_splits += 1
+            _free_cuda_cache()
+            half = len(items) // 2
+            return self.run(items[:half]) + self.run(items[half:])
+        if len(items) > 1:
+            # One poisoned image must not fail its batch-mates: retry them one by one.
+            return [outcome for item in items for outcome in self.run([item])]
+        return [_internal(exc)]
+
+
+def run_batch(predictor, request: BatchRequest, worker_id: int) -> BatchResult:
+    started = time.perf_counter()
+    runner = _BatchRunner(predictor)
+    outcomes = runner.run(request.items)
+    return BatchResult(
+        batch_id=request.batch_id,
+        worker_id=worker_id,
+        outcomes=tuple(outcomes),
+        batch_size=len(request.items),
+        worker_seconds=time.perf_counter() - started,
+        oom_splits=runner.oom_splits,
+    )
+
+
+class _Sender:
+    """The main loop and the heartbeat thread share one connection; sends must not interleave."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message) -> bool:
+        try:
+            with self.lock:
+                self.conn.send(message)
+            return True
+        except (OSError, EOFError, BrokenPipeError):
+            return False  # the front process is gone; the main loop will see EOF and exit
+
+
+def _gpu_memory(device: str) -> tuple[int | None, int | None]:
+    if not device.startswith("cuda"):
+        return None, None
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    except Exception:  # noqa: BLE001 - a heartbeat must never kill the worker
+        return None, None
+
+
+def _heartbeat_loop(sender: _Sender, spec: WorkerSpec, device_box: list[str], stop: threading.Event) -> None:
+    while not stop.wait(spec.heartbeat_interval_s):
+        allocated, reserved = _gpu_memory(device_box[0])
+        beat = Heartbeat(spec.worker_id, time.time(), allocated, reserved)
+        if not sender.send(beat):
+            return
+
+
+def _send_result(sender: _Sender, result: BatchResult) -> None:
+    try:
+        sender.send(result)  # Connection.send pickles fully before writing: a failure leaves no partial frame
+    except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result: fail the items, keep the worker
+        failed = tuple(errors.InternalError(f"result not transferable: {exc}") for _ in result.outcomes)
+        sender.send(BatchResult(result.batch_id, result.worker_id, failed, result.batch_size, result.worker_seconds))
+
+
+def worker_main(requests, results, spec: WorkerSpec) -> None:
+    """Entry point of a spawned worker process: `requests` carries BatchRequest/Shutdown in,
+    `results` (one-way) carries everything out."""
+    # Before torch is imported, so OpenMP pools are sized for our share of the cores.
+    os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+    os.environ["MKL_NUM_THREADS"] = str(spec.threads)
+    sender = _Sender(results)
+    stop = threading.Event()
+    device_box = ["cpu"]
+    # Heartbeats start before the model loads so a slow load is not mistaken for a hang.
+    beat = threading.Thread(target=_heartbeat_loop, args=(sender, spec, device_box, stop), daemon=True)
+    beat.start()
+    try:
+        predictor = load_predictor(spec)
+        facts = describe(predictor)
+        torch = sys.modules.get("torch")  # only when the predictor needed it
+        if torch is not None:
+            torch.set_num_threads(spec.threads)
+    except Exception as exc:  # noqa: BLE001 - report why, then exit; the pool decides what to do
+        sender.send(WorkerError(spec.worker_id, f"model {getattr(spec.model_config, 'name', '?')!r} failed to load: {type(exc).__name__}: {exc}"))
+        stop.set()
+        return
+    device_box[0] = facts.device
+    sender.send(WorkerReady(spec.worker_id, os.getpid(), spec.threads, facts))
+    try:
+        while True:
+            try:
+                message = requests.recv()
+            except (EOFError, OSError):
+                break  # the front process went away
+            if isinstance(message, Shutdown):
+                break
+            if isinstance(message, BatchRequest):
+                _send_result(sender, run_batch(predictor, message, spec.worker_id))
+    finally:
+        stop.set()
+        try:
+            predictor.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
