@@ -167,8 +167,8 @@ class _PredictRun:
         self.fetcher = fetcher
         self.request_id = request_id
         self.failed = 0
-        wanted = sorted({cls for c in controls for cls in c.label_map})
-        self.options = DetectOptions(score_thr=min(c.score_threshold for c in controls), classes=tuple(wanted))
+        # No class filter here: the regions stay exactly what /predictions returns for the image.
+        self.options = DetectOptions(score_thr=min(c.score_threshold for c in controls))
         self.fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self.detect_slots = asyncio.Semaphore(max(1, info.batch.max_queue_size // 2))  # room for other traffic
 
