@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     if engine is None:
         from .engine.engine import Engine
 
-        engine = Engine(settings)
+        # Test hook: integration tests run the real engine and workers around a scripted predictor.
+        engine = Engine(settings, predictor_factory=os.environ.get("DETSERVE_PREDICTOR_FACTORY") or None)
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,7 +6,9 @@ so the management port cannot be used to fetch or unpickle remote files.
 """
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -144,8 +146,16 @@ async def scale_model(
     count = min_worker if min_worker is not None else max_worker
     if count is None:
         raise InvalidRequest("give min_worker=N (the number of worker processes)")
-    info = await _engine(request).scale_workers(model, count)
-    return _json({"status": f"Workers scaled to {count} for model: {model}", "model": describe(info)})
+    engine = _engine(request)
+    info = await engine.scale_workers(model, count)
+    # Shrinking retires workers once their current batch is done; wait for that so the answer
+    # describes the final state. Past the drain timeout, answer 202 as TorchServe does for async.
+    deadline = time.monotonic() + request.app.state.settings.drain_timeout_s + 5
+    while len(info.workers) != count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        info = engine.model_info(model)
+    status = 200 if len(info.workers) == count else 202
+    return _json({"status": f"Workers scaled to {count} for model: {model}", "model": describe(info)}, status)
 
 
 class BatchUpdate(BaseModel):

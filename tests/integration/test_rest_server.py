@@ -1,0 +1,247 @@
+"""The real server on loopback: `detserve serve` as a subprocess with spawned worker processes, hit by
+curl and httpx. The workers run tests/fakes.py's scripted predictor (bytes b"SLEEP:0.2" sleep,
+b"BAD" is an invalid image), so timing-dependent behaviour (overload, drain, worker kills) is
+deterministic; everything between the socket and the predictor is the production code.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TESTS = REPO / "tests"
+sys.path.insert(0, str(TESTS))
+from fakes import write_model  # noqa: E402
+
+DETSERVE = str(Path(sys.executable).with_name("detserve"))
+MAX_REQUEST_SIZE = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store: Path, workdir: Path, models: list[str], drain_timeout_s: float = 20):
+        self.ports = {name: free_port() for name in ("inference", "management", "metrics")}
+        self.url = f"http://127.0.0.1:{self.ports['inference']}"
+        self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
+        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
+        config = workdir / "server.toml"
+        config.write_text(f"max_request_size = {MAX_REQUEST_SIZE}\ndrain_timeout_s = {drain_timeout_s}\n"
+                          "heartbeat_timeout_s = 5.0\n")
+        self.log_path = workdir / "server.log"
+        env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1",
+               "DETSERVE_PREDICTOR_FACTORY": "fakes:FakePredictor.from_config"}
+        cmd = [DETSERVE, "serve", "--config", str(config), "--model-store", str(store), "--models", ",".join(models),
+               "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(self.ports["inference"]),
+               "--management-port", str(self.ports["management"]), "--metrics-port", str(self.ports["metrics"])]
+        with open(self.log_path, "wb") as log:
+            # Own session: a Ctrl+C on pytest must not reach the server's workers behind its back.
+            self.proc = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rest-server")
+    store = root / "store"
+    write_model(store, "fast", workers=2, batch={"max_batch_size": 8})
+    write_model(store, "smallq", workers=1, batch={"max_batch_size": 1, "max_queue_size": 2})
+    write_model(store, "spare", workers=1)  # not loaded at start-up: the management test loads it
+    srv = Server(store, root, ["fast", "smallq"])
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        assert code == 0, srv.log()
+
+
+async def fire(url: str, bodies: list[bytes], headers: dict | None = None, timeout: float = 30) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        return await asyncio.gather(*(client.put(url, content=b, headers=headers) for b in bodies))
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=30)
+
+
+def histogram(metrics_text: str, name: str, model: str) -> dict[str, float]:
+    out = {}
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)",model="{model}"}} (\S+)$', metrics_text, re.M):
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_curl_put_and_multipart(server, tmp_path):
+    image = tmp_path / "img.jpg"
+    image.write_bytes(b"ok-pretend-jpeg")
+    r = curl("-D", "-", "-T", str(image), f"{server.url}/predictions/fast")
+    assert "HTTP/1.1 200" in r.stdout and r.stdout.rstrip().endswith("[]")
+    assert re.search(r"(?im)^x-request-id: [0-9a-f]{32}\r?$", r.stdout)
+    r = curl("-D", "-", "-H", "X-Request-ID: my-id-1", "-F", f"data=@{image}", f"{server.url}/predictions/fast")
+    assert "HTTP/1.1 200" in r.stdout and re.search(r"(?im)^x-request-id: my-id-1\r?$", r.stdout)
+    r = curl("-F", f"a=@{image}", "-F", f"b=@{image}", f"{server.url}/predictions/fast")
+    assert r.stdout == "[[],[]]"
+
+
+def test_bad_inputs_get_4xx_json_and_server_stays_healthy(server, tmp_path):
+    url = f"{server.url}/predictions/fast"
+    cases = {
+        "empty": (dict(content=b""), 400, "invalid_image"),
+        "not an image": (dict(content=b"BAD bytes"), 400, "invalid_image"),
+        "text": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        "too big": (dict(content=b"\xff" * (MAX_REQUEST_SIZE + 1)), 413, "payload_too_large"),
+        "bad query": (dict(content=b"ok", params={"score_thr": "7"}), 400, "invalid_request"),
+        "unknown model": (dict(content=b"ok"), 404, "model_not_found"),
+    }
+    for name, (kwargs, status, code) in cases.items():
+        target = f"{server.url}/predictions/nope" if name == "unknown model" else url
+        r = httpx.put(target, timeout=10, **kwargs)
+        assert (r.status_code, r.json()["code"]) == (status, code), name
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (MAX_REQUEST_SIZE * 3))
+    r = curl("-w", "\n%{http_code}", "-T", str(big), url)
+    assert r.stdout.endswith("413"), r
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.put(url, content=b"ok").status_code == 200
+
+
+def test_request_timeout_header_gives_504(server):
+    r = httpx.put(f"{server.url}/predictions/fast", content=b"SLEEP:1.5", headers={"X-Request-Timeout-Ms": "200"},
+                  timeout=10)
+    assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded"
+
+
+def test_overload_gives_only_200_and_429_with_retry_after(server):
+    responses = asyncio.run(fire(f"{server.url}/predictions/smallq", [b"SLEEP:0.2"] * 30))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429}, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
+    assert all(r.json()["code"] == "overloaded" for r in responses if r.status_code == 429)
+
+
+def test_200_concurrent_requests_succeed_in_batches(server):
+    before = histogram(httpx.get(f"{server.metrics}/metrics").text, "detserve_batch_size", "fast")
+    started = time.monotonic()
+    responses = asyncio.run(fire(f"{server.url}/predictions/fast", [b"SLEEP:0.02"] * 200))
+    assert [r.status_code for r in responses] == [200] * 200
+    assert time.monotonic() - started < 20
+    after = histogram(httpx.get(f"{server.metrics}/metrics").text, "detserve_batch_size", "fast")
+    batches = after["+Inf"] - before.get("+Inf", 0)
+    single = after["1.0"] - before.get("1.0", 0)
+    assert batches > single, f"no batch larger than 1 among {batches} batches"
+    text = httpx.get(f"{server.metrics}/metrics").text
+    assert re.search(r'detserve_requests_total{code="200",model="fast",protocol="rest"} (\d+)', text)
+
+
+def test_worker_sigkill_during_load_recovers(server):
+    (desc,) = httpx.get(f"{server.mgmt}/models/fast").json()
+    victim = desc["workers"][0]["pid"]
+
+    async def load_and_kill():
+        task = asyncio.ensure_future(fire(f"{server.url}/predictions/fast", [b"SLEEP:0.15"] * 60, timeout=40))
+        await asyncio.sleep(0.2)  # both workers are mid-batch now
+        os.kill(victim, signal.SIGKILL)
+        return await task
+
+    started = time.monotonic()
+    responses = asyncio.run(load_and_kill())
+    assert time.monotonic() - started < 35  # nothing hung
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        (desc,) = httpx.get(f"{server.mgmt}/models/fast").json()
+        if desc["liveWorkers"] == 2:
+            break
+        time.sleep(0.2)
+    assert victim not in [w["pid"] for w in desc["workers"]]
+    later = asyncio.run(fire(f"{server.url}/predictions/fast", [b"ok"] * 20))
+    assert [r.status_code for r in later] == [200] * 20
+
+
+def test_management_load_scale_batch_unload(server):
+    predict = f"{server.url}/predictions/spare"
+    assert httpx.put(predict, content=b"ok").status_code == 404
+    r = httpx.post(f"{server.mgmt}/models", params={"model_name": "spare", "initial_workers": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.put(predict, content=b"ok").status_code == 200
+    assert "spare" in [m["modelName"] for m in httpx.get(f"{server.mgmt}/models").json()["models"]]
+
+    r = httpx.put(f"{server.mgmt}/models/spare", params={"min_worker": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"]["liveWorkers"] == 2
+    pids = {w["pid"] for w in r.json()["model"]["workers"]}
+    assert len(pids) == 2
+    r = httpx.put(f"{server.mgmt}/models/spare/batch", json={"max_batch_size": 2, "max_queue_size": 5})
+    assert (r.json()["model"]["batchSize"], r.json()["model"]["maxQueueSize"]) == (2, 5)
+    r = httpx.put(f"{server.mgmt}/models/spare", params={"min_worker": 1}, timeout=60)
+    assert len(r.json()["model"]["workers"]) == 1
+
+    assert httpx.delete(f"{server.mgmt}/models/spare", timeout=60).status_code == 200
+    assert httpx.put(predict, content=b"ok").status_code == 404
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_sigterm_during_load_completes_accepted_requests(tmp_path):
+    store = tmp_path / "store"
+    write_model(store, "slow", workers=1, batch={"max_batch_size": 4})
+    srv = Server(store, tmp_path, ["slow"])
+    try:
+        srv.wait_ready()
+
+        async def load_then_term():
+            task = asyncio.ensure_future(fire(f"{srv.url}/predictions/slow", [b"SLEEP:0.4"] * 12, timeout=30))
+            await asyncio.sleep(0.5)  # every request is read and queued by now; ~3 batches still to run
+            srv.proc.send_signal(signal.SIGTERM)
+            return await task
+
+        responses = asyncio.run(load_then_term())
+        assert [r.status_code for r in responses] == [200] * 12
+        assert srv.proc.wait(30) == 0, srv.log()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{srv.url}/ping", timeout=2)
+    finally:
+        srv.stop()
