@@ -11,6 +11,9 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .. import errors
+from ..protocols.grpc import convert
+from ..protocols.grpc.generated import detserve_pb2 as pb
+from ..protocols.grpc.generated import detserve_pb2_grpc
 from ..types import BatchSettings, DetectOptions, DetectResult, Detection, ImageInput, ModelInfo, RawImage, RLEMask
 
 _BY_CODE = {}
@@ -161,8 +164,6 @@ class GrpcTransport:
     """detserve.v1.Detector over one channel (HTTP/2 multiplexes all calls on it)."""
 
     def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024):
-        from ..protocols.grpc.generated import detserve_pb2_grpc
-
         self.target = target
         self._channel = grpc.aio.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -183,25 +184,16 @@ class GrpcTransport:
 
     async def detect(self, model: str, images: Sequence[ImageInput], options: DetectOptions,
                      call: CallOptions) -> list[DetectResult]:
-        from ..protocols.grpc import convert
-        from ..protocols.grpc.generated import detserve_pb2 as pb
-
         request = pb.DetectBatchRequest(model=model or "", images=[convert.image_to_proto(i) for i in images],
                                         options=convert.options_to_proto(options))
         response = await self._call(self._stub.DetectBatch, request, call)
         return [convert.result_from_proto(r) for r in response.results]
 
     async def list_models(self, call: CallOptions) -> list[ModelInfo]:
-        from ..protocols.grpc import convert
-        from ..protocols.grpc.generated import detserve_pb2 as pb
-
         response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), call)
         return [convert.model_from_proto(m) for m in response.models]
 
     async def model_info(self, model: str, call: CallOptions) -> ModelInfo:
-        from ..protocols.grpc import convert
-        from ..protocols.grpc.generated import detserve_pb2 as pb
-
         return convert.model_from_proto(await self._call(self._stub.ModelInfo, pb.ModelInfoRequest(model=model or ""), call))
 
     async def health(self, call: CallOptions) -> bool:

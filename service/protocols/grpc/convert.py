@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...errors import DetserveError, InvalidRequest
-from ...types import DetectOptions, DetectResult, Detection, EncodedImage, ImageInput, ModelInfo, RawImage, RLEMask
+from ...types import (
+    BatchSettings, DetectOptions, DetectResult, Detection, EncodedImage, ImageInput, ModelInfo, RawImage, RLEMask,
+)
 from .. import kserve_codec as codec
 from .generated import detserve_pb2 as pb
 from .generated import grpc_service_pb2 as kpb
@@ -104,8 +106,6 @@ def model_to_proto(info: ModelInfo) -> pb.Model:
 
 
 def model_from_proto(msg: pb.Model) -> ModelInfo:
-    from ...types import BatchSettings
-
     b = msg.batch
     return ModelInfo(
         name=msg.name, version=msg.version, arch=msg.arch, backend=msg.backend, classes=tuple(msg.classes),
