@@ -56,7 +56,9 @@ _REFUSAL_MARKERS = ("Unsupported global", "unrecognized function", "Can only", "
 
 def _unpickler_reason(exc: Exception) -> str:
     """The informative line of torch's multi-paragraph load error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch re-raises with a long preamble; the unpickler's own error rides along as __context__
+    inner = exc.__context__ if isinstance(exc, pickle.UnpicklingError) and exc.__context__ else exc
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     for line in lines:
         if any(m in line for m in _REFUSAL_MARKERS):
             return line.split("WeightsUnpickler error:", 1)[-1].strip()

@@ -65,8 +65,12 @@ class ChannelAttention(nn.Module):
         self.act = nn.Hardsigmoid(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # upstream pools in fp32 under autocast to avoid fp16 overflow in the mean
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # upstream pools with autocast off (fp16 means can overflow); only touch autocast when it is on,
+        # so tracing and export see a plain graph
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                pooled = self.global_avgpool(x)
+        else:
             pooled = self.global_avgpool(x)
         return x * self.act(self.fc(pooled))
 
