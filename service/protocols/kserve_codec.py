@@ -136,7 +136,9 @@ def _element_bytes(value: Any) -> bytes:
 def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: Any, parameters=None) -> Tensor:
     """A tensor from typed values (JSON `data`, gRPC `contents`), nested or flat."""
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
-    flat = _flatten(list(values) if not isinstance(values, list) else values)
+    if not isinstance(values, (list, tuple)):
+        raise InvalidRequest(f"input '{name}': 'data' must be a list, got {type(values).__name__}")
+    flat = _flatten(list(values))
     count = _element_count(shape)
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}")
