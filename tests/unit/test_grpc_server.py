@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.errors import InvalidImage, ModelNotFound, Overloaded
 from service.protocols import kserve_codec as codec
@@ -237,7 +238,7 @@ def test_kserve_infer_raw_and_typed(run):
     run(scenario())
 
 
-def test_health_follows_model_readiness(run):
+def test_health_follows_model_readiness_and_reflection_lists_services(run):
     async def scenario():
         engine = FakeEngine()
         server, channel = await _serve(engine)
@@ -246,6 +247,12 @@ def test_health_follows_model_readiness(run):
             serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
             assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == serving
             assert (await health.Check(health_pb2.HealthCheckRequest(service="toy"))).status == serving
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            listed = [r async for r in reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            services = {s.name for s in listed[0].list_services_response.service}
+            assert {"detserve.v1.Detector", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+
             engine.ready_models.clear()
             for _ in range(40):
                 await asyncio.sleep(0.1)
