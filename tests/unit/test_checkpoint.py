@@ -226,3 +226,30 @@ def test_load_weights_explains_mismatches(tiny3):
     result = load_weights(build_detector("rtmdet-tiny", 3), {k: v for k, v in sd.items() if k != "extra.weight"},
                           strict=False)
     assert result.missing_keys == ["neck.out_convs.0.conv.weight"]
+
+
+def test_numpy_1x_global_names_load(tmp_path, tiny3):
+    """2022 files were written with numpy 1.x, whose pickles name `numpy.core.multiarray`."""
+    path = tmp_path / "np1.pth"
+    obj = {"meta": {"seed": np.int64(7), "hist": np.arange(3.0)}, "state_dict": tiny3.state_dict()}
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray\nscalar" in data  # GLOBAL opcodes are newline-terminated text
+    path.write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta["seed"] == 7
+    np.testing.assert_array_equal(ckpt.meta["hist"], [0.0, 1.0, 2.0])
+
+
+@pytest.mark.gpu
+def test_loaded_weights_run_on_cuda_in_fp16(tmp_path, tiny3):
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny3.state_dict(), ["a", "b", "c"], fp16=True)
+    model = build_detector("rtmdet-tiny", 3).cuda().half()
+    load_weights(model, load_checkpoint(path))
+    x = torch.randn(1, 3, 320, 320)
+    with torch.inference_mode():
+        out16 = model(x.cuda().half())
+        out32 = tiny3.eval()(x)
+    for a, b in zip(out16, out32):
+        assert ((a.float().cpu() - b).norm() / b.norm().clamp_min(1e-6)) < 0.02
