@@ -200,3 +200,18 @@ def test_basic_auth_from_settings_or_env(monkeypatch):
 def test_bearer_tokens_are_not_asked_of_label_studio():
     client = client_for(BlobEngine(), auth=AuthSettings(inference_tokens=["secret"]))
     assert client.get("/labelstudio/blobs/health").status_code == 200
+
+
+def test_settings_beat_env_and_setup_fills_the_gaps(monkeypatch, tmp_path):
+    from service.protocols.labelstudio.backend import ProjectSetup, fetch_config
+
+    setup = ProjectSetup(label_config=None, hostname="http://localhost:8080", access_token="from-setup")
+    assert (fetch_config(ServerSettings(), setup).url, fetch_config(ServerSettings(), setup).api_key) == (
+        "http://localhost:8080", "from-setup")
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls-env:8080/")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "env-key")
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
+    env = fetch_config(ServerSettings(), setup)
+    assert (env.url, env.api_key, env.document_root) == ("http://ls-env:8080", "env-key", tmp_path)
+    configured = fetch_config(ServerSettings(labelstudio=LabelStudioSettings(url="http://ls-conf", api_key="conf")))
+    assert (configured.url, configured.api_key) == ("http://ls-conf", "conf")
