@@ -12,6 +12,7 @@ Each result reports `image_width` = size of the batch it ran in and `image_heigh
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class FakeClock:
 
 
 class FakePredictor:
+    seen: list[bytes] = []  # every command run, in this process (inline engines only)
+
     def __init__(self, cfg, device: str, threads: int | None, oom_above: int | None = None,
                  load_delay_s: float = 0.0, fail_load: bool = False):
         if fail_load:
@@ -59,6 +62,7 @@ class FakePredictor:
 
     def predict(self, images, options):
         commands = [bytes(img.data[:16]) if isinstance(img, EncodedImage) else b"ok" for img in images]
+        FakePredictor.seen.extend(commands)
         if self.oom_above is not None and len(images) > self.oom_above:
             import torch
 
@@ -96,3 +100,30 @@ def write_model(store: Path, name: str, *, arch: str = "null", workers: int = 1,
         lines += [f"{k} = {v}" for k, v in batch.items()]
     (folder / "model.toml").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@contextlib.asynccontextmanager
+async def running_engine(store: Path, *, inline: bool, factory: str | None = FAKE_FACTORY,
+                         factory_kwargs: dict | None = None, **settings):
+    """An Engine over `store` (fake predictors unless factory=None), stopped on exit."""
+    from service.engine.engine import Engine
+    from service.settings import ServerSettings
+
+    engine = Engine(ServerSettings(model_store=store, **settings), inline=inline,
+                    predictor_factory=factory, factory_kwargs=factory_kwargs)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(5.0)
+
+
+def sample(name: str, labels: dict) -> float:
+    """A Prometheus sample from the detserve registry, 0 when absent."""
+    from service.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def image(command: bytes) -> EncodedImage:
+    return EncodedImage(command)

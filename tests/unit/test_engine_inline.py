@@ -1,0 +1,230 @@
+"""The engine in inline mode: the real Scheduler, dispatcher and batch code, predictors in threads."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fakes import FakePredictor, image, running_engine, sample, write_model
+from service import errors
+from service.types import Protocol
+
+
+def run(coro, timeout_s: float = 30.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+def test_detect_returns_one_result_per_image_in_order(tmp_path):
+    write_model(tmp_path, "inl-order", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            assert engine.ready() and engine.model_ready("inl-order")
+            results = await engine.detect("inl-order", [image(b"ok1"), image(b"ok2"), image(b"ok3")])
+            assert len(results) == 3 and all(r.model_name == "inl-order" for r in results)
+            info = engine.model_info("inl-order")
+            assert info.version == "inl-order-fake" and info.classes == ("a", "b") and info.ready
+            assert [w.state for w in info.workers] == ["ready"]
+
+    run(scenario())
+
+
+def test_unknown_model_is_model_not_found(tmp_path):
+    write_model(tmp_path, "inl-known")
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            with pytest.raises(errors.ModelNotFound):
+                await engine.detect("nope", [image(b"ok")])
+            with pytest.raises(errors.ModelNotFound):
+                engine.model_info("nope")
+            with pytest.raises(errors.ModelNotFound):
+                await engine.load_model("nope")
+
+    run(scenario())
+
+
+def test_concurrent_requests_are_batched(tmp_path):
+    write_model(tmp_path, "inl-batch", workers=1, batch={"max_batch_size": 8})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            results = await asyncio.gather(*(engine.detect("inl-batch", [image(b"SLEEP:0.02")]) for _ in range(40)))
+            batch_sizes = [r[0].image_width for r in results]
+            assert max(batch_sizes) > 1 and max(batch_sizes) <= 8
+            assert sample("detserve_batch_size_count", {"model": "inl-batch"}) < 40
+            assert sample("detserve_batch_items_total", {"model": "inl-batch", "protocol": "rest", "batch_mix": "rest"}) == 40
+
+    run(scenario())
+
+
+def test_mixed_doors_share_a_batch(tmp_path):
+    write_model(tmp_path, "inl-mix", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            blocker = asyncio.create_task(engine.detect("inl-mix", [image(b"SLEEP:0.2")]))
+            await asyncio.sleep(0.05)
+            await asyncio.gather(engine.detect("inl-mix", [image(b"ok")], protocol=Protocol.GRPC),
+                                 engine.detect("inl-mix", [image(b"ok")], protocol=Protocol.REST))
+            await blocker
+            assert sample("detserve_batch_items_total", {"model": "inl-mix", "protocol": "grpc", "batch_mix": "mixed"}) == 1
+
+    run(scenario())
+
+
+def test_a_bad_image_fails_only_its_request(tmp_path):
+    write_model(tmp_path, "inl-bad", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            blocker = asyncio.create_task(engine.detect("inl-bad", [image(b"SLEEP:0.2")]))
+            await asyncio.sleep(0.05)
+            outcomes = await asyncio.gather(engine.detect("inl-bad", [image(b"BAD")]),
+                                            engine.detect("inl-bad", [image(b"RAISE")]),
+                                            engine.detect("inl-bad", [image(b"ok")]), return_exceptions=True)
+            await blocker
+            assert isinstance(outcomes[0], errors.InvalidImage)
+            assert isinstance(outcomes[1], errors.InternalError) and "exploded" in str(outcomes[1])
+            assert isinstance(outcomes[2], list)  # its batch-mate raised; it was rerun alone
+            # A multi-image request fails with its first failing image's error, never a partial list.
+            with pytest.raises(errors.InvalidImage):
+                await engine.detect("inl-bad", [image(b"ok"), image(b"BAD")])
+
+    run(scenario())
+
+
+def test_full_queue_is_overloaded_immediately(tmp_path):
+    write_model(tmp_path, "inl-full", workers=1, batch={"max_batch_size": 1, "max_queue_size": 2})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            busy = [asyncio.create_task(engine.detect("inl-full", [image(b"SLEEP:0.3")]))]
+            await asyncio.sleep(0.05)  # running
+            busy += [asyncio.create_task(engine.detect("inl-full", [image(b"SLEEP:0.01")])) for _ in range(2)]
+            await asyncio.sleep(0.01)  # queued behind it
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(errors.Overloaded) as err:
+                await engine.detect("inl-full", [image(b"ok")])
+            assert loop.time() - started < 0.05
+            assert err.value.retry_after_s >= 1
+            await asyncio.gather(*busy)
+            assert sample("detserve_rejected_total", {"model": "inl-full", "reason": "queue_full"}) == 1
+
+    run(scenario())
+
+
+def test_expired_requests_get_deadline_exceeded_and_never_run(tmp_path):
+    write_model(tmp_path, "inl-expire", workers=1, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            FakePredictor.seen.clear()
+            blocker = asyncio.create_task(engine.detect("inl-expire", [image(b"SLEEP:0.3")]))
+            await asyncio.sleep(0.05)
+            with pytest.raises(errors.DeadlineExceeded):
+                await engine.detect("inl-expire", [image(b"EXPIRED-1")], timeout_s=0.05)
+            await blocker
+            await engine.detect("inl-expire", [image(b"ok-after")])
+            assert not any(c.startswith(b"EXPIRED") for c in FakePredictor.seen)
+            assert b"ok-after" in FakePredictor.seen
+
+    run(scenario())
+
+
+def test_batch_delay_holds_a_lone_request_no_longer_than_the_delay(tmp_path):
+    write_model(tmp_path, "inl-delay", workers=1, batch={"max_batch_size": 4, "max_batch_delay_ms": 100})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await engine.detect("inl-delay", [image(b"ok")])
+            waited = loop.time() - started
+            assert 0.09 <= waited < 1.0
+            results = await asyncio.gather(*(engine.detect("inl-delay", [image(b"ok")]) for _ in range(4)))
+            assert {r[0].image_width for r in results} == {4}  # a full batch leaves before the delay
+
+    run(scenario())
+
+
+def test_cuda_oom_splits_the_batch_before_failing_anything(tmp_path):
+    pytest.importorskip("torch")
+    write_model(tmp_path, "inl-oom", workers=1, batch={"max_batch_size": 8})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True, factory_kwargs={"oom_above": 2}) as engine:
+            results = await engine.detect("inl-oom", [image(b"ok")] * 8)
+            assert len(results) == 8
+            assert all(r.image_width <= 2 for r in results)
+            assert sample("detserve_oom_batch_splits_total", {"model": "inl-oom"}) == 3  # 8 -> 4+4 -> 2+2+2+2
+
+    run(scenario())
+
+
+def test_runtime_batch_settings_are_validated_and_applied(tmp_path):
+    write_model(tmp_path, "inl-settings", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            info = await engine.set_batch_settings("inl-settings", max_batch_size=2, max_batch_delay_ms=5)
+            assert info.batch.max_batch_size == 2 and info.batch.max_batch_delay_ms == 5
+            with pytest.raises(errors.InvalidRequest):
+                await engine.set_batch_settings("inl-settings", max_batch_size=0)
+            results = await asyncio.gather(*(engine.detect("inl-settings", [image(b"SLEEP:0.01")]) for _ in range(10)))
+            assert max(r[0].image_width for r in results) <= 2
+
+    run(scenario())
+
+
+def test_scale_unload_and_load_at_runtime(tmp_path):
+    write_model(tmp_path, "inl-scale", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            info = await engine.scale_workers("inl-scale", 3)
+            assert [w.state for w in info.workers] == ["ready"] * 3
+            info = await engine.scale_workers("inl-scale", 1)
+            await asyncio.sleep(0.05)
+            assert len(engine.model_info("inl-scale").workers) == 1
+            running = [asyncio.create_task(engine.detect("inl-scale", [image(b"SLEEP:0.1")])) for _ in range(5)]
+            await asyncio.sleep(0.02)
+            await engine.unload_model("inl-scale")  # drains first
+            assert [len(r) for r in await asyncio.gather(*running)] == [1] * len(running)
+            with pytest.raises(errors.ModelNotFound):
+                await engine.detect("inl-scale", [image(b"ok")])
+            info = await engine.load_model("inl-scale", workers=2)
+            assert info.ready and len(info.workers) == 2
+            await engine.detect("inl-scale", [image(b"ok")])
+
+    run(scenario())
+
+
+def test_stop_finishes_accepted_work_and_refuses_new(tmp_path):
+    write_model(tmp_path, "inl-stop", workers=1, batch={"max_batch_size": 2})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            accepted = [asyncio.create_task(engine.detect("inl-stop", [image(b"SLEEP:0.05")])) for _ in range(6)]
+            await asyncio.sleep(0.01)
+            stopping = asyncio.create_task(engine.stop(5.0))
+            await asyncio.sleep(0)
+            with pytest.raises((errors.ModelNotReady, errors.ModelNotFound)):
+                await engine.detect("inl-stop", [image(b"ok")])
+            await stopping
+            assert [len(r) for r in await asyncio.gather(*accepted)] == [1] * len(accepted)
+            assert not engine.ready()
+
+    run(scenario())
+
+
+def test_a_model_that_fails_to_load_is_a_config_error(tmp_path):
+    write_model(tmp_path, "inl-broken", workers=1)
+
+    async def scenario():
+        with pytest.raises(errors.ConfigError, match="failed to load"):
+            async with running_engine(tmp_path, inline=True, factory_kwargs={"fail_load": True}):
+                pass
+
+    run(scenario())
