@@ -6,6 +6,7 @@ deterministic; everything between the socket and the predictor is the production
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
 import signal
@@ -36,17 +37,20 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, workdir: Path, models: list[str], drain_timeout_s: float = 20):
+    def __init__(self, store: Path, workdir: Path, models: list[str], drain_timeout_s: float = 20, fake: bool = True,
+                 max_request_size: int = MAX_REQUEST_SIZE):
         self.ports = {name: free_port() for name in ("inference", "management", "metrics")}
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
         self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
         self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
         config = workdir / "server.toml"
-        config.write_text(f"max_request_size = {MAX_REQUEST_SIZE}\ndrain_timeout_s = {drain_timeout_s}\n"
+        config.write_text(f"max_request_size = {max_request_size}\ndrain_timeout_s = {drain_timeout_s}\n"
                           "heartbeat_timeout_s = 5.0\n")
         self.log_path = workdir / "server.log"
-        env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1",
-               "DETSERVE_PREDICTOR_FACTORY": "fakes:FakePredictor.from_config"}
+        env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+        env.pop("DETSERVE_PREDICTOR_FACTORY", None)
+        if fake:
+            env["DETSERVE_PREDICTOR_FACTORY"] = "fakes:FakePredictor.from_config"
         cmd = [DETSERVE, "serve", "--config", str(config), "--model-store", str(store), "--models", ",".join(models),
                "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(self.ports["inference"]),
                "--management-port", str(self.ports["management"]), "--metrics-port", str(self.ports["metrics"])]
@@ -245,3 +249,138 @@ def test_sigterm_during_load_completes_accepted_requests(tmp_path):
             httpx.get(f"{srv.url}/ping", timeout=2)
     finally:
         srv.stop()
+
+
+# ---- the real predictor: decoding, limits and the bundled model's answers ----------------------
+
+HAS_PREDICTOR = importlib.util.find_spec("service.pipeline.predictor") is not None
+needs_predictor = pytest.mark.skipif(not HAS_PREDICTOR, reason="service.pipeline.predictor not built yet")
+BUNDLED = REPO / "models" / "rtmdet"
+
+
+def write_random_tiny_model(store: Path, name: str) -> None:
+    """rtmdet-tiny with random weights: exercises decode -> model -> postprocess at CPU speed."""
+    import torch
+
+    from service.demo.dataset import CLASSES
+    from service.detectors.checkpoint import save_checkpoint
+    from service.detectors.registry import build_detector
+
+    folder = store / name
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_checkpoint(folder / "weights.pth", build_detector("rtmdet-tiny", len(CLASSES)).state_dict(), list(CLASSES))
+    (folder / "model.toml").write_text(
+        'arch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 320\nmax_image_pixels = 20000000\n'
+        "[workers]\ncount = 1\n[batch]\nmax_batch_size = 4\n")
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rest-real")
+    store = root / "store"
+    write_random_tiny_model(store, "tiny")
+    models = ["tiny"]
+    if (BUNDLED / "model.toml").is_file():
+        (store / "rtmdet").symlink_to(BUNDLED)
+        models.append("rtmdet")
+    srv = Server(store, root, models, fake=False, max_request_size=32 * 1024 * 1024)
+    try:
+        srv.wait_ready(120)
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def shapes_image(width: int, height: int, seed: int, ext: str = ".jpg"):
+    import cv2
+    import numpy as np
+
+    from service.demo.dataset import render_sample
+
+    image, anns = render_sample(np.random.default_rng(seed), width, height)
+    ok, encoded = cv2.imencode(ext, image)
+    assert ok
+    return encoded.tobytes(), anns
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring width x height, and no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@needs_predictor
+def test_real_image_json_and_rendered(real_server, tmp_path):
+    data, _ = shapes_image(640, 480, seed=1)
+    image = tmp_path / "shapes.jpg"
+    image.write_bytes(data)
+    r = curl("-T", str(image), f"{real_server.url}/predictions/tiny?score_thr=0")
+    detections = __import__("json").loads(r.stdout)
+    assert isinstance(detections, list) and detections, r.stdout[:500]
+    assert set(detections[0]) == {"class_label", "class_name", "bbox", "score"}
+    x1, y1, x2, y2 = detections[0]["bbox"]
+    assert 0 <= x1 <= x2 <= 640 and 0 <= y1 <= y2 <= 480
+    for fmt, magic in (("jpeg", b"\xff\xd8"), ("png", b"\x89PNG")):
+        r = httpx.put(f"{real_server.url}/predictions/tiny", content=data,
+                      params={"format": "image", "image_format": fmt}, timeout=30)
+        assert r.status_code == 200 and r.content.startswith(magic), (fmt, r.text[:200])
+        from PIL import Image
+        import io
+
+        assert Image.open(io.BytesIO(r.content)).size == (640, 480)
+
+
+@needs_predictor
+def test_bad_images_get_4xx_and_workers_survive(real_server):
+    url = f"{real_server.url}/predictions/tiny"
+    data, _ = shapes_image(640, 480, seed=2)
+    cases = {
+        "zero bytes": (b"", {}),
+        "truncated jpeg": (data[: len(data) // 3], {}),
+        "text": (b"hello, I am not an image\n", {}),
+        "text content-type": (b"hello", {"content-type": "text/plain"}),
+        "50000x50000 png": (png_header(50_000, 50_000), {}),
+        "random bytes": (bytes(range(256)) * 10, {}),
+    }
+    for name, (body, headers) in cases.items():
+        r = httpx.put(url, content=body, headers=headers, timeout=30)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+        assert set(r.json()) == {"code", "message", "request_id"}, name
+        if name == "50000x50000 png":
+            assert r.status_code == 413 and r.json()["code"] == "image_too_large"
+    (desc,) = httpx.get(f"{real_server.mgmt}/models/tiny").json()
+    assert [w["restarts"] for w in desc["workers"]] == [0]
+    assert httpx.get(f"{real_server.url}/readyz").status_code == 200
+    assert httpx.put(url, content=data, timeout=30).status_code == 200
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@needs_predictor
+@pytest.mark.skipif(not (BUNDLED / "model.toml").is_file(), reason="bundled models/rtmdet not shipped yet")
+@pytest.mark.parametrize("size,ext,how", [((1200, 800), ".jpg", "curl-T"), ((300, 520), ".png", "multipart"),
+                                          ((4000, 3000), ".jpg", "curl-T")])
+def test_bundled_model_finds_the_ground_truth(real_server, tmp_path, size, ext, how):
+    from service.demo.dataset import CLASSES
+
+    data, anns = shapes_image(*size, seed=123 + size[0], ext=ext)
+    image = tmp_path / f"img{ext}"
+    image.write_bytes(data)
+    url = f"{real_server.url}/predictions/rtmdet"
+    r = curl("-T", str(image), url) if how == "curl-T" else curl("-F", f"data=@{image}", url)
+    detections = __import__("json").loads(r.stdout)
+    for ann in anns:
+        best = max((box_iou(ann.box_xyxy, d["bbox"]) for d in detections if d["class_name"] == CLASSES[ann.label]),
+                   default=0.0)
+        assert best >= 0.7, (CLASSES[ann.label], ann.box_xyxy, detections)
