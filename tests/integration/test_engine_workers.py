@@ -1,0 +1,171 @@
+"""The engine with real spawned worker processes (fake predictors steered per image)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from fakes import image, running_engine, sample, write_model
+from service import errors
+
+pytestmark = pytest.mark.integration
+
+
+def run(coro, timeout_s: float = 60.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+async def wait_until(predicate, timeout_s: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def test_concurrent_load_is_batched_across_two_worker_processes(tmp_path):
+    write_model(tmp_path, "proc-batch", workers=2, batch={"max_batch_size": 8})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            info = engine.model_info("proc-batch")
+            pids = {w.pid for w in info.workers}
+            assert len(pids) == 2 and os.getpid() not in pids and info.ready
+            results = await asyncio.gather(*(engine.detect("proc-batch", [image(b"SLEEP:0.02")]) for _ in range(64)))
+            assert len(results) == 64
+            assert max(r[0].image_width for r in results) > 1  # batch size seen inside the worker
+            assert {r[0].image_height for r in results} <= pids  # ran in the worker processes
+            assert sample("detserve_batch_size_count", {"model": "proc-batch"}) < 64
+            assert sample("detserve_live_workers", {"model": "proc-batch"}) == 2
+
+    run(scenario())
+
+
+def test_sigkill_under_load_recovers_and_no_request_hangs(tmp_path):
+    write_model(tmp_path, "proc-kill", workers=2, batch={"max_batch_size": 4})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            victim = engine.model_info("proc-kill").workers[0].pid
+            load = [asyncio.create_task(engine.detect("proc-kill", [image(b"SLEEP:0.05")])) for _ in range(40)]
+            await asyncio.sleep(0.15)
+            os.kill(victim, signal.SIGKILL)
+            outcomes = await asyncio.wait_for(asyncio.gather(*load, return_exceptions=True), 30)
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
+            assert all(isinstance(f, errors.WorkerDied) for f in failures), failures
+            assert len(failures) < 40  # retried on the surviving worker
+            await wait_until(lambda: engine.model_info("proc-kill").workers[0].state == "ready")
+            info = engine.model_info("proc-kill")
+            assert info.workers[0].restarts == 1 and info.workers[0].pid != victim
+            assert sample("detserve_worker_restarts_total", {"model": "proc-kill"}) == 1
+            assert len(await engine.detect("proc-kill", [image(b"ok")])) == 1
+
+    run(scenario())
+
+
+def test_an_image_that_kills_its_worker_fails_fast_after_one_retry(tmp_path):
+    write_model(tmp_path, "proc-crash", workers=2, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            with pytest.raises(errors.WorkerDied):
+                await engine.detect("proc-crash", [image(b"CRASH")])
+            await wait_until(lambda: engine.model_ready("proc-crash")
+                             and all(w.state == "ready" for w in engine.model_info("proc-crash").workers))
+            assert sum(w.restarts for w in engine.model_info("proc-crash").workers) == 2  # ran twice, no more
+            assert len(await engine.detect("proc-crash", [image(b"ok")])) == 1
+
+    run(scenario())
+
+
+def test_a_hung_worker_is_killed_and_its_request_answered(tmp_path):
+    write_model(tmp_path, "proc-hang", workers=1, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0) as engine:
+            with pytest.raises((errors.WorkerDied, errors.DeadlineExceeded)):
+                await engine.detect("proc-hang", [image(b"HANG")], timeout_s=20)
+            await wait_until(lambda: engine.model_ready("proc-hang"))
+            assert engine.model_info("proc-hang").workers[0].restarts >= 1
+            assert len(await engine.detect("proc-hang", [image(b"ok")])) == 1
+
+    run(scenario())
+
+
+def test_queue_full_and_expiry_with_worker_processes(tmp_path):
+    write_model(tmp_path, "proc-limits", workers=1, batch={"max_batch_size": 1, "max_queue_size": 2})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            running = asyncio.create_task(engine.detect("proc-limits", [image(b"SLEEP:0.5")]))
+            await asyncio.sleep(0.1)
+            expiring = asyncio.create_task(engine.detect("proc-limits", [image(b"ok")], timeout_s=0.1))
+            queued = asyncio.create_task(engine.detect("proc-limits", [image(b"ok")]))
+            await asyncio.sleep(0.01)
+            with pytest.raises(errors.Overloaded):
+                await engine.detect("proc-limits", [image(b"ok")])
+            with pytest.raises(errors.DeadlineExceeded):
+                await expiring
+            assert len(await running) == 1 and len(await queued) == 1
+
+    run(scenario())
+
+
+def test_scale_up_and_down_with_processes(tmp_path):
+    write_model(tmp_path, "proc-scale", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            info = await engine.scale_workers("proc-scale", 2)
+            assert [w.state for w in info.workers] == ["ready", "ready"]
+            pids = [w.pid for w in info.workers]
+            await engine.scale_workers("proc-scale", 1)
+            await wait_until(lambda: len(engine.model_info("proc-scale").workers) == 1)
+            assert engine.model_info("proc-scale").workers[0].restarts == 0  # a retire is not a restart
+            assert sample("detserve_worker_restarts_total", {"model": "proc-scale"}) == 0
+            assert len(await engine.detect("proc-scale", [image(b"ok")])) == 1
+            await wait_until(lambda: not _alive(pids[1]))
+
+    run(scenario())
+
+
+def test_unload_drains_in_flight_requests(tmp_path):
+    write_model(tmp_path, "proc-unload", workers=1, batch={"max_batch_size": 2})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            pid = engine.model_info("proc-unload").workers[0].pid
+            accepted = [asyncio.create_task(engine.detect("proc-unload", [image(b"SLEEP:0.1")])) for _ in range(5)]
+            await asyncio.sleep(0.05)
+            await engine.unload_model("proc-unload")
+            assert [len(r) for r in await asyncio.gather(*accepted)] == [1] * 5
+            assert "proc-unload" not in [m.name for m in engine.models()]
+            await wait_until(lambda: not _alive(pid))
+
+    run(scenario())
+
+
+def test_a_worker_that_cannot_load_its_model_fails_start_with_config_error(tmp_path):
+    write_model(tmp_path, "proc-broken", workers=1)
+
+    async def scenario():
+        with pytest.raises(errors.ConfigError, match="weights.pth"):
+            async with running_engine(tmp_path, inline=False, factory_kwargs={"fail_load": True}):
+                pass
+
+    run(scenario())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes once it is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
