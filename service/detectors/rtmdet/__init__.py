@@ -1,0 +1,1 @@
+"""RTMDet modules mirroring mmdet names: layers, cspnext (backbone), pafpn (neck), head, ins_head, model, priors."""
