@@ -188,3 +188,16 @@ def filter_for_request(
     if max_dets is not None:
         dets = dets.first(max_dets)
     return dets
+
+
+def clip_to_image(dets: ImageDetections, height: int, width: int) -> ImageDetections:
+    """Clip boxes to the original image and drop those left without area.
+
+    Upstream clamps to the padded input only, so boxes may reach into the padding beyond the
+    image (spec §1.7). Clients get boxes inside their image; parity runs can skip this step.
+    """
+    boxes = dets.boxes_xyxy.clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    clipped = replace(dets, boxes_xyxy=boxes)
+    return clipped.select((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))

@@ -1,0 +1,77 @@
+"""Eager PyTorch backend: the registry's detector with official weights, on CPU or one CUDA device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..detectors.checkpoint import Checkpoint, load_checkpoint, load_weights, num_classes_in
+from ..detectors.coco import COCO_CLASSES
+from ..detectors.registry import build_detector
+from ..errors import ConfigError
+from ..settings import EagerConfig, ModelConfig
+from .base import HeadOutputs, check_batch
+
+log = logging.getLogger(__name__)
+
+
+def accelerate(model: nn.Module, options: EagerConfig, device: str) -> nn.Module:
+    """Hook for torch.compile / CUDA graphs (`[eager] compile`, `cuda_graphs`); plain eager for now."""
+    if options.compile or options.cuda_graphs:
+        log.warning("eager.compile / eager.cuda_graphs are not implemented yet; running plain eager on %s", device)
+    return model
+
+
+class EagerBackend:
+    """Implements `service.backends.base.Backend`. `infer` returns HeadOutputs in float32 on `device`."""
+
+    name = "eager"
+
+    def __init__(self, cfg: ModelConfig, device: str, *, checkpoint: Checkpoint | None = None):
+        self.cfg = cfg
+        self.device = device
+        self._checkpoint = checkpoint  # pre-read by the Predictor; else read in load()
+        self._model: nn.Module | None = None
+        self.fp16 = cfg.eager.fp16 and device.startswith("cuda")
+        self.channels_last = cfg.eager.channels_last
+
+    def load(self) -> None:
+        checkpoint = self._checkpoint
+        if checkpoint is None:
+            if not self.cfg.weights:
+                raise ConfigError(f"model {self.cfg.name!r}: field 'weights' is required for arch {self.cfg.arch!r}")
+            checkpoint = load_checkpoint(self.cfg.path(self.cfg.weights))
+        num_classes = num_classes_in(checkpoint.state_dict) or len(checkpoint.classes or COCO_CLASSES)
+        try:
+            model = build_detector(self.cfg.arch, num_classes)
+        except KeyError as exc:
+            raise ConfigError(f"model {self.cfg.name!r}: field 'arch': {exc.args[0]}") from None
+        load_weights(model, checkpoint, strict=True)
+        model.eval().requires_grad_(False)
+        model.to(self.device)
+        if self.fp16:
+            model.half()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._model = accelerate(model, self.cfg.eager, self.device)
+        self._checkpoint = None  # the weights now live in the model; drop the CPU copy
+
+    def infer(self, batch: torch.Tensor) -> HeadOutputs:
+        if self._model is None:
+            raise RuntimeError("EagerBackend.infer called before load()")
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.fp16:
+                x = x.half()
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outputs = self._model(x)
+            # Postprocessing (top-k, NMS, mask thresholds) always runs in float32.
+            head = HeadOutputs.from_flat([o.float() for o in outputs])
+        return check_batch(head, batch.shape[0], self.name)
+
+    def close(self) -> None:
+        self._model = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()

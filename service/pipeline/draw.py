@@ -1,0 +1,66 @@
+"""Annotated images: boxes, labels and translucent masks drawn on the original BGR pixels."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import simplejpeg
+from pycocotools import mask as mask_utils
+
+from ..types import DetectResult, RenderFormat
+
+MASK_ALPHA = 0.5
+JPEG_QUALITY = 90
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """A stable, well-spread BGR colour per class id (golden-ratio hue steps)."""
+    hue = int((label * 0.618033988749895 % 1.0) * 180)
+    hsv = np.uint8([[[hue, 200, 255]]])
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def draw_detections(bgr: np.ndarray, result: DetectResult) -> np.ndarray:
+    """A copy of `bgr` with every detection of `result` drawn on it."""
+    canvas = np.ascontiguousarray(bgr).copy()
+    height, width = canvas.shape[:2]
+    thickness = max(1, round(min(height, width) / 400))
+    font_scale = max(0.4, min(height, width) / 1200)
+
+    for det in result.detections:
+        if det.mask is None:
+            continue
+        if (det.mask.height, det.mask.width) != (height, width):
+            continue  # a mask for some other image size: nothing sensible to draw
+        binary = mask_utils.decode({"size": [det.mask.height, det.mask.width], "counts": det.mask.counts}).astype(bool)
+        color = np.array(class_color(det.label), dtype=np.float32)
+        region = canvas[binary].astype(np.float32)
+        canvas[binary] = (region * (1 - MASK_ALPHA) + color * MASK_ALPHA).astype(np.uint8)
+
+    for det in result.detections:
+        color = class_color(det.label)
+        x1, y1, x2, y2 = (int(round(v)) for v in det.box_xyxy)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness, lineType=cv2.LINE_AA)
+        text = f"{det.class_name} {det.score:.2f}"
+        (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        # Label above the box, or inside its top edge when the box touches the image top.
+        bottom = y1 if y1 - th - baseline >= 0 else y1 + th + baseline
+        cv2.rectangle(canvas, (x1, bottom - th - baseline), (x1 + tw, bottom), color, -1)
+        cv2.putText(
+            canvas, text, (x1, bottom - baseline), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness,
+            lineType=cv2.LINE_AA,
+        )
+    return canvas
+
+
+def encode_image(bgr: np.ndarray, fmt: RenderFormat) -> bytes:
+    """BGR pixels -> JPEG or PNG bytes."""
+    bgr = np.ascontiguousarray(bgr)
+    if fmt == RenderFormat.JPEG:
+        return simplejpeg.encode_jpeg(bgr, quality=JPEG_QUALITY, colorspace="BGR")
+    if fmt == RenderFormat.PNG:
+        ok, buf = cv2.imencode(".png", bgr)
+        if not ok:
+            raise RuntimeError("PNG encoding failed")
+        return buf.tobytes()
+    raise ValueError(f"unknown render format {fmt!r}")

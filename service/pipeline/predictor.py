@@ -1,0 +1,346 @@
+"""The whole in-worker pipeline: decode -> preprocess -> backend -> postprocess -> masks -> render.
+
+Used by the engine's workers, the CLI, the in-process benchmark and eval. One bad image yields its
+own typed error; the rest of the batch still runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends import create_backend
+from ..backends.base import Backend, HeadOutputs, InputDetections, check_batch
+from ..errors import ConfigError, DetserveError, InternalError, InvalidRequest
+from ..settings import BackendKind, ModelConfig
+from ..types import Detection, DetectOptions, DetectResult, EncodedImage, ImageInput, RawImage, RLEMask, StageTimes
+from .decode import decode_image, raw_image_to_bgr
+from .draw import draw_detections, encode_image
+from .masks import instance_masks, masks_from_input_probs
+from .postprocess import (
+    ImageDetections,
+    clip_to_image,
+    filter_for_request,
+    postprocess_head_outputs,
+    postprocess_input_detections,
+)
+from .transforms import ImageMeta, preprocess_batch
+
+log = logging.getLogger(__name__)
+
+NULL_ARCH = "null"
+
+_version_cache: dict[tuple[str, int, int], str] = {}
+_version_lock = threading.Lock()
+
+
+def model_version(cfg: ModelConfig) -> str:
+    """`<name>-<first 8 hex of sha256(weights)>`, cached per file state; "null" models use the name."""
+    if cfg.arch == NULL_ARCH:
+        return cfg.name
+    path = _weights_file(cfg)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _version_lock:
+        if key not in _version_cache:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            _version_cache[key] = digest.hexdigest()[:8]
+        return f"{cfg.name}-{_version_cache[key]}"
+
+
+def _weights_file(cfg: ModelConfig) -> Path:
+    relative = cfg.weights
+    if relative is None and cfg.backend == BackendKind.ONNXRUNTIME:
+        relative = cfg.onnxruntime.model
+    if relative is None:
+        raise ConfigError(f"model {cfg.name!r}: field 'weights' is required for arch {cfg.arch!r}")
+    path = cfg.path(relative)
+    if not path.is_file():
+        raise ConfigError(f"model {cfg.name!r}: field 'weights': file {path} does not exist")
+    return path
+
+
+def resolve_device(requested: str) -> str:
+    """"auto" -> cuda:0 when available else cpu; "cuda" -> cuda:0; checks the CUDA index exists."""
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda"):
+        index = int(requested.split(":", 1)[1]) if ":" in requested else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ConfigError(f"device {requested!r} requested but {count} CUDA device(s) are available")
+        return f"cuda:{index}"
+    raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_classes(cfg: ModelConfig, checkpoint_classes: Sequence[str] | None) -> tuple[str, ...]:
+    """cfg.classes, else cfg.classes_file, else the checkpoint's, else the 80 COCO names."""
+    if cfg.classes:
+        return tuple(cfg.classes)
+    if cfg.classes_file:
+        path = cfg.path(cfg.classes_file)
+        try:
+            names = [line.strip() for line in path.read_text().splitlines()]
+        except OSError as exc:
+            raise ConfigError(f"model {cfg.name!r}: field 'classes_file': cannot read {path}: {exc}") from None
+        names = [n for n in names if n]
+        if not names:
+            raise ConfigError(f"model {cfg.name!r}: field 'classes_file': {path} lists no classes")
+        return tuple(names)
+    if checkpoint_classes:
+        return tuple(checkpoint_classes)
+    from ..detectors.coco import COCO_CLASSES
+
+    return COCO_CLASSES
+
+
+@dataclass(frozen=True)
+class _RequestFilter:
+    score_thr: float
+    max_dets: int | None
+    class_ids: tuple[int, ...] | None
+    options: DetectOptions
+
+
+@dataclass
+class _Pending:
+    """An image that decoded fine and waits for the batch."""
+
+    index: int
+    bgr: np.ndarray
+    request: _RequestFilter
+
+
+class Predictor:
+    """One loaded model. Attributes: name, version, arch, classes, has_masks, input_size, device, backend_name."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        backend: Backend | None,
+        classes: tuple[str, ...],
+        has_masks: bool,
+        device: str,
+        version: str,
+    ):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.version = version
+        self.arch = cfg.arch
+        self.classes = classes
+        self.has_masks = has_masks
+        self.input_size = cfg.input_size
+        self.device = device
+        self.backend_name = backend.name if backend is not None else NULL_ARCH
+        self._backend = backend
+        self._class_index = {name: i for i, name in enumerate(classes)}
+        # MMDetection parity leaves boxes reaching into the padding; a test_cfg.clip_to_image = false
+        # (when the config grows that field) keeps them.
+        self.clip_to_image = bool(getattr(cfg.test_cfg, "clip_to_image", True))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, device: str | None = None, threads: int | None = None) -> "Predictor":
+        """Build and load the backend for `cfg`. Raises ConfigError naming the offending field."""
+        if threads is None and cfg.workers.threads > 0:
+            threads = cfg.workers.threads
+        if threads:
+            torch.set_num_threads(threads)
+        if cfg.arch == NULL_ARCH:
+            classes = resolve_classes(cfg, None)
+            return cls(cfg, backend=None, classes=classes, has_masks=False, device="cpu", version=model_version(cfg))
+
+        from ..detectors.registry import arch_spec
+
+        try:
+            spec = arch_spec(cfg.arch)
+        except KeyError as exc:
+            raise ConfigError(f"model {cfg.name!r}: field 'arch': {exc.args[0]}") from None
+        device = resolve_device(device or cfg.device)
+        options: dict = {}
+        checkpoint_classes = None
+        if cfg.backend == BackendKind.EAGER:
+            checkpoint = _read_checkpoint(cfg)
+            checkpoint_classes = checkpoint.classes
+            options["checkpoint"] = checkpoint
+        classes = resolve_classes(cfg, checkpoint_classes)
+        if cfg.backend == BackendKind.EAGER:
+            _check_num_classes(cfg, classes, options["checkpoint"])
+        backend = create_backend(cfg, device, **options)
+        backend.load()
+        return cls(
+            cfg, backend=backend, classes=classes, has_masks=spec.has_masks, device=device,
+            version=model_version(cfg),
+        )
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    # --- the request path -----------------------------------------------------------------
+
+    def predict(self, images: Sequence[ImageInput], options: Sequence[DetectOptions]) -> list[DetectResult | DetserveError]:
+        """One result per image, in order: a DetectResult, or the typed error for that image."""
+        if len(images) != len(options):
+            raise ValueError(f"{len(images)} images but {len(options)} options")
+        if self._backend is None:
+            if self.arch != NULL_ARCH:
+                raise RuntimeError(f"predictor {self.name!r} is closed")
+            return [self._empty_result() for _ in images]
+
+        results: list[DetectResult | DetserveError | None] = [None] * len(images)
+        times = [StageTimes() for _ in images]
+        pending: list[_Pending] = []
+        for i, (image, opts) in enumerate(zip(images, options)):
+            start = time.perf_counter()
+            try:
+                request = self._request_filter(opts)
+                pending.append(_Pending(i, self._decode(image), request))
+            except DetserveError as exc:
+                results[i] = exc
+            except Exception as exc:  # a decoder bug must not take the batch down
+                log.exception("decoding image %d failed", i)
+                results[i] = InternalError(f"decoding failed: {exc}")
+            times[i].decode = time.perf_counter() - start
+
+        if pending:
+            try:
+                self._run_batch(pending, results, times)
+            except Exception as exc:
+                log.exception("batch of %d failed in model %s", len(pending), self.name)
+                error = exc if isinstance(exc, DetserveError) else InternalError(f"inference failed: {exc}")
+                for p in pending:
+                    results[p.index] = error
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, pending: list[_Pending], results: list, times: list[StageTimes]) -> None:
+        start = time.perf_counter()
+        batch, metas = preprocess_batch([p.bgr for p in pending], self.input_size)
+        preprocess_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        outputs = check_batch(self._backend.infer(batch), len(pending), self.backend_name)
+        if isinstance(outputs, HeadOutputs) and outputs.cls_scores[0].is_cuda:
+            torch.cuda.synchronize(outputs.cls_scores[0].device)
+        inference_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if isinstance(outputs, InputDetections):
+                per_image = postprocess_input_detections(outputs, metas, self.cfg.test_cfg)
+            else:
+                per_image = postprocess_head_outputs(outputs, metas, self.cfg.test_cfg)
+        batch_post_s = (time.perf_counter() - start) / len(pending)
+
+        for slot, (p, dets, meta) in enumerate(zip(pending, per_image, metas)):
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    result = self._finish_image(p, dets, meta, outputs, slot)
+                results[p.index] = result
+            except DetserveError as exc:
+                results[p.index] = exc
+            except Exception as exc:
+                log.exception("postprocessing image %d failed", p.index)
+                results[p.index] = InternalError(f"postprocessing failed: {exc}")
+            t = times[p.index]
+            t.preprocess, t.inference = preprocess_s, inference_s
+            t.postprocess = batch_post_s + time.perf_counter() - start
+            if isinstance(results[p.index], DetectResult):
+                results[p.index].times = t
+
+    def _finish_image(self, p: _Pending, dets: ImageDetections, meta: ImageMeta, outputs, slot: int) -> DetectResult:
+        req = p.request
+        if self.clip_to_image:
+            dets = clip_to_image(dets, meta.ori_h, meta.ori_w)
+        dets = filter_for_request(dets, score_thr=req.score_thr, max_dets=req.max_dets, class_ids=req.class_ids)
+        masks = self._masks(dets, meta, outputs, slot)
+        boxes = dets.boxes_xyxy.cpu().tolist()
+        scores = dets.scores.cpu().tolist()
+        labels = dets.labels.cpu().tolist()
+        detections = [
+            Detection(
+                label=label,
+                class_name=self.classes[label],
+                score=score,
+                box_xyxy=(box[0], box[1], box[2], box[3]),
+                mask=masks[k] if masks is not None else None,
+            )
+            for k, (box, score, label) in enumerate(zip(boxes, scores, labels))
+        ]
+        result = DetectResult(
+            detections=detections,
+            image_width=meta.ori_w,
+            image_height=meta.ori_h,
+            model_name=self.name,
+            model_version=self.version,
+        )
+        if req.options.render is not None:
+            result.rendered = encode_image(draw_detections(p.bgr, result), req.options.render)
+        return result
+
+    def _masks(self, dets: ImageDetections, meta: ImageMeta, outputs, slot: int) -> list[RLEMask] | None:
+        if not self.has_masks:
+            return None
+        thr = self.cfg.test_cfg.mask_thr_binary
+        if dets.input_masks is not None:
+            return masks_from_input_probs(dets.input_masks, meta, thr)
+        if isinstance(outputs, HeadOutputs) and outputs.mask_feat is not None:
+            return instance_masks(outputs.mask_feat[slot], dets.kernels, dets.priors, meta, thr)
+        return None
+
+    def _decode(self, image: ImageInput) -> np.ndarray:
+        if isinstance(image, EncodedImage):
+            return decode_image(image.data, max_pixels=self.cfg.max_image_pixels)
+        if isinstance(image, RawImage):
+            return raw_image_to_bgr(image, max_pixels=self.cfg.max_image_pixels)
+        raise InvalidRequest(f"unsupported image input type {type(image).__name__}")
+
+    def _request_filter(self, options: DetectOptions) -> _RequestFilter:
+        score_thr = self.cfg.default_score_thr if options.score_thr is None else float(options.score_thr)
+        if not 0.0 <= score_thr <= 1.0:
+            raise InvalidRequest(f"score_thr must be between 0 and 1, got {score_thr}")
+        if options.max_dets is not None and options.max_dets < 0:
+            raise InvalidRequest(f"max_dets must be >= 0, got {options.max_dets}")
+        class_ids = None
+        if options.classes:  # empty means no class filter
+            unknown = [c for c in options.classes if c not in self._class_index]
+            if unknown:
+                known = ", ".join(self.classes[:10]) + (", ..." if len(self.classes) > 10 else "")
+                raise InvalidRequest(f"unknown class name(s) {unknown} for model {self.name!r} (classes: {known})")
+            class_ids = tuple(self._class_index[c] for c in options.classes)
+        return _RequestFilter(score_thr, options.max_dets, class_ids, options)
+
+    def _empty_result(self) -> DetectResult:
+        return DetectResult(detections=[], image_width=0, image_height=0, model_name=self.name, model_version=self.version)
+
+
+def _read_checkpoint(cfg: ModelConfig):
+    from ..detectors.checkpoint import load_checkpoint
+
+    return load_checkpoint(_weights_file(cfg))
+
+
+def _check_num_classes(cfg: ModelConfig, classes: tuple[str, ...], checkpoint) -> None:
+    from ..detectors.checkpoint import num_classes_in
+
+    head_classes = num_classes_in(checkpoint.state_dict)
+    if head_classes is not None and head_classes != len(classes):
+        source = "classes" if cfg.classes else "classes_file" if cfg.classes_file else "the checkpoint/COCO class list"
+        raise ConfigError(
+            f"model {cfg.name!r}: {len(classes)} class names (from {source}) but the weights' head "
+            f"(bbox_head.rtm_cls.0.weight) predicts {head_classes} classes"
+        )
