@@ -200,6 +200,7 @@ class Engine:
         self._configured: set[str] = set()
         self._item_ids = itertools.count(1)
         self._started = False
+        self._stopping = False
         self._stopped = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -220,6 +221,7 @@ class Engine:
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """SIGTERM path: refuse new work (503), finish queued and in-flight work, stop workers."""
         timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self._stopping = True
         for runtime in self._models.values():
             runtime.accepting = False
         await asyncio.gather(*(r.drain_and_stop(timeout) for r in self._models.values()))
@@ -231,7 +233,7 @@ class Engine:
         return not self._stopped
 
     def ready(self) -> bool:
-        if not self._started or self._stopped:
+        if not self._started or self._stopping:
             return False
         return all(self.model_ready(n) for n in self._configured if n in self._models)
 
@@ -243,6 +245,8 @@ class Engine:
     async def detect(self, model: str, images: Sequence[ImageInput], options: DetectOptions = DetectOptions(), *,
                      protocol: Door = Door.REST, request_id: str | None = None,
                      timeout_s: float | None = None) -> list[DetectResult]:
+        if self._stopping:
+            raise errors.ModelNotReady("the server is shutting down")
         runtime = self._runtime(model)
         if not runtime.accepting:
             metrics.REJECTED.labels(model, "not_ready").inc()

@@ -83,6 +83,9 @@ class Shutdown:
     reason: str = "stop"
 
 
+DEFAULT_PREDICTOR_FACTORY = "service.pipeline.predictor:Predictor.from_config"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """Everything a spawned worker needs to build its predictor; pickled into the child once."""
@@ -93,7 +96,7 @@ class WorkerSpec:
     slot: int  # index among the model's workers, for GPU round-robin
     threads: int
     heartbeat_interval_s: float
-    predictor_factory: str = "service.pipeline.predictor:Predictor.from_config"
+    predictor_factory: str = DEFAULT_PREDICTOR_FACTORY
     extra: dict = field(default_factory=dict)  # factory keyword arguments (tests' fakes)
 
 

@@ -29,7 +29,7 @@ from .. import errors
 from ..observability import metrics
 from ..settings import ModelConfig, ServerSettings
 from ..types import WorkerStatus
-from .messages import BatchRequest, BatchResult, Heartbeat, ModelFacts, Shutdown, WorkerError, WorkerReady, WorkerSpec
+from .messages import DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, ModelFacts, Shutdown, WorkerError, WorkerReady, WorkerSpec
 from .scheduler import WorkerLoad
 from .worker import describe, load_predictor, run_batch, worker_main
 
@@ -87,7 +87,7 @@ class _PoolBase:
         self.cfg = cfg
         self.settings = settings
         self.events = events
-        self.predictor_factory = predictor_factory or WorkerSpec.predictor_factory
+        self.predictor_factory = predictor_factory or DEFAULT_PREDICTOR_FACTORY
         self.factory_kwargs = dict(factory_kwargs or {})
         self.facts: ModelFacts | None = None
         self._seats: list[_Seat] = []
@@ -443,8 +443,11 @@ class ProcessPool(_PoolBase):
                 handle = seat.handle
                 if handle is None or handle.kill_reason is not None:
                     continue
-                if seat.state == "starting" and now - handle.started_at > self.settings.worker_start_timeout_s:
-                    handle.kill("did not start in time")
+                if seat.state == "starting":
+                    # Imports and weights loading may starve heartbeats on a busy box; only the start
+                    # timeout applies until the worker says it is ready.
+                    if now - handle.started_at > self.settings.worker_start_timeout_s:
+                        handle.kill("did not start in time")
                 elif now - handle.last_heartbeat > self.settings.heartbeat_timeout_s:
                     handle.kill("missed heartbeats")
                 elif seat.batch is not None and now - seat.batch[2] > self.settings.heartbeat_timeout_s:

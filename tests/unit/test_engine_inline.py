@@ -210,11 +210,13 @@ def test_stop_finishes_accepted_work_and_refuses_new(tmp_path):
             await asyncio.sleep(0.01)
             stopping = asyncio.create_task(engine.stop(5.0))
             await asyncio.sleep(0)
-            with pytest.raises((errors.ModelNotReady, errors.ModelNotFound)):
+            with pytest.raises(errors.ModelNotReady):
                 await engine.detect("inl-stop", [image(b"ok")])
             await stopping
             assert [len(r) for r in await asyncio.gather(*accepted)] == [1] * len(accepted)
-            assert not engine.ready()
+            assert not engine.ready() and not engine.live()
+            with pytest.raises(errors.ModelNotReady):
+                await engine.detect("inl-stop", [image(b"ok")])
 
     run(scenario())
 
