@@ -1,0 +1,106 @@
+"""`detserve predict IMAGE... --model NAME_OR_DIR`: one TorchServe-style JSON list per image on stdout.
+
+Runs the model in this process. Remote modes (a running server over REST or gRPC) plug in as
+another `Detector` factory in `_detector_for`; parsing, output and --draw stay the same.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..client.cli import add_remote_arguments, remote_detector, wants_remote
+from ..errors import DetserveError, ModelNotFound
+from ..settings import MODEL_CONFIG_FILE
+from ..types import DetectOptions, DetectResult, EncodedImage, RenderFormat
+
+# images + one options value for all -> one result or typed error per image
+Detector = Callable[[Sequence[EncodedImage], DetectOptions], list[DetectResult | DetserveError]]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="detect objects in image files and print JSON")
+    p.add_argument("images", nargs="+", type=Path, help="JPEG, PNG, WebP or BMP files")
+    p.add_argument("--model", required=True, help="model name in the store, or a model folder")
+    p.add_argument("--model-store", type=Path, default=Path("models"), help="folder of model folders (default: models)")
+    p.add_argument("--score-thr", type=float, help="keep detections scoring at least this (default: the model's)")
+    p.add_argument("--max-dets", type=int, help="at most this many detections per image")
+    p.add_argument("--classes", help="comma-separated class names to keep")
+    p.add_argument("--draw", type=Path, help="write the annotated image (.png or .jpg); with several images "
+                   "each gets NAME-<image stem>.EXT")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the model's setting)")
+    add_remote_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import orjson
+
+    options = options_from_args(args)
+    detect = _detector_for(args)
+    failed = False
+    for path in args.images:
+        try:
+            image = EncodedImage(path.read_bytes())
+        except OSError as exc:
+            print(f"detserve: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            failed = True
+            continue
+        (result,) = detect([image], options)
+        if isinstance(result, DetserveError):
+            print(f"detserve: {path}: {result.code}: {result.message}", file=sys.stderr)
+            failed = True
+            continue
+        sys.stdout.buffer.write(orjson.dumps(result.to_torchserve()) + b"\n")
+        sys.stdout.flush()
+        if args.draw is not None and result.rendered is not None:
+            target = draw_path(args.draw, path, several=len(args.images) > 1)
+            target.write_bytes(result.rendered)
+    return 1 if failed else 0
+
+
+def options_from_args(args: argparse.Namespace) -> DetectOptions:
+    classes = None
+    if args.classes:
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    render = None
+    if args.draw is not None:
+        render = RenderFormat.JPEG if args.draw.suffix.lower() in (".jpg", ".jpeg") else RenderFormat.PNG
+    return DetectOptions(score_thr=args.score_thr, max_dets=args.max_dets, classes=classes, render=render)
+
+
+def draw_path(draw: Path, image: Path, *, several: bool) -> Path:
+    if not several:
+        return draw
+    return draw.with_name(f"{draw.stem}-{image.stem}{draw.suffix or '.png'}")
+
+
+def resolve_model_folder(name_or_dir: str, store: Path) -> Path:
+    """A folder holding model.toml, else `<store>/<name>`."""
+    direct = Path(name_or_dir)
+    if (direct / MODEL_CONFIG_FILE).is_file():
+        return direct
+    in_store = store / name_or_dir
+    if (in_store / MODEL_CONFIG_FILE).is_file():
+        return in_store
+    raise ModelNotFound(f"model {name_or_dir!r} not found: no {MODEL_CONFIG_FILE} in {direct} or {in_store}")
+
+
+def _detector_for(args: argparse.Namespace) -> Detector:
+    if wants_remote(args):  # --url / --grpc: a running server does the work (service.client)
+        return remote_detector(args)
+    return _local_detector(args)
+
+
+def _local_detector(args: argparse.Namespace) -> Detector:
+    from ..pipeline.predictor import Predictor
+    from ..settings import load_model_config
+
+    cfg = load_model_config(resolve_model_folder(args.model, args.model_store))
+    predictor = Predictor.from_config(cfg, device=args.device)
+
+    def detect(images: Sequence[EncodedImage], options: DetectOptions) -> list[DetectResult | DetserveError]:
+        return predictor.predict(images, [options] * len(images))
+
+    return detect
