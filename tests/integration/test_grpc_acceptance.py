@@ -316,31 +316,20 @@ def test_python_client_rest_and_grpc_agree(server, images):
     assert (raw.image_width, raw.image_height) == (8, 8)
 
 
-def test_predict_remote_mode_over_both_protocols(server, images):
-    import argparse
+def test_predict_remote_mode_over_both_protocols(server, images, capfd):
+    from service.cli import main
 
-    from service.client.cli import add_remote_arguments, run_remote, wants_remote
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--model")
-    parser.add_argument("--score-thr", type=float)
-    add_remote_arguments(parser)
     lines = {}
     for flag, target in (("--url", server.http), ("--grpc", server.grpc)):
-        args = parser.parse_args([*map(str, images), "--model", MODEL, flag, target])
-        assert wants_remote(args)
-        out = io.StringIO()
-        assert run_remote(args, out) == 0
-        lines[flag] = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [x["image"] for x in lines["--grpc"]] == [str(p) for p in images]
-    for rest_line, grpc_line, path in zip(lines["--url"], lines["--grpc"], images):
+        assert main(["predict", *map(str, images), "--model", MODEL, flag, target]) == 0
+        lines[flag] = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert len(lines["--url"]) == len(lines["--grpc"]) == len(images)
+    for rest_dets, grpc_dets, path in zip(lines["--url"], lines["--grpc"], images):
         expected = _predictions(server, path)
-        assert rest_line["detections"] == expected
+        assert rest_dets == expected
         # gRPC carries float32 boxes, so a rounded coordinate may differ in its last (0.01) digit.
-        assert [(d["class_label"], d["score"]) for d in grpc_line["detections"]] == \
-            [(d["class_label"], d["score"]) for d in expected]
-        for got, want in zip(grpc_line["detections"], expected):
+        assert [(d["class_label"], d["score"]) for d in grpc_dets] == [(d["class_label"], d["score"]) for d in expected]
+        for got, want in zip(grpc_dets, expected):
             assert got["bbox"] == pytest.approx(want["bbox"], abs=0.011)
-    with pytest.raises(SystemExit):
-        parser.parse_args([str(images[0]), "--url", server.http, "--grpc", server.grpc])
+    assert main(["predict", str(images[0]), "--model", "nope", "--grpc", server.grpc]) == 1
+    assert "model_not_found" in capfd.readouterr().err
