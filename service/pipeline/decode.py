@@ -52,7 +52,31 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         fast = _decode_jpeg_fast(data, max_pixels)
         if fast is not None:
             return fast
+    if fmt == "webp":
+        # Pillow's WebP open already sets up the decoder, which allocates the whole canvas.
+        size = webp_dimensions(data)
+        if size is None:
+            raise InvalidImage("corrupt WebP header")
+        _check_pixels(size[0], size[1], max_pixels)
     return _decode_with_pillow(data, max_pixels)
+
+
+def webp_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first WebP chunk (VP8, VP8L or VP8X), or None when unreadable."""
+    if len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    return None
 
 
 def raw_image_to_bgr(image: RawImage, *, max_pixels: int | None = None) -> np.ndarray:

@@ -184,3 +184,24 @@ def test_raw_image_to_bgr():
         raw_image_to_bgr(RawImage(pixels=rgb.tobytes(), height=5, width=7, channel_order="GBR"))
     with pytest.raises(ImageTooLarge):
         raw_image_to_bgr(RawImage(pixels=rgb.tobytes(), height=5, width=7), max_pixels=34)
+
+
+@pytest.mark.parametrize("variant", ["lossy", "lossless", "extended"])
+def test_webp_header_size_is_read_and_limited_before_decoding(variant):
+    from service.pipeline.decode import webp_dimensions
+
+    img = np.zeros((37, 53, 3), np.uint8)
+    if variant == "extended":
+        out = io.BytesIO()
+        Image.new("RGBA", (53, 37)).save(out, "WEBP")  # alpha forces the VP8X container
+        data = out.getvalue()
+    else:
+        data = _encode(img, ".webp", (cv2.IMWRITE_WEBP_QUALITY, 101 if variant == "lossless" else 80))
+    assert webp_dimensions(data) == (53, 37)
+    with pytest.raises(ImageTooLarge):
+        decode_image(data, max_pixels=53 * 37 - 1)
+    if variant == "extended":
+        bomb = bytearray(data)
+        bomb[24:30] = (16383).to_bytes(3, "little") + (16383).to_bytes(3, "little")
+        with pytest.raises(ImageTooLarge):
+            decode_image(bytes(bomb), max_pixels=LIMIT)

@@ -1,0 +1,43 @@
+"""Rendering detections and encoding the annotated image."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from service.pipeline.draw import draw_detections, encode_image
+from service.types import Detection, DetectResult, RenderFormat, RLEMask
+
+
+def _rle(binary: np.ndarray) -> RLEMask:
+    encoded = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+    return RLEMask(height=binary.shape[0], width=binary.shape[1], counts=encoded["counts"].decode())
+
+
+def test_boxes_labels_and_translucent_masks_are_drawn():
+    image = np.full((120, 160, 3), 128, np.uint8)
+    mask = np.zeros((120, 160), bool)
+    mask[70:110, 100:150] = True
+    result = DetectResult(
+        detections=[
+            Detection(label=0, class_name="cat", score=0.9, box_xyxy=(10.0, 30.0, 60.0, 80.0)),
+            Detection(label=1, class_name="dog", score=0.8, box_xyxy=(100.0, 70.0, 150.0, 110.0), mask=_rle(mask)),
+        ],
+        image_width=160,
+        image_height=120,
+    )
+    drawn = draw_detections(image, result)
+    assert drawn.shape == image.shape and (image == 128).all()  # the input is not modified
+    assert (drawn[55, 10] != 128).any()  # left edge of the first box
+    inside = drawn[85:95, 115:135].reshape(-1, 3)
+    assert (inside != 128).any(axis=1).all()  # the whole mask area is tinted
+    assert (drawn[5:25, 70:95] == 128).all()  # far from everything: untouched
+
+
+def test_encode_png_and_jpeg():
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    png = encode_image(image, RenderFormat.PNG)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), image)
+    jpeg = encode_image(image, RenderFormat.JPEG)
+    assert jpeg[:3] == b"\xff\xd8\xff"
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3)
