@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -158,6 +159,7 @@ class Predictor:
             threads = cfg.workers.threads
         if threads:
             torch.set_num_threads(threads)
+            cv2.setNumThreads(threads)  # resize runs on OpenCV's own pool; keep workers from oversubscribing
         if cfg.arch == NULL_ARCH:
             classes = resolve_classes(cfg, None)
             return cls(cfg, backend=None, classes=classes, has_masks=False, device="cpu", version=model_version(cfg))

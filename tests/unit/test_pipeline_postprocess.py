@@ -188,3 +188,54 @@ def test_request_filters():
     kept = filter_for_request(dets, score_thr=0.25, max_dets=2, class_ids=[0, 2])
     assert kept.scores.tolist() == pytest.approx([0.9, 0.5])
     assert len(filter_for_request(dets, score_thr=0.0, max_dets=0, class_ids=None)) == 0
+
+
+def _reference_single_image(out: HeadOutputs, image: int, meta: ImageMeta, cfg) -> tuple:
+    """MMDetection's per-image path, written the upstream way: nonzero + sort per level, loops."""
+    from torchvision.ops import batched_nms
+
+    all_boxes, all_scores, all_labels = [], [], []
+    for cls, reg, stride in zip(out.cls_scores, out.bbox_preds, (8, 16, 32)):
+        _, h, w = cls[image].shape
+        scores = cls[image].permute(1, 2, 0).reshape(-1, C).sigmoid()
+        ltrb = reg[image].permute(1, 2, 0).reshape(-1, 4)
+        ys, xs = torch.meshgrid(torch.arange(h) * stride, torch.arange(w) * stride, indexing="ij")
+        priors = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1).float()
+        valid = torch.nonzero(scores > cfg.score_thr)
+        kept_scores = scores[scores > cfg.score_thr]
+        kept_scores, order = kept_scores.sort(descending=True)
+        top = valid[order[: cfg.nms_pre]]
+        prior_idx, labels = top[:, 0], top[:, 1]
+        p, d = priors[prior_idx], ltrb[prior_idx]
+        boxes = torch.stack([p[:, 0] - d[:, 0], p[:, 1] - d[:, 1], p[:, 0] + d[:, 2], p[:, 1] + d[:, 3]], 1)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, S)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, S)
+        all_boxes.append(boxes)
+        all_scores.append(kept_scores[: cfg.nms_pre])
+        all_labels.append(labels)
+    boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+    w_scale, h_scale = meta.scale_factor
+    boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
+    wh = boxes[:, 2:] - boxes[:, :2]
+    keep = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, cfg.iou_threshold)[: cfg.max_per_img]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+@pytest.mark.parametrize("nms_pre", [1000, 7])
+def test_batched_path_matches_the_upstream_style_reference(nms_pre):
+    g = torch.Generator().manual_seed(0)
+    batch = 2
+    cls = [torch.randn(batch, C, S // s, S // s, generator=g) * 2 for s in (8, 16, 32)]
+    reg = [torch.rand(batch, 4, S // s, S // s, generator=g) * 3 * s for s in (8, 16, 32)]
+    out = HeadOutputs(cls, reg)
+    metas = [META, ImageMeta(ori_h=50, ori_w=100, new_h=32, new_w=64, input_size=S)]
+    cfg = CFG.model_copy(update={"score_thr": 0.3, "nms_pre": nms_pre, "max_per_img": 40})
+    ours = postprocess_head_outputs(out, metas, cfg)
+    for i, meta in enumerate(metas):
+        boxes, scores, labels = _reference_single_image(out, i, meta, cfg)
+        assert len(ours[i]) == len(scores) > 0
+        torch.testing.assert_close(ours[i].scores, scores)
+        torch.testing.assert_close(ours[i].boxes_xyxy, boxes)
+        assert torch.equal(ours[i].labels, labels)
