@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,16 +91,15 @@ def _jpeg(color, size=(96, 64)) -> bytes:
 
 
 class Server:
-    def __init__(self, tmp: Path):
-        from fakes import write_model
+    """`service.server.serve` on free loopback ports in a background thread, inline engine."""
 
+    def __init__(self, store: Path, factory: str | None, models: list[str] | None = None):
         from service.engine.engine import Engine
         from service.server import serve
         from service.settings import ServerSettings
 
-        write_model(tmp, MODEL, batch={"max_batch_size": 16})
         self.settings = ServerSettings(
-            model_store=tmp, inference_address="127.0.0.1", inference_port=_free_port(),
+            model_store=store, models=models, inference_address="127.0.0.1", inference_port=_free_port(),
             management_address="127.0.0.1", management_port=_free_port(), metrics_address="127.0.0.1",
             metrics_port=_free_port(), grpc_address="127.0.0.1", grpc_port=_free_port(),
             max_request_size=2 * 1024 * 1024, drain_timeout_s=2,
@@ -109,12 +109,12 @@ class Server:
         self.grpc = f"127.0.0.1:{self.settings.grpc_port}"
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
-        engine = Engine(self.settings, inline=True, predictor_factory=f"{__name__}:DetectingPredictor.from_config")
+        engine = Engine(self.settings, inline=True, predictor_factory=factory)
         self._thread = threading.Thread(
             target=self._loop.run_until_complete, args=(serve(self.settings, engine=engine, stop_event=self._stop),),
             daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.http}/v2/health/ready", timeout=1).status_code == 200:
@@ -122,6 +122,8 @@ class Server:
                     return
             except (httpx.HTTPError, grpc.FutureTimeoutError):
                 pass
+            if not self._thread.is_alive():
+                break
             time.sleep(0.1)
         raise RuntimeError("server did not become ready")
 
@@ -132,7 +134,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("store"))
+    from fakes import write_model
+
+    store = tmp_path_factory.mktemp("store")
+    write_model(store, MODEL, batch={"max_batch_size": 16})
+    srv = Server(store, f"{__name__}:DetectingPredictor.from_config")
     yield srv
     srv.stop()
 
@@ -148,8 +154,8 @@ def images(tmp_path_factory) -> list[Path]:
     return paths
 
 
-def _predictions(server, path: Path) -> list[dict]:
-    res = httpx.post(f"{server.http}/predictions/{MODEL}", content=path.read_bytes(), timeout=30)
+def _predictions(server, path: Path, model: str = MODEL) -> list[dict]:
+    res = httpx.post(f"{server.http}/predictions/{model}", content=path.read_bytes(), timeout=60)
     assert res.status_code == 200, res.text
     return res.json()
 
@@ -169,19 +175,21 @@ def _ensure_triton_venv() -> Path:
     return python
 
 
-def test_tritonclient_http_and_grpc_match_predictions(server, images):
+def _triton_matches_predictions(server, model: str, images: list[Path], has_masks: bool = False) -> list[list[dict]]:
+    """tritonclient.http and .grpc: live, ready, metadata, infer (and stream) equal /predictions."""
     python = _ensure_triton_venv()
     run = subprocess.run(
-        [str(python), str(SCRIPTS / "triton_check.py"), server.http.removeprefix("http://"), server.grpc, MODEL,
-         *map(str, images)], capture_output=True, text=True, timeout=120)
+        [str(python), str(SCRIPTS / "triton_check.py"), server.http.removeprefix("http://"), server.grpc, model,
+         *map(str, images)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    expected = [_predictions(server, p) for p in images]
+    expected = [_predictions(server, p, model) for p in images]
+    outputs = ["boxes", "scores", "labels", "num_detections"] + (["masks_rle"] if has_masks else [])
     for kind in ("http", "grpc"):
         seen = report[kind]
         assert seen["live"] and seen["ready"] and seen["model_ready"], kind
-        assert seen["metadata"]["name"] == MODEL and seen["id"] == "req-7"
-        assert [o["name"] for o in seen["metadata"]["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
+        assert seen["metadata"]["name"] == model and seen["id"] == "req-7"
+        assert [o["name"] for o in seen["metadata"]["outputs"]] == outputs
         out = seen["outputs"]
         assert out["num_detections"] == [len(e) for e in expected], kind
         for i, dets in enumerate(expected):
@@ -189,8 +197,15 @@ def test_tritonclient_http_and_grpc_match_predictions(server, images):
                 assert out["labels"][i][j] == det["class_label"]
                 assert out["scores"][i][j] == pytest.approx(det["score"], abs=1e-5)
                 assert out["boxes"][i][j] == pytest.approx(det["bbox"], abs=0.01)
+                if has_masks:
+                    assert json.loads(out["masks_rle"][i][j]) == det["segmentation"]
             assert all(s == 0 for s in out["scores"][i][len(dets):])  # zero padding up to K
     assert report["stream"] == [[f"s{i}", [len(e)]] for i, e in enumerate(expected)]
+    return expected
+
+
+def test_tritonclient_http_and_grpc_match_predictions(server, images):
+    _triton_matches_predictions(server, MODEL, images)
 
 
 def test_plain_grpcio_client_detect_batch_stream_and_health(server, images, tmp_path):
@@ -229,8 +244,8 @@ def test_concurrent_grpc_and_rest_share_batches(server, images):
             return httpx.post(f"{server.http}/predictions/{MODEL}", content=data, timeout=30).status_code
 
         with ThreadPoolExecutor(8) as pool:
-            rest = [pool.submit(rest_call, i) for i in range(48)]
-            grpc_results = [client.detect_batch([data] * 2) for _ in range(12)]
+            rest = [pool.submit(rest_call, i) for i in range(24)]
+            grpc_results = [client.detect_batch([data] * 2) for _ in range(6)]
             assert all(f.result() == 200 for f in rest)
         assert all(len(r) == 2 for r in grpc_results)
     finally:
@@ -333,3 +348,60 @@ def test_predict_remote_mode_over_both_protocols(server, images, capfd):
             assert got["bbox"] == pytest.approx(want["bbox"], abs=0.011)
     assert main(["predict", str(images[0]), "--model", "nope", "--grpc", server.grpc]) == 1
     assert "model_not_found" in capfd.readouterr().err
+
+
+def _shapes_jpeg(path: Path, seed: int) -> Path:
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (320, 240), tuple(int(v) for v in rng.integers(0, 80, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y, r = (int(v) for v in (rng.integers(40, 280), rng.integers(40, 200), rng.integers(15, 40)))
+        color = tuple(int(v) for v in rng.integers(120, 255, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+        else:
+            draw.rectangle((x - r, y - r, x + r, y + r), fill=color)
+    image.save(path, "JPEG", quality=95)
+    return path
+
+
+def _real_models(store: Path) -> dict[str, bool]:
+    """The bundled models whose weights are there, plus tiny random-weight stand-ins (no score
+    threshold, so they still report boxes and masks) for any that are not. name -> has_masks."""
+    torch = pytest.importorskip("torch")
+    from fakes import write_model
+
+    from service.detectors.checkpoint import save_checkpoint
+    from service.detectors.registry import build_detector
+
+    models = {}
+    for name, arch, has_masks in (("rtmdet", "rtmdet-tiny", False), ("rtmdet-ins", "rtmdet-ins-tiny", True)):
+        bundled = REPO / "models" / name
+        if (bundled / "weights.pth").is_file():
+            shutil.copytree(bundled, store / name)
+            models[name] = has_masks
+            continue
+        stand_in = f"random-{name}"
+        folder = write_model(store, stand_in, arch=arch, extra='weights = "weights.pth"\ndefault_score_thr = 0.0\n'
+                             "[test_cfg]\nscore_thr = 0.0\nmax_per_img = 5")
+        torch.manual_seed(0)
+        save_checkpoint(folder / "weights.pth", build_detector(arch, 2).state_dict(), ["a", "b"])
+        models[stand_in] = has_masks
+    return models
+
+
+@pytest.mark.slow
+def test_real_models_through_tritonclient_equal_predictions(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    models = _real_models(store)
+    images = [_shapes_jpeg(tmp_path / f"shapes{i}.jpg", i) for i in range(2)]
+    srv = Server(store, None, models=list(models))
+    try:
+        for model, has_masks in models.items():
+            expected = _triton_matches_predictions(srv, model, images, has_masks)
+            assert any(expected), f"{model} found nothing: the comparison would be vacuous"
+    finally:
+        srv.stop()

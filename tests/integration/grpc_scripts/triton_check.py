@@ -12,7 +12,13 @@ import tritonclient.http as httpclient
 
 
 def _outputs(result, names):
-    return {name: result.as_numpy(name).tolist() for name in names}
+    out = {}
+    for name in names:
+        array = result.as_numpy(name)
+        if array.dtype == np.object_:  # BYTES: JSON text per element
+            array = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[object])(array)
+        out[name] = array.tolist()
+    return out
 
 
 def check(module, url, model, images):
