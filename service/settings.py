@@ -34,6 +34,9 @@ class TestConfig(_Strict):
     iou_threshold: float = Field(0.65, gt=0, le=1)
     max_per_img: int = Field(100, ge=1)
     mask_thr_binary: float = Field(0.5, ge=0, le=1)
+    # Upstream clamps boxes to the padded input only, so a box can reach past the image edge.
+    # Clipping to the original image is our default; turn it off for exact mmdet parity.
+    clip_to_image: bool = True
 
 
 class BatchConfig(_Strict):
