@@ -31,6 +31,9 @@ TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"
 MAX_CONCURRENT_FETCHES = 16
 MAX_PROJECTS = 1024
 UNDEFINED_KEY = "$undefined$"  # LS's data key for tasks imported without a column name
+# Label Studio waits ML_TIMEOUT_PREDICT (100 s) for a whole /predict call. Its tasks queue behind
+# each other, so the per-image default deadline would fail the tail of a large call.
+PREDICT_DEADLINE_S = 95.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,7 @@ class _PredictRun:
         self.failed = 0
         # No class filter here: the regions stay exactly what /predictions returns for the image.
         self.options = DetectOptions(score_thr=min(c.score_threshold for c in controls))
+        self.deadline = time.monotonic() + max(PREDICT_DEADLINE_S, info.batch.request_timeout_ms / 1000)
         self.fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self.detect_slots = asyncio.Semaphore(max(1, info.batch.max_queue_size // 2))  # room for other traffic
 
@@ -189,7 +193,12 @@ class _PredictRun:
         regions, scores = [], []
         for key, controls in by_image.items():
             result = await self._detect(task_id, data.get(key, data.get(UNDEFINED_KEY)), key)
-            item = task_prediction(result, controls, self.info.version)
+            if result is not None and any(c.tag.kind.needs_masks for c in controls):
+                # Mask decoding and contour/RLE encoding cost milliseconds per region: keep them
+                # off the event loop that serves every other request.
+                item = await asyncio.to_thread(task_prediction, result, controls, self.info.version)
+            else:
+                item = task_prediction(result, controls, self.info.version)
             regions.extend(item["result"])
             scores.extend(r["score"] for r in item["result"])
         score = round(sum(scores) / len(scores), 5) if scores else 0.0
@@ -208,6 +217,7 @@ class _PredictRun:
                     self.options,
                     protocol=Door.LABELSTUDIO,
                     request_id=f"{self.request_id}-{task_id}",
+                    timeout_s=max(1.0, self.deadline - time.monotonic()),
                 )
             return results[0]
         except (InvalidRequest, PayloadTooLarge) as exc:  # this task's image is unusable; the rest go on

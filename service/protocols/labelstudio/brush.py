@@ -19,28 +19,42 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
     """A 2-D mask (nonzero = inside) -> LS brush RLE bytes, painted with value 255 on all channels."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    pixels = np.where(mask.reshape(-1) != 0, 255, 0).astype(np.uint8)
-    return encode_rle(np.repeat(pixels, 4))
+    pixels = (mask.reshape(-1) != 0).astype(np.uint8)
+    pixels *= 255
+    # Each pixel is four equal channel values, so the RGBA runs are the pixel runs times four;
+    # working on pixels avoids materialising the 4x larger array.
+    values, lengths = _runs(pixels)
+    return _encode_runs(values, lengths * 4, total=pixels.size * 4)
 
 
 def encode_rle(values: np.ndarray) -> list[int]:
     """Flat uint8 values -> LS RLE bytes. Every stretch of equal values becomes run tokens."""
     values = np.asarray(values, dtype=np.uint8).reshape(-1)
-    header = f"{len(values):032b}{WORD_BITS - 1:05b}" + "".join(f"{w - 1:04b}" for w in RUN_WIDTHS)
+    run_values, lengths = _runs(values)
+    return _encode_runs(run_values, lengths, total=values.size)
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(value, length) of each stretch of equal values."""
+    if values.size == 0:
+        return values, np.zeros(0, dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1))
+    lengths = np.diff(np.concatenate((starts, [values.size])))
+    return values[starts], lengths
+
+
+def _encode_runs(values: np.ndarray, lengths: np.ndarray, total: int) -> list[int]:
+    header = f"{total:032b}{WORD_BITS - 1:05b}" + "".join(f"{w - 1:04b}" for w in RUN_WIDTHS)
     parts = [header]
-    if len(values):
-        change = np.flatnonzero(values[1:] != values[:-1]) + 1
-        starts = np.concatenate(([0], change))
-        lengths = np.diff(np.concatenate((starts, [len(values)])))
-        for start, length in zip(starts.tolist(), lengths.tolist()):
-            word = f"{int(values[start]):08b}"
-            while length > 0:
-                chunk = min(length, _MAX_RUN)
-                parts.append(_run_token(chunk, word))
-                length -= chunk
+    for value, length in zip(values.tolist(), lengths.tolist()):
+        word = f"{value:08b}"
+        while length > 0:
+            chunk = min(length, _MAX_RUN)
+            parts.append(_run_token(chunk, word))
+            length -= chunk
     bits = "".join(parts)
     bits += "0" * (-len(bits) % 8)
-    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
+    return list(int(bits, 2).to_bytes(len(bits) // 8, "big"))
 
 
 def _run_token(length: int, word: str) -> str:
