@@ -30,6 +30,7 @@ class ShapeAnnotation:
     mask: np.ndarray  # [H, W] bool, visible pixels only
     bbox_xywh: tuple[float, float, float, float]
     area: int
+    full_area: int  # in-image pixels before later shapes covered part of it
 
     @property
     def box_xyxy(self) -> tuple[float, float, float, float]:
@@ -165,7 +166,8 @@ def render_sample(
             continue
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         annotations.append(
-            ShapeAnnotation(label=label, mask=mask, bbox_xywh=(x0, y0, x1 - x0, y1 - y0), area=int(len(xs)))
+            ShapeAnnotation(label=label, mask=mask, bbox_xywh=(x0, y0, x1 - x0, y1 - y0), area=int(len(xs)),
+                            full_area=full_area[idx])
         )
     if rng.uniform() < 0.3:
         image = cv2.GaussianBlur(image, (3, 3), 0)

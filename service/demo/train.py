@@ -33,7 +33,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_iters: int = 150
+    warmup_iters: int = 100
     input_size: int = 320
     num_images: int = 4000
     seed: int = 0
@@ -185,7 +185,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.init_from is not None:
         fresh = load_init(model, Path(cfg.init_from))
         log(f"initialised from {cfg.init_from}; {len(fresh)} tensors kept fresh")
-    model.train()
+    # channels_last makes the CPU convolutions ~25% faster here (oneDNN's preferred layout)
+    model = model.to(memory_format=torch.channels_last).train()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             group["lr"] = lr_at(step, cfg)
         idx = rng.integers(0, len(data), size=cfg.batch_size)
         batch = [augmented_sample(data, int(i), rng) for i in idx]
-        x = to_input_tensor(np.stack([s.image for s in batch]))
+        x = to_input_tensor(np.stack([s.image for s in batch])).contiguous(memory_format=torch.channels_last)
         parts = split_outputs(model(x), has_masks)
         losses = compute_losses(parts, priors, batch, has_masks, cfg, rng)
         total = sum(v for k, v in losses.items() if k != "num_pos")
@@ -208,8 +209,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         update_ema(ema, model, cfg.ema_decay * (1 - math.exp(-(step + 1) / 100)))
         if step % cfg.log_every == 0 or step == cfg.iters - 1:
             per_iter = (time.monotonic() - t_loop) / (step + 1)
-            parts_txt = " ".join(f"{k}={float(v):.4f}" for k, v in losses.items())
-            log(f"iter {step}/{cfg.iters} lr={lr_at(step, cfg):.5f} loss={float(total):.4f} {parts_txt} "
+            parts_txt = " ".join(f"{k}={float(v.detach()):.4f}" for k, v in losses.items())
+            log(f"iter {step}/{cfg.iters} lr={lr_at(step, cfg):.5f} loss={float(total.detach()):.4f} {parts_txt} "
                 f"{per_iter:.2f}s/it eta={per_iter * (cfg.iters - step - 1) / 60:.1f}min")
         if (step + 1) % cfg.save_every == 0 or step == cfg.iters - 1:
             path = save_weights(ema, cfg, step + 1, started, log)
