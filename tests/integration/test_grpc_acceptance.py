@@ -175,11 +175,16 @@ def _ensure_triton_venv() -> Path:
     return python
 
 
-def _triton_matches_predictions(server, model: str, images: list[Path], has_masks: bool = False) -> list[list[dict]]:
-    """tritonclient.http and .grpc: live, ready, metadata, infer (and stream) equal /predictions."""
+def _triton_matches_predictions(server, model: str, images: list[Path], has_masks: bool = False,
+                                batch_invariant: bool = True) -> list[list[dict]]:
+    """tritonclient.http and .grpc: live, ready, metadata, infer (and stream) equal /predictions.
+
+    A real model's scores can move in the last bits with the batch an image ran in, which can flip
+    a borderline detection; for those (`batch_invariant=False`) every request carries one image."""
     python = _ensure_triton_venv()
+    mode = "batch" if batch_invariant else "single"
     run = subprocess.run(
-        [str(python), str(SCRIPTS / "triton_check.py"), server.http.removeprefix("http://"), server.grpc, model,
+        [str(python), str(SCRIPTS / "triton_check.py"), mode, server.http.removeprefix("http://"), server.grpc, model,
          *map(str, images)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
@@ -200,7 +205,10 @@ def _triton_matches_predictions(server, model: str, images: list[Path], has_mask
                 if has_masks:
                     assert json.loads(out["masks_rle"][i][j]) == det["segmentation"]
             assert all(s == 0 for s in out["scores"][i][len(dets):])  # zero padding up to K
-    assert report["stream"] == [[f"s{i}", [len(e)]] for i, e in enumerate(expected)]
+    if batch_invariant:
+        assert report["stream"] == [[f"s{i}", [len(e)]] for i, e in enumerate(expected)]
+    else:  # stream requests are in flight together, so they may share a batch
+        assert [r[0] for r in report["stream"]] == [f"s{i}" for i in range(len(images))]
     return expected
 
 
@@ -401,7 +409,7 @@ def test_real_models_through_tritonclient_equal_predictions(tmp_path):
     srv = Server(store, None, models=list(models))
     try:
         for model, has_masks in models.items():
-            expected = _triton_matches_predictions(srv, model, images, has_masks)
+            expected = _triton_matches_predictions(srv, model, images, has_masks, batch_invariant=False)
             assert any(expected), f"{model} found nothing: the comparison would be vacuous"
     finally:
         srv.stop()

@@ -1,7 +1,10 @@
 """Run by the tritonclient virtualenv (not detserve's): drive detserve with tritonclient.http and
 tritonclient.grpc and print what each saw as JSON on stdout.
 
-usage: triton_check.py HTTP_HOSTPORT GRPC_HOSTPORT MODEL IMAGE...
+usage: triton_check.py batch|single HTTP_HOSTPORT GRPC_HOSTPORT MODEL IMAGE...
+  batch:  one request whose BYTES input holds every image
+  single: one request per image (a real model's float results may differ in the last bits with
+          the batch it ran in, so exact comparisons against /predictions use batches of one)
 """
 import json
 import sys
@@ -21,28 +24,37 @@ def _outputs(result, names):
     return out
 
 
-def check(module, url, model, images):
+def _input(module, paths):
+    tensor = module.InferInput("image", [len(paths)], "BYTES")
+    data = np.array([open(path, "rb").read() for path in paths], dtype=np.object_)
+    if module is httpclient:
+        tensor.set_data_from_numpy(data, binary_data=True)
+    else:
+        tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def check(module, url, model, images, single):
     client = module.InferenceServerClient(url=url)
     meta = client.get_model_metadata(model)
     if module is grpcclient:
         meta = {"name": meta.name, "versions": list(meta.versions),
                 "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)} for o in meta.outputs]}
     names = [o["name"] for o in meta["outputs"]]
-    data = np.array([open(path, "rb").read() for path in images], dtype=np.object_)
-    tensor = module.InferInput("image", [len(images)], "BYTES")
     if module is httpclient:
-        tensor.set_data_from_numpy(data, binary_data=True)
         requested = [module.InferRequestedOutput(n, binary_data=True) for n in names]
     else:
-        tensor.set_data_from_numpy(data)
         requested = [module.InferRequestedOutput(n) for n in names]
-    result = client.infer(model, [tensor], outputs=requested, request_id="req-7")
+    groups = [[path] for path in images] if single else [images]
+    results = [client.infer(model, [_input(module, group)], outputs=requested, request_id="req-7") for group in groups]
+    outputs = [_outputs(r, names) for r in results]
+    result = results[-1]
     return {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
         "model_ready": client.is_model_ready(model),
         "metadata": meta,
-        "outputs": _outputs(result, names),
+        "outputs": {n: [row for out in outputs for row in out[n]] for n in names},
         "id": result.get_response()["id"] if module is httpclient else result.get_response().id,
     }
 
@@ -62,8 +74,10 @@ def stream(url, model, images):
 
 
 def main():
-    http_url, grpc_url, model, *images = sys.argv[1:]
-    report = {"http": check(httpclient, http_url, model, images), "grpc": check(grpcclient, grpc_url, model, images),
+    mode, http_url, grpc_url, model, *images = sys.argv[1:]
+    single = mode == "single"
+    report = {"http": check(httpclient, http_url, model, images, single),
+              "grpc": check(grpcclient, grpc_url, model, images, single),
               "stream": stream(grpc_url, model, images)}
     print(json.dumps(report))
 
