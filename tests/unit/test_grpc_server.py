@@ -247,6 +247,10 @@ def test_health_follows_model_readiness_and_reflection_lists_services(run):
             serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
             assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == serving
             assert (await health.Check(health_pb2.HealthCheckRequest(service="toy"))).status == serving
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="toy"))  # a context.write handler
+            assert (await watch.read()).status == serving
+            watch.cancel()
+
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             listed = [r async for r in reflection.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
@@ -281,6 +285,14 @@ def test_token_auth_metadata(run):
                 assert err.value.code() == code
             res = await stub.Detect(request, metadata=(("authorization", "Bearer s3cret"),))
             assert len(res.detections) == 1
+
+            async def frames():
+                yield pb.StreamFrame(frame_id=1, image=pb.Image(encoded=b"a"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r async for r in stub.DetectStream(frames())]
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = [r async for r in stub.DetectStream(frames(), metadata=(("authorization", "Bearer s3cret"),))]
+            assert [r.frame_id for r in ok] == [1]
             health = health_pb2_grpc.HealthStub(channel)  # health stays open by default
             assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
         finally:
