@@ -24,6 +24,8 @@ from .settings import ServerSettings
 
 log = logging.getLogger("detserve.server")
 
+PREDICTOR_FACTORY = "service.pipeline.predictor:Predictor.from_config"  # the contract in service/engine
+
 
 class _Uvicorn:
     """Lazily built so importing this module does not import uvicorn's protocol stack."""
@@ -105,8 +107,11 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     if engine is None:
         from .engine.engine import Engine
 
-        # Test hook: integration tests run the real engine and workers around a scripted predictor.
-        engine = Engine(settings, predictor_factory=os.environ.get("DETSERVE_PREDICTOR_FACTORY") or None)
+        # DETSERVE_PREDICTOR_FACTORY is a test hook: integration tests run the real engine and
+        # workers around a scripted predictor. Named explicitly otherwise (the engine's fallback
+        # reads a slots-dataclass default off the class, which yields a descriptor).
+        factory = os.environ.get("DETSERVE_PREDICTOR_FACTORY") or PREDICTOR_FACTORY
+        engine = Engine(settings, predictor_factory=factory)
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
