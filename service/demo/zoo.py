@@ -10,6 +10,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +56,11 @@ _FILES = {
 ZOO: dict[str, ZooEntry] = {f"{arch}-coco": ZooEntry(f"{arch}-coco", arch, path) for arch, path in _FILES.items()}
 
 
-def lookup(name: str) -> ZooEntry:
-    key = name if name in ZOO else f"{name}-coco"
-    if key not in ZOO:
-        raise PullError(f"unknown model {name!r}; available: {', '.join(ZOO)}")
-    return ZOO[key]
+def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO) -> ZooEntry:
+    key = name if name in zoo else f"{name}-coco"
+    if key not in zoo:
+        raise PullError(f"unknown model {name!r}; available: {', '.join(zoo)}")
+    return zoo[key]
 
 
 def model_toml(name: str, arch: str, weights: str, classes: list[str] | None, has_masks: bool) -> str:
@@ -108,12 +109,12 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout_s: float = 
 
 
 def pull(name: str, store: Path, *, base_url: str = DEFAULT_BASE_URL, force: bool = False,
-         progress: bool = True) -> Path:
+         progress: bool = True, zoo: Mapping[str, ZooEntry] = ZOO) -> Path:
     """Fetch an official checkpoint into `store/<name>/` with a generated model.toml."""
     from service.detectors.checkpoint import load_checkpoint
     from service.detectors.registry import arch_spec
 
-    entry = lookup(name)
+    entry = lookup(name, zoo)
     target = store / entry.name
     if target.exists() and not force:
         raise PullError(f"{target} already exists (use --force to replace it)")
