@@ -165,7 +165,8 @@ class _ModelRuntime:
         self.in_flight.clear()
         if self._task is not None:
             self._task.cancel()
-        await self.pool.stop(timeout_s=max(1.0, deadline - time.monotonic()))
+        # Workers get their own grace period: the drain may have used the whole budget.
+        await self.pool.stop(timeout_s=max(5.0, deadline - time.monotonic()))
         self._publish()
 
     def info(self) -> ModelInfo:

@@ -47,6 +47,7 @@ def test_null_arch_serves_through_worker_processes(tmp_path):
     run(scenario())
 
 
+@pytest.mark.slow  # builds and runs a real detector in a spawned worker: ~10 s idle, a minute on a busy box
 def test_tiny_rtmdet_with_random_weights_in_a_worker_process(tmp_path):
     torch = pytest.importorskip("torch")
     from service.detectors.checkpoint import save_checkpoint
