@@ -1,0 +1,282 @@
+"""ONNX Runtime backend: our exported graphs (network-only or end2end) and foreign MMDeploy end2end.onnx.
+
+Execution providers are tried in the configured order (default TensorRT > CUDA > CPU). The
+onnxruntime-gpu wheel lists the TensorRT and CUDA providers whether or not their libraries or a
+GPU exist, so each is checked before it is requested, and the providers the session really got are
+logged; anything dropped on the way is a warning, never a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..settings import ModelConfig
+from .base import BackendOutputs, HeadOutputs, InputDetections, check_batch
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+END2END_NAMES = ("dets", "labels")
+_NETWORK_NAME = re.compile(r"^(cls|bbox|kernel)_(\d+)$")
+
+# sonames ORT's TensorRT / CUDA providers dlopen; the first that loads wins
+TENSORRT_LIBS = ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
+CUDA_LIBS = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+CUDNN_LIBS = ("libcudnn.so.9", "libcudnn.so.8", "libcudnn.so")
+
+
+def loadable(sonames: tuple[str, ...]) -> str | None:
+    """The first shared library of `sonames` that dlopen finds, else None."""
+    for name in sonames:
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+def _torch_libs_preloaded() -> None:
+    """torch (CUDA build) ships libcudart/cudnn as pip packages; importing torch puts them on the loader path."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def provider_problem(provider: str, device: str) -> str | None:
+    """Why `provider` cannot run for `device` here, or None when it should load."""
+    if provider == "cpu":
+        return None
+    if not device.startswith("cuda"):
+        return f"model device is {device!r}"
+    if not torch.cuda.is_available():
+        return "no usable CUDA device/driver (torch.cuda.is_available() is False)"
+    _torch_libs_preloaded()
+    if provider == "cuda":
+        if loadable(CUDA_LIBS) is None:
+            return f"none of {', '.join(CUDA_LIBS)} can be loaded"
+        if loadable(CUDNN_LIBS) is None:
+            return f"none of {', '.join(CUDNN_LIBS)} can be loaded"
+    if provider == "tensorrt" and loadable(TENSORRT_LIBS) is None:
+        return f"TensorRT libraries ({', '.join(TENSORRT_LIBS)}) are not installed (pip install tensorrt)"
+    return None
+
+
+def default_threads(cfg: ModelConfig) -> int:
+    """intra-op threads per worker: the configured budget, else cores shared among this model's workers."""
+    if cfg.workers.threads > 0:
+        return cfg.workers.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores // max(1, cfg.workers.count)))
+
+
+class OnnxRuntimeBackend:
+    """Implements `service.backends.base.Backend` on an ONNX file of the model folder."""
+
+    name = "onnxruntime"
+
+    def __init__(self, cfg: ModelConfig, device: str, *, threads: int | None = None, **_unused):
+        self.cfg = cfg
+        self.device = device
+        self.threads = threads or default_threads(cfg)
+        self.path = cfg.path(cfg.onnxruntime.model)
+        self.providers: list[str] = []  # what the session really runs, best first
+        self.end2end = False
+        self.has_masks = False
+        self._session = None
+        self._input_name = ""
+        self._output_names: list[str] = []
+        self._fixed_batch: int | None = None  # static-batch graphs (e.g. MMDeploy static exports)
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        if not self.path.is_file():
+            raise ConfigError(
+                f"model {self.cfg.name!r}: field 'onnxruntime.model': {self.path} does not exist; "
+                f"create it with `detserve export {self.cfg.name} --format onnx`"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1  # workers are processes; nested parallelism only oversubscribes
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn the cores other workers need while this one waits for a batch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+
+        requested = self._usable_providers(ort.get_available_providers())
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=requested)
+        except Exception as exc:
+            if [p for p, _ in requested] == ["CPUExecutionProvider"]:
+                raise ConfigError(f"model {self.cfg.name!r}: cannot load {self.path}: {exc}") from None
+            log.warning("model %s: ONNX Runtime session with %s failed (%s); falling back to CPU",
+                        self.cfg.name, [p for p, _ in requested], exc)
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.providers = session.get_providers()
+        wanted = [p for p, _ in requested]
+        if self.providers[0] != wanted[0]:
+            log.warning("model %s: requested %s but ONNX Runtime runs %s", self.cfg.name, wanted[0], self.providers[0])
+        log.info("model %s: ONNX Runtime %s on %s, providers %s, %d intra-op thread(s), %s graph",
+                 self.cfg.name, ort.__version__, self.path.name, self.providers, self.threads,
+                 "end2end" if self.end2end else "network-only")
+        self._session = session
+        self._inspect_graph(session)
+
+    def _usable_providers(self, available: list[str]) -> list[tuple[str, dict]]:
+        chosen: list[tuple[str, dict]] = []
+        for key in self.cfg.onnxruntime.providers:
+            name = PROVIDER_NAMES[key]
+            if name not in available:
+                log.warning("model %s: provider %s is not in this onnxruntime build; skipped", self.cfg.name, name)
+                continue
+            problem = provider_problem(key, self.device)
+            if problem is not None:
+                level = logging.INFO if not self.device.startswith("cuda") else logging.WARNING
+                log.log(level, "model %s: skipping %s: %s", self.cfg.name, name, problem)
+                continue
+            chosen.append((name, self._provider_options(key)))
+        if not any(name == "CPUExecutionProvider" for name, _ in chosen):
+            if chosen:
+                log.info("model %s: CPU provider appended as the last resort", self.cfg.name)
+            else:
+                log.warning("model %s: no configured provider can run here; using CPUExecutionProvider", self.cfg.name)
+            chosen.append(("CPUExecutionProvider", {}))
+        return chosen
+
+    def _provider_options(self, key: str) -> dict:
+        device_id = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+        if key == "cuda":
+            return {"device_id": device_id}
+        if key == "tensorrt":
+            ort_cfg = self.cfg.onnxruntime
+            cache = self.cfg.path(ort_cfg.trt_cache_dir)
+            cache.mkdir(parents=True, exist_ok=True)
+            return {"device_id": device_id, **trt_profile_options(self.cfg, self._graph_input_name()),
+                    "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                    "trt_fp16_enable": bool(ort_cfg.trt_fp16)}
+        return {}
+
+    def _graph_input_name(self) -> str:
+        import onnx
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        initializers = {i.name for i in model.graph.initializer}
+        return next(i.name for i in model.graph.input if i.name not in initializers)
+
+    def _inspect_graph(self, session) -> None:
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} has {len(inputs)} inputs; expected one image batch")
+        shape = inputs[0].shape
+        self._input_name = inputs[0].name
+        if len(shape) != 4:
+            raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} input {shape} is not [N, 3, S, S]")
+        size = self.cfg.input_size
+        for dim in shape[2:]:
+            if isinstance(dim, int) and dim != size:
+                raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} takes {shape[2]}x{shape[3]} images but "
+                                  f"field 'input_size' is {size}; set input_size = {dim}")
+        self._fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        names = [o.name for o in session.get_outputs()]
+        self.end2end = all(n in names for n in END2END_NAMES)
+        if self.end2end:
+            self.has_masks = "masks" in names
+            self._output_names = [*END2END_NAMES, *(["masks"] if self.has_masks else [])]
+        else:
+            self._output_names = network_output_order(names)
+            self.has_masks = len(self._output_names) == 10
+        if self.end2end != self.cfg.onnxruntime.end2end:
+            log.warning("model %s: onnxruntime.end2end = %s but %s is a %s graph (outputs %s); following the graph",
+                        self.cfg.name, self.cfg.onnxruntime.end2end, self.path.name,
+                        "end2end" if self.end2end else "network-only", names)
+
+    # --- inference -------------------------------------------------------------------------
+
+    def infer(self, batch: torch.Tensor) -> BackendOutputs:
+        if self._session is None:
+            raise RuntimeError("OnnxRuntimeBackend.infer called before load()")
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        step = self._fixed_batch or array.shape[0]
+        chunks = []
+        for start in range(0, array.shape[0], step):
+            part = array[start : start + step]
+            real = part.shape[0]
+            if real < step:  # a static-batch graph: pad the tail, drop the padding's results
+                part = np.concatenate([part, np.zeros((step - real, *part.shape[1:]), np.float32)])
+            outs = self._session.run(self._output_names, {self._input_name: part})
+            chunks.append([o[:real] for o in outs])
+        outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*chunks)]
+        if self.end2end:
+            masks = outputs[2].float() if self.has_masks else None
+            result: BackendOutputs = InputDetections(dets=outputs[0].float(), labels=outputs[1].long(), masks=masks)
+        else:
+            result = HeadOutputs.from_flat([o.float() for o in outputs])
+        return check_batch(result, batch.shape[0], self.name)
+
+    def close(self) -> None:
+        self._session = None
+
+
+def network_output_order(names: list[str]) -> list[str]:
+    """Output names in `HeadOutputs.flat()` order: by our names (cls_i, bbox_i, kernel_i, mask_feat), else as stored."""
+    if len(names) not in (6, 10):
+        raise ConfigError(f"ONNX graph outputs {names}: expected dets/labels[/masks] (end2end) or "
+                          "6 (detection) / 10 (instance segmentation) head outputs")
+    groups: dict[str, dict[int, str]] = {}
+    for name in names:
+        match = _NETWORK_NAME.match(name)
+        if match:
+            groups.setdefault(match.group(1), {})[int(match.group(2))] = name
+    if set(groups) >= {"cls", "bbox"}:
+        ordered = []
+        for kind in ("cls", "bbox", "kernel"):
+            ordered += [groups.get(kind, {})[i] for i in sorted(groups.get(kind, {}))]
+        if "mask_feat" in names:
+            ordered.append("mask_feat")
+        if sorted(ordered) == sorted(names):
+            return ordered
+    return list(names)  # foreign graph without our names: trust the stored order
+
+
+def trt_profile_options(cfg: ModelConfig, input_name: str) -> dict[str, str]:
+    """TensorRT optimisation profile over the batch axis: min 1, opt and max = the model's max batch size.
+
+    The scheduler fills batches up to max_batch_size under load, which is where speed matters, so
+    TensorRT tunes its kernels for the full batch.
+    """
+    size = cfg.input_size
+    max_batch = cfg.batch.max_batch_size
+
+    def shape(n: int) -> str:
+        return f"{input_name}:{n}x3x{size}x{size}"
+
+    return {"trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(max_batch),
+            "trt_profile_max_shapes": shape(max_batch)}
+
+
+def providers_summary() -> dict[str, str | None]:
+    """For `detserve doctor`: each ORT provider -> why it cannot run here (None: it can)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    out: dict[str, str | None] = {}
+    for key, name in PROVIDER_NAMES.items():
+        out[name] = "not in this onnxruntime build" if name not in available else provider_problem(key, "cuda:0" if key != "cpu" else "cpu")
+    return out
+
