@@ -169,3 +169,30 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_ipc_round_trip_of_a_200_kb_image(tmp_path):
+    """Prints the per-request IPC cost (process vs inline) and bounds it loosely."""
+    import statistics
+    import time
+
+    write_model(tmp_path, "proc-ipc", workers=1)
+    payload = image(b"ok" + os.urandom(200_000))
+
+    async def median_round_trip(inline: bool) -> float:
+        async with running_engine(tmp_path, inline=inline) as engine:
+            for _ in range(20):
+                await engine.detect("proc-ipc", [payload])
+            times = []
+            for _ in range(200):
+                started = time.perf_counter()
+                await engine.detect("proc-ipc", [payload])
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+
+    process_s = run(median_round_trip(False))
+    inline_s = run(median_round_trip(True))
+    print(f"\n200 KB round trip: process {process_s * 1e3:.2f} ms, inline {inline_s * 1e3:.2f} ms, "
+          f"IPC {max(0.0, process_s - inline_s) * 1e3:.2f} ms")
+    assert process_s < 0.05
