@@ -138,8 +138,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         await engine.start()
         grpc_module = _grpc_module() if settings.enable_grpc else None
         if grpc_module is not None:
-            grpc_server = await grpc_module.start_grpc_server(engine, settings)
-            log.info("gRPC API listening on %s:%d", settings.grpc_address, settings.grpc_port)
+            grpc_server = await grpc_module.start_grpc_server(engine, settings)  # it logs its own address
     except Exception as exc:
         log.error("start-up failed: %s", getattr(exc, "message", None) or repr(exc))
         for srv in servers:

@@ -204,9 +204,26 @@ def test_auth_guards_inference_but_not_health(engine):
         assert_error(c.put("/predictions/shapes", content=b"x", headers={"Authorization": "Bearer mgmt-token"}),
                      403, "permission_denied")
         assert c.put("/predictions/shapes", content=b"x", headers={"Authorization": "Bearer inf-token"}).status_code == 200
+        # Optional routers are mounted; KServe health stays open, Label Studio keeps its own (Basic) auth.
+        assert c.get("/v2/health/live").status_code == 200
+        assert_error(c.get("/v2/models/shapes"), 401, "unauthenticated")
+        assert c.get("/labelstudio/shapes/health").status_code == 200
     with TestClient(build_management_app(engine, settings)) as m:
         assert_error(m.get("/models"), 401, "unauthenticated")
         assert m.get("/models", headers={"Authorization": "Bearer mgmt-token"}).status_code == 200
+
+
+def test_protect_health_and_metrics_and_cors(engine):
+    auth = AuthSettings(inference_tokens=["inf"], management_tokens=["mgmt"], protect_health=True, protect_metrics=True)
+    settings = ServerSettings(auth=auth, cors_origins=["https://app.example"])
+    with TestClient(build_inference_app(engine, settings)) as c:
+        assert_error(c.get("/ping"), 401, "unauthenticated")
+        assert c.get("/ping", headers={"Authorization": "Bearer inf"}).status_code == 200
+        r = c.options("/predictions/shapes", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+    with TestClient(build_metrics_app(settings)) as m:
+        assert_error(m.get("/metrics"), 401, "unauthenticated")
+        assert m.get("/metrics", headers={"Authorization": "Bearer mgmt"}).status_code == 200
 
 
 def test_management_describe_load_scale_batch_unload(mgmt, engine):
