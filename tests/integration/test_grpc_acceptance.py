@@ -52,7 +52,8 @@ class DetectingPredictor:
         return cls(cfg)
 
     def predict(self, images, options):
-        time.sleep(0.02)
+        # b"BUSY" holds the worker for a while, so the requests sent meanwhile queue up together.
+        time.sleep(0.8 if any(getattr(i, "data", b"") == b"BUSY" for i in images) else 0.02)
         return [self._one(image, opt) for image, opt in zip(images, options)]
 
     def _one(self, image, options):
@@ -246,20 +247,39 @@ def _metric(server, name: str, labels: dict) -> float:
 
 def test_concurrent_grpc_and_rest_share_batches(server, images):
     data = images[1].read_bytes()
-    client = DetserveClient(grpc=server.grpc, model=MODEL)
+    mixed = {"model": MODEL, "batch_mix": "mixed"}
+    before = {door: _metric(server, "detserve_batch_items_total", {**mixed, "protocol": door}) for door in ("rest", "grpc")}
+    client = DetserveClient(grpc=server.grpc, model=MODEL, retries=0)
+    clients = [client]
     try:
         def rest_call(_):
             return httpx.post(f"{server.http}/predictions/{MODEL}", content=data, timeout=30).status_code
 
-        with ThreadPoolExecutor(8) as pool:
-            rest = [pool.submit(rest_call, i) for i in range(24)]
-            grpc_results = [client.detect_batch([data] * 2) for _ in range(6)]
-            assert all(f.result() == 200 for f in rest)
-        assert all(len(r) == 2 for r in grpc_results)
+        def grpc_call(_):
+            return len(client_for_thread().detect_batch([data] * 2))
+
+        local = threading.local()
+
+        def client_for_thread():  # a sync client owns its event loop: one per thread
+            if not hasattr(local, "client"):
+                local.client = DetserveClient(grpc=server.grpc, model=MODEL)
+                clients.append(local.client)
+            return local.client
+
+        with ThreadPoolExecutor(10) as pool:
+            busy = pool.submit(lambda: pytest.raises(errors.InvalidRequest, client.detect, b"BUSY"))
+            time.sleep(0.3)  # the worker is now busy with b"BUSY"; what follows queues behind it
+            rest = [pool.submit(rest_call, i) for i in range(6)]
+            grpc_calls = [pool.submit(grpc_call, i) for i in range(3)]
+            assert [f.result() for f in rest] == [200] * 6
+            assert [f.result() for f in grpc_calls] == [2] * 3
+            busy.result()
     finally:
-        client.close()
+        for c in clients:
+            c.close()
     for door in ("rest", "grpc"):
-        assert _metric(server, "detserve_batch_items_total", {"model": MODEL, "protocol": door, "batch_mix": "mixed"}) > 0
+        after = _metric(server, "detserve_batch_items_total", {**mixed, "protocol": door})
+        assert after > before[door], f"no {door} items in a mixed batch"
 
 
 def test_error_status_codes(server, images):
