@@ -388,3 +388,26 @@ def test_bundled_model_finds_the_ground_truth(real_server, tmp_path, size, ext, 
         best = max((box_iou(ann.box_xyxy, d["bbox"]) for d in detections if d["class_name"] == CLASSES[ann.label]),
                    default=0.0)
         assert best >= 0.7, (CLASSES[ann.label], ann.box_xyxy, detections)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BUNDLED / "demo.jpg").is_file(), reason="models/rtmdet/demo.jpg not shipped yet")
+def test_docs_api_curl_examples_work(tmp_path):
+    """Every curl line of docs/api.md, against `detserve serve --model-store models` on free ports."""
+    (tmp_path / "models").symlink_to(REPO / "models")
+    srv = Server(REPO / "models", tmp_path, ["rtmdet", "rtmdet-ins"], fake=False, max_request_size=16 * 1024 * 1024)
+    try:
+        srv.wait_ready(180)
+        ports = {"8080": srv.ports["inference"], "8081": srv.ports["management"], "8082": srv.ports["metrics"]}
+        lines = [ln for ln in (REPO / "docs" / "api.md").read_text().splitlines() if ln.startswith("curl ")]
+        assert len(lines) > 15
+        for line in lines:
+            for default, port in ports.items():
+                line = line.replace(f"localhost:{default}", f"localhost:{port}")
+            r = subprocess.run(["bash", "-c", line.replace("curl ", "curl -sS ", 1)], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (line, r.stderr)
+            expect_error = '--data-binary ""' in line
+            assert ('"code":' in r.stdout) == expect_error, (line, r.stdout[:300])
+    finally:
+        assert srv.stop() == 0, srv.log()
