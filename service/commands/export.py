@@ -1,0 +1,106 @@
+"""`detserve export MODEL --format onnx [--end2end]`: write the ONNX graph next to model.toml and check parity."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a model to ONNX (network-only or end2end) and check parity")
+    p.add_argument("model", help="model name in the model store, or a model folder")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--end2end", action="store_true",
+                   help="put decode + NMS (+ masks) in the graph: outputs dets/labels[/masks] like MMDeploy's end2end.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--model-store", default="models", help="folder holding <model>/model.toml (default: models)")
+    p.add_argument("--out", help="output file (default: <model folder>/model.onnx or end2end.onnx)")
+    p.add_argument("--parity-images", type=int, default=8, help="generated images for the parity check (0: skip)")
+    p.add_argument("--set-default", action="store_true",
+                   help="also switch model.toml to backend = \"onnxruntime\" with this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    from ..errors import ConfigError
+    from ..export.onnx_export import export_onnx
+    from ..export.parity import run_parity
+    from ..settings import load_model_config
+
+    folder = Path(args.model)
+    if not (folder / "model.toml").is_file():
+        folder = Path(args.model_store) / args.model
+    if not (folder / "model.toml").is_file():
+        raise ConfigError(f"no model {args.model!r}: neither {args.model}/model.toml nor {folder}/model.toml exists")
+    cfg = load_model_config(folder)
+    result = export_onnx(cfg, end2end=args.end2end, opset=args.opset, out=Path(args.out) if args.out else None)
+    layout = "end2end (decode + NMS in the graph)" if result.end2end else "network-only (shared postprocessing)"
+    print(f"wrote {result.path} ({layout}; opset {result.opset}, {result.exporter} exporter, dynamic batch, "
+          f"{cfg.input_size}x{cfg.input_size} input; outputs {', '.join(result.output_names)})")
+
+    status = 0
+    if args.parity_images > 0:
+        from ..export.parity import shape_images
+
+        report = run_parity(cfg, result.path, end2end=result.end2end, images=shape_images(args.parity_images))
+        print(report.summary())
+        for line in report.unmatched[:10]:
+            print(f"  unmatched eager detection: {line}")
+        status = 0 if report.ok() else 1
+
+    model_field = _relative_to(result.path, cfg.root)
+    if args.set_default:
+        set_onnx_default(folder / "model.toml", model_field, result.end2end)
+        load_model_config(folder)  # validate what we wrote
+        print(f"{folder / 'model.toml'}: backend = \"onnxruntime\" with [onnxruntime] model = \"{model_field}\"")
+    else:
+        print("to serve it, set in model.toml:\n"
+              f'  backend = "onnxruntime"\n  [onnxruntime]\n  model = "{model_field}"\n'
+              f"  end2end = {str(result.end2end).lower()}\n"
+              "(or rerun with --set-default)")
+    return status
+
+
+def _relative_to(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def set_onnx_default(toml_path: Path, model_file: str, end2end: bool) -> None:
+    """Rewrite model.toml: top-level backend = "onnxruntime" and a fresh [onnxruntime] table.
+
+    Keeps every other line; only the top-level `backend` key and the old [onnxruntime] table
+    (whose other keys, such as providers, are carried over) are replaced.
+    """
+    import tomllib
+
+    text = toml_path.read_text()
+    old = tomllib.loads(text).get("onnxruntime", {})
+    lines = text.splitlines()
+    out: list[str] = []
+    section: str | None = None
+    for line in lines:
+        header = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
+        if header:
+            section = header.group(1).strip()
+        if section == "onnxruntime":
+            continue
+        if section is None and re.match(r"^\s*backend\s*=", line):
+            continue
+        out.append(line)
+    first_table = next((i for i, line in enumerate(out) if re.match(r"^\s*\[", line)), len(out))
+    out.insert(first_table, 'backend = "onnxruntime"')
+    table = {**old, "model": model_file, "end2end": end2end}
+    out += ["", "[onnxruntime]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    toml_path.write_text("\n".join(out).rstrip("\n") + "\n")
+
+
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # strings, numbers and lists of strings are valid TOML as JSON
