@@ -1,0 +1,146 @@
+"""Pieces the report needs around the runs: model folders for the bench store, CPU placement,
+the in-process predictor, and facts about the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .servers import ROOT, write_model
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which cores run what. `split`: serving front (and the load client) on one core, model worker on
+    the other with one intra-op thread; `shared`: nothing pinned, the worker uses both cores."""
+
+    name: str
+    front_cpus: set[int] | None
+    worker_cpus: set[int] | None
+    threads: int
+
+    def describe(self) -> str:
+        if self.front_cpus is None:
+            return f"`{self.name}`: nothing pinned; model worker with {self.threads} intra-op threads"
+        return (f"`{self.name}`: serving front + load client on CPU {sorted(self.front_cpus)}, model worker on "
+                f"CPU {sorted(self.worker_cpus)} with {self.threads} intra-op thread(s)")
+
+
+def placement(name: str) -> Placement:
+    cpus = sorted(os.sched_getaffinity(0))
+    if name == "split" and len(cpus) >= 2:
+        half = len(cpus) // 2
+        return Placement("split", set(cpus[:half]), set(cpus[half:]), len(cpus) - half)
+    if name in ("split", "shared"):
+        return Placement("shared", None, None, len(cpus))
+    raise ValueError(f"unknown placement {name!r} (split, shared)")
+
+
+def toml_dumps(data: dict) -> str:
+    """Enough TOML for model.toml: scalars, lists of scalars, one level of tables."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def model_variant(src: Path, store: Path, name: str, **overrides) -> Path:
+    """A copy of model folder `src` in `store` under `name`: model.toml with `overrides` (tables merged),
+    every other file linked."""
+    data = tomllib.loads((src / "model.toml").read_text())
+    data["name"] = name
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    files = {p.name: p for p in src.iterdir() if p.is_file() and p.name != "model.toml"}
+    return write_model(store, name, toml_dumps(data), files)
+
+
+def load_predictor(model_dir: Path, threads: int):
+    from ..pipeline.predictor import Predictor
+    from ..settings import load_model_config
+
+    return Predictor.from_config(load_model_config(model_dir), device="cpu", threads=threads)
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_facts() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gb, 1),
+        "kernel": platform.release(), "os": _run(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
+    }
+
+
+def versions() -> dict:
+    import grpc
+    import numpy
+
+    out = {"python": platform.python_version(), "numpy": numpy.__version__, "grpcio": grpc.__version__}
+    for mod in ("torch", "onnxruntime", "uvicorn", "fastapi", "httpx"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    out["detserve"] = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "?"
+    out["java"] = (subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines() or ["?"])[0] \
+        if _which("java") else "absent"
+    out["wrk"] = _run(["sh", "-c", "wrk -v 2>&1 | head -1"]) or "absent"
+    return out
+
+
+def _which(name: str) -> bool:
+    from shutil import which
+
+    return which(name) is not None
+
+
+def busy_processes() -> list[str]:
+    """Other CPU-heavy work running now (training, test suites): noted in the report."""
+    out = _run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"])
+    busy = []
+    me = str(os.getpid())
+    for line in out.splitlines()[1:]:
+        pcpu, _, args = line.strip().partition(" ")
+        try:
+            if float(pcpu) >= 20 and me not in args:
+                busy.append(f"{pcpu}% {args[:100]}")
+        except ValueError:
+            continue
+    return busy[:8]
+
+
+def python_exe() -> str:
+    return sys.executable
