@@ -249,9 +249,10 @@ class Engine:
         if self._stopping:
             raise errors.ModelNotReady("the server is shutting down")
         runtime = self._runtime(model)
-        if not runtime.accepting:
+        if not runtime.accepting or runtime.pool.size == 0:
             metrics.REJECTED.labels(model, "not_ready").inc()
-            raise errors.ModelNotReady(f"model {model!r} is not accepting requests (loading, unloading or stopping)")
+            reason = "it has no workers" if runtime.accepting else "it is loading, unloading or stopping"
+            raise errors.ModelNotReady(f"model {model!r} is not accepting requests: {reason}")
         if not images:
             raise errors.InvalidRequest("no images in the request")
         timeout = runtime.batch.request_timeout_ms / 1000.0 if timeout_s is None else timeout_s

@@ -185,9 +185,13 @@ def test_scale_unload_and_load_at_runtime(tmp_path):
         async with running_engine(tmp_path, inline=True) as engine:
             info = await engine.scale_workers("inl-scale", 3)
             assert [w.state for w in info.workers] == ["ready"] * 3
-            info = await engine.scale_workers("inl-scale", 1)
+            info = await engine.scale_workers("inl-scale", 0)
             await asyncio.sleep(0.05)
-            assert len(engine.model_info("inl-scale").workers) == 1
+            assert engine.model_info("inl-scale").workers == () and not engine.model_ready("inl-scale")
+            with pytest.raises(errors.ModelNotReady):  # 503 at once, not a 504 after the timeout
+                await engine.detect("inl-scale", [image(b"ok")])
+            info = await engine.scale_workers("inl-scale", 1)
+            assert len(info.workers) == 1 and engine.model_ready("inl-scale")
             running = [asyncio.create_task(engine.detect("inl-scale", [image(b"SLEEP:0.1")])) for _ in range(5)]
             await asyncio.sleep(0.02)
             await engine.unload_model("inl-scale")  # drains first
