@@ -30,5 +30,8 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/detserve bench report --out docs/benchmarks.md
 
+proto: $(STAMP)
+	$(BIN)/python -m service.protocols.grpc.generate
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
