@@ -117,6 +117,16 @@ def histogram(metrics_text: str, name: str, model: str) -> dict[str, float]:
     return out
 
 
+def accepted(metrics_response: httpx.Response, model: str) -> float:
+    """Requests the server holds for `model`: waiting in the queue, running, or already answered."""
+    total = 0.0
+    for name in ("detserve_queue_depth", "detserve_in_flight", "detserve_requests_total"):
+        for m in re.finditer(rf'^{name}{{([^}}]*)}} (\S+)$', metrics_response.text, re.M):
+            if f'model="{model}"' in m.group(1):
+                total += float(m.group(2))
+    return total
+
+
 def test_curl_put_and_multipart(server, tmp_path):
     image = tmp_path / "img.jpg"
     image.write_bytes(b"ok-pretend-jpeg")
@@ -236,8 +246,11 @@ def test_sigterm_during_load_completes_accepted_requests(tmp_path):
         srv.wait_ready()
 
         async def load_then_term():
-            task = asyncio.ensure_future(fire(f"{srv.url}/predictions/slow", [b"SLEEP:0.4"] * 12, timeout=30))
-            await asyncio.sleep(0.5)  # every request is read and queued by now; ~3 batches still to run
+            task = asyncio.ensure_future(fire(f"{srv.url}/predictions/slow", [b"SLEEP:0.5"] * 12, timeout=60))
+            # SIGTERM once the server holds every request (queued, running or answered), so all were accepted.
+            async with httpx.AsyncClient() as client:
+                while accepted(await client.get(f"{srv.metrics}/metrics"), "slow") < 12:
+                    await asyncio.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
             return await task
 
