@@ -29,7 +29,6 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
@@ -553,7 +552,3 @@ def _close_quietly(handle: _InlineHandle) -> None:
         predictor.close()
     except Exception:  # noqa: BLE001 - shutting down anyway
         log.exception("predictor.close() failed")
-
-
-def make_pool(inline: bool) -> Callable[..., _PoolBase]:
-    return InlinePool if inline else ProcessPool
