@@ -81,6 +81,10 @@ def targets(data: dict) -> list[dict]:
         f"{ds:.1f} vs {ts:.1f} img/s")
     add("(iii) rtmdet: detserve / TorchServe mmdet-style p99, c16", "<= 0.5x", _ratio(ds_p99, ts_p99), lambda v: v <= 0.5,
         f"{ds_p99:.0f} vs {ts_p99:.0f} ms")
+    bench = _mean(data, "overhead", "detserve null REST c16", "throughput")
+    wrk = _mean(data, "overhead", "wrk: detserve null c16", "throughput")
+    add("load client ceiling: detserve bench / wrk on the same null server, c16", ">= 0.9x (client not the bottleneck)",
+        _ratio(bench, wrk), lambda v: v >= 0.9, f"{bench:.0f} vs {wrk:.0f} req/s")
     return out
 
 
@@ -123,6 +127,8 @@ def render_markdown(data: dict, opts) -> str:
         lines.append(f"- TorchServe could not run: {facts['torchserve_error']}")
     if facts.get("onnx_skipped"):
         lines.append(f"- ONNX comparison skipped: {facts['onnx_skipped']}")
+    lines.append("- GPU figures (issue 8, item 5): not measured; this run had no GPU. "
+                 "`detserve bench` runs unchanged against a GPU server.")
     lines += ["", "## Targets", "", "| target | goal | measured | verdict | figures |", "|---|---|---:|---|---|"]
     for t in targets(data):
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]

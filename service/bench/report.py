@@ -19,7 +19,7 @@ from pathlib import Path
 from .corpus import describe, generated_corpus
 from .inprocess import run_in_process
 from .runner import LoadSpec, run_sweep
-from .servers import ROOT, DetserveServer, write_model
+from .servers import ROOT, DetserveServer, NoopServer, set_affinity, write_model
 from .setup import (busy_processes, load_predictor, machine_facts, model_variant, placement, toml_dumps,
                     versions)
 from .stats import RunResult
@@ -65,8 +65,8 @@ class Recorder:
 
 
 def _pin_self(cpus: set[int] | None) -> None:
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    """Every thread of this process (grpc and OpenMP threads too, not just the caller)."""
+    set_affinity(os.getpid(), cpus)
 
 
 def run_report(opts: ReportOptions) -> dict:
@@ -105,20 +105,45 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
     def spec(c: int, d: float = D, w: float = W) -> LoadSpec:
         return LoadSpec(concurrency=c, duration_s=d, warmup_s=w, progress=sys.stderr.isatty())
 
+    def client_cpus(model: str) -> set[int] | None:
+        # With the null model the worker core is nearly idle, so the load client runs there and
+        # leaves the front core to the serving front (the same for both systems); with a real
+        # model the worker core is saturated and the client shares the front core.
+        if place.front_cpus is None:
+            return None
+        return place.worker_cpus if model in ("null", "noop") else place.front_cpus
+
     def served(section, system, kind, url, model, c, label, d=D, w=W, client="raw"):
         target = make_target(kind, url, model, corpus, client=client, pool_size=c)
-        result = asyncio.run(run_sweep(target, [spec(c, d, w)], label=label))[0]
+        _pin_self(client_cpus(model) or all_cpus)
+        try:
+            result = asyncio.run(run_sweep(target, [spec(c, d, w)], label=label))[0]
+        finally:
+            _pin_self(place.front_cpus or all_cpus)
         result.label = label
         cmd = (f"detserve bench run --target {kind} --url {url if 'grpc' not in kind else url} --model {model} "
                f"--concurrency {c} --duration {d:g} --warmup {w:g}" + (" --client httpx" if client == "httpx" else ""))
         return rec.add(section, result, cmd, system)
+
+    def served_rate(section, system, kind, url, model, rate, label):
+        target = make_target(kind, url, model, corpus, pool_size=64)
+        load = LoadSpec(concurrency=None, rate=rate, duration_s=D, warmup_s=W, progress=sys.stderr.isatty())
+        _pin_self(client_cpus(model) or all_cpus)
+        try:
+            result = asyncio.run(run_sweep(target, [load], label=label))[0]
+        finally:
+            _pin_self(place.front_cpus or all_cpus)
+        result.label = label
+        return rec.add(section, result, f"detserve bench run --target {kind} --url {url} --model {model} "
+                       f"--rate {rate:g} --duration {D:g} --warmup {W:g}", system)
+
 
     def wrk(section, system, url, model, c, label):
         from .wrk import available, run_wrk
 
         if not (opts.wrk and available()):
             return None
-        result = run_wrk(url, model, corpus, concurrency=c, duration_s=D, label=label, cpus=place.front_cpus)
+        result = run_wrk(url, model, corpus, concurrency=c, duration_s=D, label=label, cpus=client_cpus(model))
         return rec.add(section, result, f"wrk -t1 -c{c} -d{D:g}s --latency -s put.lua {url}  (PUT /predictions/{model})",
                        system)
 
@@ -163,7 +188,7 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
                 ts = None
         try:
             _overhead(rec, ds, ts, served, wrk, opts)
-            _rtmdet(rec, ds, served, wrk, in_process, opts)
+            _rtmdet(rec, ds, served, served_rate, wrk, in_process, opts)
             if ts is not None:
                 _vs_torchserve(rec, ds, ts, served, wrk, opts)
         finally:
@@ -186,6 +211,8 @@ def _overhead(rec, ds, ts, served, wrk, opts) -> None:
         served(S, "detserve", "rest", ds.url, "null", 16, f"detserve null REST c16 #{r + 1}")
         if ts is not None:
             served(S, "torchserve", "rest", ts.url, "noop", 16, f"TorchServe no-op c16 #{r + 1}")
+    with NoopServer(place.front_cpus) as noop:
+        served(S, "reference", "rest", noop.url, "null", 16, "bare FastAPI no-op c16 (reference)")
     wrk(S, "detserve", ds.url, "null", 16, "wrk: detserve null c16")
     if ts is not None:
         wrk(S, "torchserve", ts.url, "noop", 16, "wrk: TorchServe no-op c16")
@@ -197,7 +224,7 @@ def _overhead(rec, ds, ts, served, wrk, opts) -> None:
     served(C, "detserve", "rest", ds.url, "null", 16, "detserve null REST c16, httpx client", client="httpx")
 
 
-def _rtmdet(rec, ds, served, wrk, in_process, opts) -> None:
+def _rtmdet(rec, ds, served, served_rate, wrk, in_process, opts) -> None:
     S = "rtmdet"
     served("warmup", "detserve", "rest", ds.url, "rtmdet", 16, "detserve rtmdet warm-up", d=3, w=0)
     for r in range(opts.rounds):
@@ -215,6 +242,11 @@ def _rtmdet(rec, ds, served, wrk, in_process, opts) -> None:
     W = "sweep"
     for c in (1, 4, 16, 64):
         served(W, "detserve", "rest", ds.url, "rtmdet", c, f"detserve rtmdet REST c{c}", d=max(2.0, opts.duration_s / 2))
+    # open loop at 70% of the closed-loop c16 throughput: latency under a steady, not saturating, load
+    measured = [r["throughput"] for r in rec.sections.get(S, []) if r["label"].startswith("detserve rtmdet REST c16")]
+    if measured and max(measured) > 0:
+        rate = round(0.7 * sum(measured) / len(measured), 1)
+        served_rate(W, "detserve", "rest", ds.url, "rtmdet", rate, f"detserve rtmdet REST open loop {rate:g}/s")
 
 
 def _vs_torchserve(rec, ds, ts, served, wrk, opts) -> None:

@@ -154,3 +154,41 @@ class DetserveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NoopServer:
+    """service/bench/noop_app.py in a subprocess pinned to `cpus`; a context manager."""
+
+    def __init__(self, cpus: set[int] | None = None):
+        self.port, self.cpus = free_port(), cpus
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "NoopServer":
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.bench.noop_app", str(self.port)], cwd=ROOT,
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        set_affinity(self.proc.pid, self.cpus)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("the no-op FastAPI server exited") from None
+                time.sleep(0.2)
+        raise TimeoutError("the no-op FastAPI server did not start")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None

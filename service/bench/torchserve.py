@@ -168,3 +168,28 @@ def wait_ready_model(url: str, model: str, timeout_s: float = 60) -> None:
         except Exception:  # noqa: BLE001
             time.sleep(0.5)
     raise TimeoutError(f"TorchServe model {model} did not answer within {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a model folder through TorchServe (no-op, mmdet-style, batched) until Ctrl-C:
+    python -m service.bench.torchserve [--model-dir models/rtmdet] [--threads N]."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m service.bench.torchserve", description=main.__doc__)
+    p.add_argument("--model-dir", default=str(ROOT / "models" / "rtmdet"))
+    p.add_argument("--work", default=str(TS_DIR / "work"))
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = p.parse_args(argv)
+    models = [TsModel("noop", "noop"), TsModel("mmdet", "mmdet_style"), TsModel("batched", "batched", 8, 50)]
+    with TorchServe(Path(args.work), Path(args.model_dir), models, threads=args.threads) as ts:
+        print(f"TorchServe at {ts.url}: /predictions/{{noop,mmdet,batched}}; Ctrl-C stops it", flush=True)
+        try:
+            while ts.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

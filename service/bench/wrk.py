@@ -48,7 +48,7 @@ def parse_output(text: str, label: str, concurrency: int, duration_s: float) -> 
     """Requests/sec, the --latency percentiles, and non-2xx/socket errors from wrk's report."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     total = int(re.search(r"(\d+) requests in", text).group(1))
-    pct = {int(m.group(1)): _ms(m.group(2)) for m in re.finditer(r"^\s+(\d+)%\s+(\S+)$", text, re.M)}
+    pct = {int(m.group(1)): _ms(m.group(2)) for m in re.finditer(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M)}
     max_match = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", text)
     errors: dict[str, int] = {}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)

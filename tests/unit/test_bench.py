@@ -298,7 +298,7 @@ WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080
      50%    3.90ms
      75%    4.50ms
      90%    5.20ms
-     99%  850.00us
+     99%  850.00us 
   38812 requests in 10.00s, 5.10MB read
   Non-2xx or 3xx responses: 12
 Requests/sec:   3881.20
