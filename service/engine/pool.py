@@ -135,7 +135,10 @@ class _PoolBase:
         active = [s for s in self._seats if not s.retiring]
         new = []
         for _ in range(count - len(active)):
-            seat = _Seat(self._next_id, len(active) + len(new), device_for_slot(self.cfg, len(active) + len(new)))
+            # The lowest free slot keeps GPU round-robin even after scaling down and up again.
+            used = {s.slot for s in active + new}
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+            seat = _Seat(self._next_id, slot, device_for_slot(self.cfg, slot))
             self._next_id += 1
             self._seats.append(seat)
             new.append(seat)
@@ -143,7 +146,9 @@ class _PoolBase:
         if new:
             await self._await_ready(new)
         if count < len(active):
-            victims = sorted(active, key=lambda s: (s.batch is not None, s.state != "ready", -s.slot))
+            # Cheapest first: a seat with no process, one still loading, an idle one, a busy one last.
+            cost = {"restarting": 0, "stopped": 0, "starting": 1, "ready": 2, "busy": 3}
+            victims = sorted(active, key=lambda s: (cost.get(s.state, 2), -s.slot))
             for seat in victims[: len(active) - count]:
                 self._retire(seat)
         self._publish()
