@@ -160,9 +160,7 @@ def model_store(root: Path) -> tuple[Path, bool]:
     """The bundled models when their trained weights are present; else random-weight stand-ins."""
     bundled = REPO / "models"
     found = discover_models(bundled)
-    if {"rtmdet", "rtmdet-ins"} <= found.keys() and all(
-        (cfg := load_model_config(found[n])).weights and cfg.path(cfg.weights).is_file() for n in ("rtmdet", "rtmdet-ins")
-    ):
+    if {"rtmdet", "rtmdet-ins"} <= found.keys() and all(fully_trained(found[n]) for n in ("rtmdet", "rtmdet-ins")):
         return bundled, True
     import torch
 
@@ -183,6 +181,19 @@ def model_store(root: Path) -> tuple[Path, bool]:
     return store, False
 
 
+def fully_trained(folder: Path) -> bool:
+    """The demo trainer records its run in the checkpoint meta; placeholders and checkpoints
+    saved part-way through a run do not count."""
+    from service.detectors.checkpoint import load_checkpoint
+
+    cfg = load_model_config(folder)
+    if not cfg.weights or not cfg.path(cfg.weights).is_file():
+        return False
+    meta = load_checkpoint(cfg.path(cfg.weights)).meta or {}
+    planned = (meta.get("train_config") or {}).get("iters")
+    return bool(planned) and meta.get("steps", 0) >= planned
+
+
 @pytest.fixture(scope="module")
 def detserve(label_studio, tmp_path_factory):
     root = tmp_path_factory.mktemp("detserve")
@@ -191,7 +202,9 @@ def detserve(label_studio, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LABEL_STUDIO_URL": label_studio["url"],
            "LABEL_STUDIO_API_KEY": label_studio["pat"], "BASIC_AUTH_USER": BASIC[0], "BASIC_AUTH_PASS": BASIC[1]}
     log = root / "detserve.log"
-    cmd = [DETSERVE, "serve", "--model-store", str(store), "--models", "rtmdet,rtmdet-ins", "--host", "127.0.0.1",
+    config = root / "server.toml"
+    config.write_text("heartbeat_timeout_s = 120.0\n")  # a shared, busy CPU must not look like a hung worker
+    cmd = [DETSERVE, "serve", "--config", str(config), "--model-store", str(store), "--models", "rtmdet,rtmdet-ins", "--host", "127.0.0.1",
            "--no-grpc", "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
            "--metrics-port", str(ports["metrics"])]
     with open(log, "wb") as out:
@@ -352,20 +365,27 @@ def test_mask_project_polygons_and_brush(label_studio, detserve, shapes, tmp_pat
         assert matched == total, f"{total - matched} of {total} ground-truth shapes without a mask at IoU >= 0.7"
 
 
-def test_legacy_token_fetch_from_real_label_studio(label_studio, detserve):
+def test_legacy_token_fetch_from_real_label_studio(label_studio, shapes):
     """The /data/upload path with the legacy `Token` scheme (the server above uses the PAT)."""
     import asyncio
 
     from service.protocols.labelstudio.fetch import FetchConfig, ImageFetcher, ImageFetchError, TokenCache
 
-    tasks = httpx.get(f"{label_studio['url']}/api/tasks?page_size=1", headers={"Authorization": f"Token {LEGACY_TOKEN}"},
-                      timeout=30).json()
-    image = (tasks["tasks"] if isinstance(tasks, dict) else tasks)[0]["data"]["image"]
+    url, auth = label_studio["url"], {"Authorization": f"Token {LEGACY_TOKEN}"}
+    project = httpx.post(f"{url}/api/projects", headers=auth, timeout=60,
+                         json={"title": "legacy token", "label_config": RECT_CONFIG}).json()["id"]
+    path = next(iter(shapes.values()))["path"]
+    with open(path, "rb") as fh:
+        httpx.post(f"{url}/api/projects/{project}/import", headers=auth, files={"file0": (Path(path).name, fh)},
+                   timeout=120).raise_for_status()
+    image = httpx.get(f"{url}/api/projects/{project}/tasks", headers=auth, timeout=60).json()[0]["data"]["image"]
+    assert image.startswith("/data/upload/")
 
     async def fetch(key):
         async with httpx.AsyncClient() as client:
-            return await ImageFetcher(FetchConfig(url=label_studio["url"], api_key=key), client, TokenCache()).fetch(image)
+            return await ImageFetcher(FetchConfig(url=url, api_key=key), client, TokenCache()).fetch(image)
 
-    assert len(asyncio.run(fetch(LEGACY_TOKEN))) > 1000
+    assert asyncio.run(fetch(LEGACY_TOKEN)) == Path(path).read_bytes()
+    assert asyncio.run(fetch(label_studio["pat"])) == Path(path).read_bytes()
     with pytest.raises(ImageFetchError, match="401"):
         asyncio.run(fetch(None))
