@@ -181,7 +181,7 @@ def test_200_concurrent_requests_succeed_in_batches(server):
     started = time.monotonic()
     responses = asyncio.run(fire(f"{server.url}/predictions/fast", [b"SLEEP:0.02"] * 200))
     assert [r.status_code for r in responses] == [200] * 200
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # generous: the CI box is shared
     after = histogram(httpx.get(f"{server.metrics}/metrics").text, "detserve_batch_size", "fast")
     batches = after["+Inf"] - before.get("+Inf", 0)
     single = after["1.0"] - before.get("1.0", 0)
