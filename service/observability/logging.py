@@ -70,8 +70,11 @@ def configure_logging(level: str = "info", stream=None) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-def log_access(method: str, path: str, status: int, seconds: float, request_id: str, client: str | None) -> None:
-    logging.getLogger(ACCESS_LOGGER).info(
-        "%s %s %d", method, path, status,
+def log_access(method: str, path: str, status: int, seconds: float, request_id: str, client: str | None,
+               *, quiet: bool = False) -> None:
+    """`quiet`: a successful probe or scrape, logged at debug so probes do not drown the log."""
+    level = logging.DEBUG if quiet and status < 400 else logging.INFO
+    logging.getLogger(ACCESS_LOGGER).log(
+        level, "%s %s %d", method, path, status,
         extra={"status": status, "ms": round(seconds * 1000, 2), "request_id": request_id, "client": client},
     )

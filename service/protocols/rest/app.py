@@ -118,8 +118,10 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
         finally:
             client = scope.get("client")
-            log_access(scope.get("method", ""), scope.get("path", ""), status["code"] or 500,
-                       time.perf_counter() - started, request_id, f"{client[0]}:{client[1]}" if client else None)
+            path = scope.get("path", "")
+            log_access(scope.get("method", ""), path, status["code"] or 500, time.perf_counter() - started,
+                       request_id, f"{client[0]}:{client[1]}" if client else None,
+                       quiet=path in HEALTH_PATHS or path == "/metrics")
             request_id_var.reset(token)
 
     def _declared_too_large(self, headers: dict) -> PayloadTooLarge | None:
