@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -190,6 +191,9 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
     # Idle OpenMP threads sleep instead of spinning. Measured on the shared 2-core box: rtmdet-tiny
     # at 320 took 19 s per image with spinning 2-thread pools and 1.2 s with PASSIVE.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A terminal Ctrl+C reaches the whole process group; the front process drains and then stops
+    # us with a Shutdown message, so the worker must not die mid-batch on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sender = _Sender(results)
     stop = threading.Event()
     device_box = ["cpu"]
