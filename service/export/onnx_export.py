@@ -128,6 +128,15 @@ def _write_metadata(path: Path, cfg: ModelConfig, classes, end2end: bool, has_ma
         "detserve.classes": json.dumps(list(classes)),
         "detserve.normalization": "bgr mean/std outside the graph",
     }
+    if end2end:
+        # The tracer leaves K symbolic; it is fixed (max_per_img, zero-padded) and consumers may rely on it.
+        k, size = cfg.test_cfg.max_per_img, cfg.input_size
+        fixed = {"dets": [k, 5], "labels": [k], "masks": [k, size, size]}
+        for output in proto.graph.output:
+            dims = output.type.tensor_type.shape.dim
+            for dim, value in zip(list(dims)[1:], fixed.get(output.name, [])):
+                dim.Clear()
+                dim.dim_value = value
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
