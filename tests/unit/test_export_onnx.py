@@ -168,7 +168,8 @@ def test_larger_model_export_parity(tmp_path):
     cfg = load_model_config(folder)
     for end2end in (False, True):
         result = export_onnx(cfg, end2end=end2end, out=tmp_path / f"s-{end2end}.onnx")
-        assert_parity(run_parity(cfg, result.path, end2end=end2end, images=shape_images(4, seed=5)))
+        # random weights: fewer boxes clear 0.3 on the larger net, so compare from 0.1 up
+        assert_parity(run_parity(cfg, result.path, end2end=end2end, images=shape_images(8, seed=5), score_thr=0.1))
 
 
 @pytest.mark.slow
