@@ -187,7 +187,7 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
                 ts_ctx.stop()
                 ts = None
         try:
-            _overhead(rec, ds, ts, served, wrk, opts)
+            _overhead(rec, ds, ts, served, wrk, opts, place)
             _rtmdet(rec, ds, served, served_rate, wrk, in_process, opts)
             if ts is not None:
                 _vs_torchserve(rec, ds, ts, served, wrk, opts)
@@ -201,7 +201,7 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
         _onnx(rec, store, tmp, in_process, facts, opts)
 
 
-def _overhead(rec, ds, ts, served, wrk, opts) -> None:
+def _overhead(rec, ds, ts, served, wrk, opts, place) -> None:
     S = "overhead"
     if ts is not None:
         rec.log(f"warming TorchServe no-op for {opts.ts_warmup_s:g} s")

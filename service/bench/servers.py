@@ -19,6 +19,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# `detserve serve` without importing every other sub-command (a half-edited one must not stop a bench).
+_SERVE_ONLY = (
+    "import argparse, sys\n"
+    "from service.commands import serve\n"
+    "parser = argparse.ArgumentParser(prog='detserve')\n"
+    "serve.register(parser.add_subparsers())\n"
+    "args = parser.parse_args(sys.argv[1:])\n"
+    "sys.exit(args.func(args))\n"
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -114,7 +124,7 @@ class DetserveServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> "DetserveServer":
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--model-store", str(self.store),
+        cmd = [sys.executable, "-c", _SERVE_ONLY, "serve", "--model-store", str(self.store),
                "--models", ",".join(self.models), "--host", "127.0.0.1",
                "--inference-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--management-port", str(self.mgmt_port), "--metrics-port", str(self.metrics_port),
