@@ -51,14 +51,17 @@ def run(args: argparse.Namespace) -> int:
 
     model_field = _relative_to(result.path, cfg.root)
     if args.set_default:
-        set_onnx_default(folder / "model.toml", model_field, result.end2end)
+        # The ONNX worker never opens the PyTorch checkpoint, so its class names must be in model.toml.
+        classes = None if (cfg.classes or cfg.classes_file) else list(result.classes)
+        set_onnx_default(folder / "model.toml", model_field, result.end2end, classes)
         load_model_config(folder)  # validate what we wrote
         print(f"{folder / 'model.toml'}: backend = \"onnxruntime\" with [onnxruntime] model = \"{model_field}\"")
     else:
-        print("to serve it, set in model.toml:\n"
-              f'  backend = "onnxruntime"\n  [onnxruntime]\n  model = "{model_field}"\n'
-              f"  end2end = {str(result.end2end).lower()}\n"
-              "(or rerun with --set-default)")
+        hint = ('to serve it, set in model.toml:\n  backend = "onnxruntime"\n'
+                f'  [onnxruntime]\n  model = "{model_field}"\n  end2end = {str(result.end2end).lower()}\n')
+        if not (cfg.classes or cfg.classes_file):
+            hint += f"and, above [onnxruntime], the checkpoint's class names:\n  classes = {list(result.classes)}\n"
+        print(hint + "(or rerun with --set-default)")
     return status
 
 
@@ -69,7 +72,7 @@ def _relative_to(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def set_onnx_default(toml_path: Path, model_file: str, end2end: bool) -> None:
+def set_onnx_default(toml_path: Path, model_file: str, end2end: bool, classes: list[str] | None = None) -> None:
     """Rewrite model.toml: top-level backend = "onnxruntime" and a fresh [onnxruntime] table.
 
     Keeps every other line; only the top-level `backend` key and the old [onnxruntime] table
@@ -93,6 +96,8 @@ def set_onnx_default(toml_path: Path, model_file: str, end2end: bool) -> None:
         out.append(line)
     first_table = next((i for i, line in enumerate(out) if re.match(r"^\s*\[", line)), len(out))
     out.insert(first_table, 'backend = "onnxruntime"')
+    if classes:
+        out.insert(first_table, f"classes = {_toml_value(classes)}")
     table = {**old, "model": model_file, "end2end": end2end}
     out += ["", "[onnxruntime]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
     toml_path.write_text("\n".join(out).rstrip("\n") + "\n")
