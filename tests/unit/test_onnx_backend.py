@@ -155,3 +155,15 @@ def test_trt_profile_spans_the_batch_settings(tmp_path):
         "trt_profile_opt_shapes": f"input:16x3x{SIZE}x{SIZE}",
         "trt_profile_max_shapes": f"input:16x3x{SIZE}x{SIZE}",
     }
+
+
+def test_throughput_eager_vs_onnxruntime(tmp_path):
+    from service.detectors.checkpoint import save_checkpoint
+    from service.detectors.registry import build_detector
+    from service.export.throughput import measure_backend_throughput
+
+    save_checkpoint(tmp_path / "w.pth", build_detector("rtmdet-tiny", 2).state_dict(), ["a", "b"])
+    cfg = ModelConfig(name="m", arch="rtmdet-tiny", weights="w.pth", input_size=SIZE, device="cpu", root=tmp_path)
+    for backend in ("eager", "onnxruntime"):
+        assert measure_backend_throughput(cfg, backend, batch_size=2, seconds=0.2, warmup=1) > 0
+    assert not (tmp_path / "model.onnx").exists()  # the model folder is left alone
