@@ -16,10 +16,12 @@ from .base import HeadOutputs, check_batch
 log = logging.getLogger(__name__)
 
 
-def accelerate(model: nn.Module, options: EagerConfig, device: str) -> nn.Module:
-    """Hook for torch.compile / CUDA graphs (`[eager] compile`, `cuda_graphs`); plain eager for now."""
+def accelerate(model: nn.Module, options: EagerConfig, device: str, max_batch_size: int = 8):
+    """torch.compile / CUDA graphs (`[eager] compile`, `cuda_graphs`) over fixed batch buckets (backends/buckets.py)."""
     if options.compile or options.cuda_graphs:
-        log.warning("eager.compile / eager.cuda_graphs are not implemented yet; running plain eager on %s", device)
+        from .buckets import BucketedRunner
+
+        return BucketedRunner(model, options, device, max_batch_size)
     return model
 
 
@@ -54,7 +56,7 @@ class EagerBackend:
             model.half()
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self._model = accelerate(model, self.cfg.eager, self.device)
+        self._model = accelerate(model, self.cfg.eager, self.device, self.cfg.batch.max_batch_size)
         self._checkpoint = None  # the weights now live in the model; drop the CPU copy
 
     def infer(self, batch: torch.Tensor) -> HeadOutputs:
