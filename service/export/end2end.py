@@ -71,11 +71,9 @@ def register_onnx_symbolics(opset: int) -> None:
 
 
 def nms_onnx_translation():
-    """The same mapping for the dynamo exporter (`custom_translation_table`)."""
-    import onnxscript
+    """The same mapping for the dynamo exporter (`custom_translation_table`), traced with onnxscript ops."""
     from onnxscript import opset18 as op
 
-    @onnxscript.script()
     def nms(boxes, scores, max_output: int, iou_threshold: float, score_threshold: float):
         return op.NonMaxSuppression(
             boxes, scores, op.Constant(value_ints=[max_output]), op.Constant(value_floats=[iou_threshold]),

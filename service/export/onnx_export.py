@@ -88,8 +88,8 @@ def export_onnx(cfg: ModelConfig, *, end2end: bool = False, opset: int = MIN_OPS
     # Batch 2 while tracing so no size-1 dimension gets folded into a constant.
     example = torch.randn(2, 3, cfg.input_size, cfg.input_size)
     exporter = _export(module, example, out, names, opset)
-    _write_metadata(out, cfg, classes or (), end2end, spec.has_masks)
-    return ExportResult(out, end2end, opset, exporter, tuple(names), tuple(classes or ()))
+    written_opset = _write_metadata(out, cfg, classes or (), end2end, spec.has_masks)
+    return ExportResult(out, end2end, written_opset, exporter, tuple(names), tuple(classes or ()))
 
 
 def _export(module: nn.Module, example: torch.Tensor, out: Path, names: list[str], opset: int) -> str:
@@ -115,7 +115,7 @@ def _export(module: nn.Module, example: torch.Tensor, out: Path, names: list[str
     return "dynamo"
 
 
-def _write_metadata(path: Path, cfg: ModelConfig, classes, end2end: bool, has_masks: bool) -> None:
+def _write_metadata(path: Path, cfg: ModelConfig, classes, end2end: bool, has_masks: bool) -> int:
     """Record what the graph expects, so a folder holding only the .onnx is still self-describing."""
     import onnx
 
@@ -141,3 +141,5 @@ def _write_metadata(path: Path, cfg: ModelConfig, classes, end2end: bool, has_ma
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(path))
+    # the dynamo exporter may keep a newer opset than requested when it cannot down-convert
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
