@@ -36,14 +36,15 @@ class ReportOptions:
     torchserve: bool = True
     onnx: bool = True
     wrk: bool = True
-    duration_s: float = 10.0
+    duration_s: float = 8.0  # null model / no-op runs: thousands of requests
+    model_duration_s: float = 15.0  # rtmdet runs: a batch of 8 takes about a second on one core
     warmup_s: float = 2.0
     ts_warmup_s: float = 60.0
     rounds: int = 2
 
     def __post_init__(self):
         if self.quick:
-            self.duration_s, self.warmup_s, self.ts_warmup_s, self.rounds = 3.0, 1.0, 8.0, 1
+            self.duration_s, self.model_duration_s, self.warmup_s, self.ts_warmup_s, self.rounds = 3.0, 4.0, 1.0, 8.0, 1
 
 
 class Recorder:
@@ -102,7 +103,9 @@ def run_report(opts: ReportOptions) -> dict:
 def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
     D, W = opts.duration_s, opts.warmup_s
 
-    def spec(c: int, d: float = D, w: float = W) -> LoadSpec:
+    DM = opts.model_duration_s
+
+    def spec(c: int, d: float, w: float = W) -> LoadSpec:
         return LoadSpec(concurrency=c, duration_s=d, warmup_s=w, progress=sys.stderr.isatty())
 
     def client_cpus(model: str) -> set[int] | None:
@@ -113,7 +116,9 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
             return None
         return place.worker_cpus if model in ("null", "noop") else place.front_cpus
 
-    def served(section, system, kind, url, model, c, label, d=D, w=W, client="raw"):
+    def served(section, system, kind, url, model, c, label, d=None, w=W, client="raw"):
+        if d is None:
+            d = D if model in ("null", "noop") else DM
         target = make_target(kind, url, model, corpus, client=client, pool_size=c)
         _pin_self(client_cpus(model) or all_cpus)
         try:
@@ -127,7 +132,7 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
 
     def served_rate(section, system, kind, url, model, rate, label):
         target = make_target(kind, url, model, corpus, pool_size=64)
-        load = LoadSpec(concurrency=None, rate=rate, duration_s=D, warmup_s=W, progress=sys.stderr.isatty())
+        load = LoadSpec(concurrency=None, rate=rate, duration_s=DM, warmup_s=W, progress=sys.stderr.isatty())
         _pin_self(client_cpus(model) or all_cpus)
         try:
             result = asyncio.run(run_sweep(target, [load], label=label))[0]
@@ -135,7 +140,7 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
             _pin_self(place.front_cpus or all_cpus)
         result.label = label
         return rec.add(section, result, f"detserve bench run --target {kind} --url {url} --model {model} "
-                       f"--rate {rate:g} --duration {D:g} --warmup {W:g}", system)
+                       f"--rate {rate:g} --duration {DM:g} --warmup {W:g}", system)
 
 
     def wrk(section, system, url, model, c, label):
@@ -143,13 +148,18 @@ def _measure_all(opts, rec, place, all_cpus, corpus, store, tmp, facts) -> None:
 
         if not (opts.wrk and available()):
             return None
-        result = run_wrk(url, model, corpus, concurrency=c, duration_s=D, label=label, cpus=client_cpus(model))
-        return rec.add(section, result, f"wrk -t1 -c{c} -d{D:g}s --latency -s put.lua {url}  (PUT /predictions/{model})",
+        d = D if model in ("null", "noop") else DM
+        result = run_wrk(url, model, corpus, concurrency=c, duration_s=d, label=label, cpus=client_cpus(model))
+        # wrk hangs up with requests still queued in the server; let them finish before the next run
+        drain = make_target("rest", url, model, corpus[:1])
+        asyncio.run(run_sweep(drain, [LoadSpec(concurrency=1, requests=1, duration_s=None, warmup_s=0,
+                                               timeout_s=300, progress=False)]))
+        return rec.add(section, result, f"wrk -t1 -c{c} -d{d:g}s --latency -s put.lua {url}  (PUT /predictions/{model})",
                        system)
 
     predictor_box: dict = {}
 
-    def in_process(section, c, label, d=D, model_dir=None, max_batch=None, key="rtmdet"):
+    def in_process(section, c, label, d=DM, model_dir=None, max_batch=None, key="rtmdet"):
         _pin_self(place.worker_cpus)
         try:
             if key not in predictor_box:
@@ -231,17 +241,16 @@ def _rtmdet(rec, ds, served, served_rate, wrk, in_process, opts) -> None:
         in_process(S, 16, f"in-process rtmdet c16 #{r + 1}")
         served(S, "detserve", "rest", ds.url, "rtmdet", 16, f"detserve rtmdet REST c16 #{r + 1}")
         served(S, "detserve", "grpc", ds.grpc_address, "rtmdet", 16, f"detserve rtmdet gRPC c16 #{r + 1}")
-    served(S, "detserve", "kserve-grpc", ds.grpc_address, "rtmdet", 16, "detserve rtmdet KServe gRPC c16")
     wrk(S, "detserve", ds.url, "rtmdet", 16, "wrk: detserve rtmdet c16")
     L = "latency"
-    for r in range(opts.rounds):
-        in_process(L, 1, f"in-process rtmdet c1 #{r + 1}")
-        served(L, "detserve", "rest", ds.url, "rtmdet-d0", 1, f"detserve rtmdet REST c1, batch delay 0 #{r + 1}")
-        served(L, "detserve", "grpc", ds.grpc_address, "rtmdet-d0", 1, f"detserve rtmdet gRPC c1, batch delay 0 #{r + 1}")
-        served(L, "detserve", "rest", ds.url, "rtmdet", 1, f"detserve rtmdet REST c1, bundled delay #{r + 1}")
+    d1 = max(3.0, opts.model_duration_s * 2 / 3)  # one image at a time: many samples per second
+    in_process(L, 1, "in-process rtmdet c1", d=d1)
+    served(L, "detserve", "rest", ds.url, "rtmdet-d0", 1, "detserve rtmdet REST c1, batch delay 0", d=d1)
+    served(L, "detserve", "grpc", ds.grpc_address, "rtmdet-d0", 1, "detserve rtmdet gRPC c1, batch delay 0", d=d1)
+    served(L, "detserve", "rest", ds.url, "rtmdet", 1, "detserve rtmdet REST c1, bundled delay", d=d1)
     W = "sweep"
     for c in (1, 4, 16, 64):
-        served(W, "detserve", "rest", ds.url, "rtmdet", c, f"detserve rtmdet REST c{c}", d=max(2.0, opts.duration_s / 2))
+        served(W, "detserve", "rest", ds.url, "rtmdet", c, f"detserve rtmdet REST c{c}", d=max(3.0, opts.model_duration_s / 2))
     # open loop at 70% of the closed-loop c16 throughput: latency under a steady, not saturating, load
     measured = [r["throughput"] for r in rec.sections.get(S, []) if r["label"].startswith("detserve rtmdet REST c16")]
     if measured and max(measured) > 0:
@@ -258,8 +267,9 @@ def _vs_torchserve(rec, ds, ts, served, wrk, opts) -> None:
         served(S, "torchserve", "rest", ts.url, "mmdet", 16, f"TorchServe mmdet-style c16 #{r + 1}")
         served(S, "torchserve", "rest", ts.url, "batched", 16, f"TorchServe batched (8, 50 ms) c16 #{r + 1}")
     wrk(S, "torchserve", ts.url, "mmdet", 16, "wrk: TorchServe mmdet-style c16")
-    served(S, "torchserve", "rest", ts.url, "mmdet", 1, "TorchServe mmdet-style c1")
-    served(S, "torchserve", "rest", ts.url, "batched", 1, "TorchServe batched (8, 50 ms) c1")
+    d1 = max(3.0, opts.model_duration_s * 2 / 3)
+    served(S, "torchserve", "rest", ts.url, "mmdet", 1, "TorchServe mmdet-style c1", d=d1)
+    served(S, "torchserve", "rest", ts.url, "batched", 1, "TorchServe batched (8, 50 ms) c1", d=d1)
 
 
 def _onnx(rec, store, tmp, in_process, facts, opts) -> None:
@@ -280,7 +290,7 @@ def _onnx(rec, store, tmp, in_process, facts, opts) -> None:
         facts["onnx_skipped"] = f"export failed: {type(exc).__name__}: {exc}"
         rec.log(facts["onnx_skipped"])
         return
-    d = max(2.0, opts.duration_s / 2)
+    d = max(3.0, opts.model_duration_s / 3)
     for b in (1, 4, 8):
         in_process("onnx", b, f"eager batch {b}", d=d, max_batch=b, key="rtmdet")
         try:
