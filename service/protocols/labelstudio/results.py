@@ -83,7 +83,9 @@ def detection_regions(det: Detection, label: str, control: BoundControl, width: 
                 "closed": True,
             },
         )
-        for polygon in mask_polygons(mask)
+        # One region per detection, like boxes and brushes: the outline of the mask's largest
+        # part. Further parts are mostly specks from the upsampled mask logits.
+        for polygon in mask_polygons(mask)[:1]
     ]
 
 
