@@ -72,7 +72,8 @@ def _summarize(coco: COCO, results: list[dict], iou_type: str) -> tuple[dict[str
         evaluator.accumulate()
         evaluator.summarize()
     stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
-    return stats, buf.getvalue().split("DONE", 1)[-1]
+    summary = [line for line in buf.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    return stats, "\n".join(summary) + "\n"
 
 
 def evaluate_results(coco: COCO, results: list[dict], *, with_masks: bool) -> EvalReport:
