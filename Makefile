@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/detserve serve --model-store models
+	DETSERVE_DEFAULT_MODEL=rtmdet $(BIN)/detserve serve --model-store models
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -68,6 +68,8 @@ def configure_logging(level: str = "info", stream=None) -> None:
         logger.propagate = True
     # Our access log replaces uvicorn's, which does not know the request id.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every fetched URL at INFO; Label Studio image URLs can carry signed credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def log_access(method: str, path: str, status: int, seconds: float, request_id: str, client: str | None,
