@@ -24,7 +24,6 @@ from .settings import ServerSettings
 
 log = logging.getLogger("detserve.server")
 
-PREDICTOR_FACTORY = "service.pipeline.predictor:Predictor.from_config"  # the contract in service/engine
 
 
 class _Uvicorn:
@@ -108,9 +107,8 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         from .engine.engine import Engine
 
         # DETSERVE_PREDICTOR_FACTORY is a test hook: integration tests run the real engine and
-        # workers around a scripted predictor. Named explicitly otherwise (the engine's fallback
-        # reads a slots-dataclass default off the class, which yields a descriptor).
-        factory = os.environ.get("DETSERVE_PREDICTOR_FACTORY") or PREDICTOR_FACTORY
+        # workers around a scripted predictor. Unset, the engine uses the real Predictor.
+        factory = os.environ.get("DETSERVE_PREDICTOR_FACTORY") or None
         engine = Engine(settings, predictor_factory=factory)
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
