@@ -129,13 +129,13 @@ def _which(name: str) -> bool:
 
 def busy_processes() -> list[str]:
     """Other CPU-heavy work running now (training, test suites): noted in the report."""
-    out = _run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"])
+    out = _run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"])
     busy = []
-    me = str(os.getpid())
     for line in out.splitlines()[1:]:
-        pcpu, _, args = line.strip().partition(" ")
+        pid, pcpu, args = (line.split(None, 2) + ["", ""])[:3]
         try:
-            if float(pcpu) >= 20 and me not in args:
+            if int(pid) != os.getpid() and float(pcpu) >= 20 and "service.commands.bench" not in args \
+                    and "detserve bench" not in args and not args.startswith("ps "):
                 busy.append(f"{pcpu}% {args[:100]}")
         except ValueError:
             continue
