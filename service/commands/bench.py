@@ -173,3 +173,12 @@ def cmd_report(args) -> int:
     write_report(data, opts)
     print(f"wrote {opts.out}" + (f" and {opts.json_out}" if opts.json_out else ""), file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    # `python -m service.commands.bench report ...`: the same as `detserve bench report ...`, without
+    # importing the other sub-commands.
+    _parser = argparse.ArgumentParser(prog="detserve")
+    register(_parser.add_subparsers())
+    _args = _parser.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(int(_args.func(_args) or 0))
