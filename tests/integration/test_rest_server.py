@@ -312,7 +312,9 @@ def shapes_image(width: int, height: int, seed: int, ext: str = ".jpg"):
 
     from service.demo.dataset import render_sample
 
-    image, anns = render_sample(np.random.default_rng(seed), width, height)
+    # Shapes at least 8% of the short side: this checks the serving path's rescaling, not the
+    # small-object recall of a tiny CPU-trained model (that is the model card's AP figure).
+    image, anns = render_sample(np.random.default_rng(seed), width, height, max_shapes=5, min_radius_frac=0.08)
     ok, encoded = cv2.imencode(ext, image)
     assert ok
     return encoded.tobytes(), anns
