@@ -46,8 +46,17 @@ GPU_MEMORY_RESERVED = Gauge("detserve_gpu_memory_reserved_bytes", "torch.cuda.me
 OOM_SPLITS = Counter("detserve_oom_batch_splits", "Batches split in half after a CUDA out-of-memory error.", ["model"], registry=REGISTRY)
 
 
+# A not-found model name is chosen by the client: recording it verbatim would let any client grow
+# the metric's label set without bound, so every door's not-found requests share one label.
+_NOT_FOUND_CODES = ("404", "NOT_FOUND")
+UNKNOWN_MODEL = "_unknown"
+
+
 def record_request(model: str, protocol: str, code: int | str, seconds: float | None) -> None:
-    REQUESTS.labels(model, protocol, str(code)).inc()
+    code = str(code)
+    if code in _NOT_FOUND_CODES:
+        model = UNKNOWN_MODEL
+    REQUESTS.labels(model, protocol, code).inc()
     if seconds is not None:
         REQUEST_LATENCY.labels(model, protocol).observe(seconds)
 

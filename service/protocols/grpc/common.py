@@ -60,10 +60,7 @@ async def recorded(model: str, protocol: str | None):
     except grpc.aio.AbortError:
         raise
     except Exception as exc:
-        err = as_detserve_error(exc, quiet=True)
-        if isinstance(err, ModelNotFound):
-            model = "_unknown"  # client-chosen names must not grow the metric's label set
-        record(status_code(err).name)
+        record(status_code(as_detserve_error(exc, quiet=True)).name)
         raise
     else:
         record(grpc.StatusCode.OK.name)

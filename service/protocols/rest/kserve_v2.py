@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...errors import DetserveError, InvalidRequest, ModelNotFound, ModelNotReady, Overloaded, http_status
+from ...errors import DetserveError, InvalidRequest, ModelNotReady, Overloaded, http_status
 from ...observability import metrics
 from ...types import Protocol
 from .. import kserve_codec as codec
@@ -84,18 +84,16 @@ async def model_ready(request: Request, model: str, version: str | None = None) 
 @router.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
-    label, code = model, 500
+    code = 500
     try:
         response = await _infer(request, model, version)
         code = response.status_code
         return response
     except DetserveError as err:
         code = http_status(err)
-        if isinstance(err, ModelNotFound):
-            label = "_unknown"  # client-chosen names must not grow the metric's label set
         return _error(err)
     finally:
-        metrics.record_request(label, PROTOCOL.value, code, time.perf_counter() - started)
+        metrics.record_request(model, PROTOCOL.value, code, time.perf_counter() - started)
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:

@@ -114,18 +114,15 @@ async def predictions_version(
 async def _predict(request, model, version, score_thr, max_dets, classes, fmt, image_format) -> Response:
     started = time.perf_counter()
     code: int = 500
-    model_label = model
     try:
         response = await _predict_inner(request, model, version, score_thr, max_dets, classes, fmt, image_format)
         code = response.status_code
         return response
     except DetserveError as err:
         code = http_status(err)
-        if isinstance(err, ModelNotFound):
-            model_label = "_unknown"  # client-chosen names must not grow the metric's label set
         raise
     finally:
-        metrics.record_request(model_label, Door.REST.value, code, time.perf_counter() - started)
+        metrics.record_request(model, Door.REST.value, code, time.perf_counter() - started)
 
 
 async def _predict_inner(request, model, version, score_thr, max_dets, classes, fmt, image_format) -> Response:
