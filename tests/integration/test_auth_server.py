@@ -6,12 +6,7 @@ leaves health and metrics open. Workers run tests/fakes.py's predictor; the rest
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -27,17 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 sys.path.insert(0, str(TESTS))
 from fakes import write_model  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
 
-DETSERVE = str(Path(sys.executable).with_name("detserve"))
 INFERENCE_TOKEN = "inf-7f3c2a9e"
 MANAGEMENT_TOKEN = "mgmt-51b0d8c4"
 WRONG_TOKEN = "inf-7f3c2a9f"  # right prefix, wrong last character
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -51,39 +40,15 @@ def server(tmp_path_factory):
     write_model(store, "m", workers=1)
     tokens_file = root / "management.tokens"
     tokens_file.write_text(f"# operators\n{MANAGEMENT_TOKEN}\n")
-    ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc")}
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1",
-           "DETSERVE_PREDICTOR_FACTORY": "fakes:FakePredictor.from_config",
-           "DETSERVE_AUTH__INFERENCE_TOKENS": json.dumps([INFERENCE_TOKEN]),
+    env = {"DETSERVE_AUTH__INFERENCE_TOKENS": json.dumps([INFERENCE_TOKEN]),
            "DETSERVE_AUTH__MANAGEMENT_TOKENS_FILE": str(tokens_file)}
-    cmd = [DETSERVE, "serve", "--model-store", str(store), "--host", "127.0.0.1",
-           "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
-           "--metrics-port", str(ports["metrics"]), "--grpc-port", str(ports["grpc"])]
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    srv = ServeProcess(store, root, grpc=True, env=env, nice=10)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log_path.read_text(errors='replace')[-4000:]}"
-            try:
-                if httpx.get(f"{urls['inference']}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-4000:]
-            time.sleep(0.3)
-        yield {"urls": urls, "grpc": f"127.0.0.1:{ports['grpc']}", "log": log_path}
+        srv.wait_ready(90)
+        urls = {"inference": srv.url, "management": srv.mgmt, "metrics": srv.metrics}
+        yield {"urls": urls, "grpc": srv.grpc_target, "log": srv.log_path}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        srv.stop()
 
 
 def assert_refused(response: httpx.Response, status: int) -> None:

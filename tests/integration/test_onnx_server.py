@@ -2,13 +2,8 @@
 /predictions answers within the parity bounds of the eager backend run in-process."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -24,17 +19,13 @@ from service.pipeline.predictor import Predictor
 from service.settings import load_model_config
 from service.types import DetectOptions, EncodedImage
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_process import ServeProcess  # noqa: E402
+
 # Two exports plus a server with spawned workers: 20 s on an idle box, minutes on a busy one.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DETSERVE = str(Path(sys.executable).with_name("detserve"))
 CLASSES = ["circle", "square", "triangle"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eager_model(folder: Path) -> None:
@@ -59,36 +50,12 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    ports = {k: free_port() for k in ("inference", "management", "metrics")}
-    log_path = tmp_path_factory.mktemp("onnx-serve-log") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DETSERVE_PREDICTOR_FACTORY", None)
-    cmd = [DETSERVE, "serve", "--model-store", str(store), "--models", "onnx,onnx-e2e", "--host", "127.0.0.1",
-           "--no-grpc", "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
-           "--metrics-port", str(ports["metrics"])]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['inference']}"
+    srv = ServeProcess(store, tmp_path_factory.mktemp("onnx-serve-log"), models=["onnx", "onnx-e2e"], fake=False)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready:\n{log_path.read_text()[-4000:]}"
-            time.sleep(0.3)
-        yield url
+        srv.wait_ready(180)
+        yield srv.url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        srv.stop()
 
 
 @pytest.mark.parametrize("model", ["onnx", "onnx-e2e"])

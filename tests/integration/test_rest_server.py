@@ -10,7 +10,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,63 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 sys.path.insert(0, str(TESTS))
 from fakes import write_model  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
 
-DETSERVE = str(Path(sys.executable).with_name("detserve"))
 MAX_REQUEST_SIZE = 1_000_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, store: Path, workdir: Path, models: list[str], drain_timeout_s: float = 20, fake: bool = True,
-                 max_request_size: int = MAX_REQUEST_SIZE):
-        self.ports = {name: free_port() for name in ("inference", "management", "metrics")}
-        self.url = f"http://127.0.0.1:{self.ports['inference']}"
-        self.mgmt = f"http://127.0.0.1:{self.ports['management']}"
-        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
-        config = workdir / "server.toml"
-        config.write_text(f"max_request_size = {max_request_size}\ndrain_timeout_s = {drain_timeout_s}\n")
-        self.log_path = workdir / "server.log"
-        env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-        env.pop("DETSERVE_PREDICTOR_FACTORY", None)
-        if fake:
-            env["DETSERVE_PREDICTOR_FACTORY"] = "fakes:FakePredictor.from_config"
-        cmd = [DETSERVE, "serve", "--config", str(config), "--model-store", str(store), "--models", ",".join(models),
-               "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(self.ports["inference"]),
-               "--management-port", str(self.ports["management"]), "--metrics-port", str(self.ports["metrics"])]
-        with open(self.log_path, "wb") as log:
-            # Own session: a Ctrl+C on pytest must not reach the server's workers behind its back.
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready in {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+def start_server(store: Path, workdir: Path, models: list[str], drain_timeout_s: float = 20, fake: bool = True,
+                 max_request_size: int = MAX_REQUEST_SIZE) -> ServeProcess:
+    config = f"max_request_size = {max_request_size}\ndrain_timeout_s = {drain_timeout_s}\n"
+    return ServeProcess(store, workdir, models=models, config=config, fake=fake)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +42,7 @@ def server(tmp_path_factory):
     write_model(store, "fast", workers=2, batch={"max_batch_size": 8})
     write_model(store, "smallq", workers=1, batch={"max_batch_size": 1, "max_queue_size": 2})
     write_model(store, "spare", workers=1)  # not loaded at start-up: the management test loads it
-    srv = Server(store, root, ["fast", "smallq"])
+    srv = start_server(store, root, ["fast", "smallq"])
     try:
         srv.wait_ready()
         yield srv
@@ -241,7 +192,7 @@ def test_management_load_scale_batch_unload(server):
 def test_sigterm_during_load_completes_accepted_requests(tmp_path):
     store = tmp_path / "store"
     write_model(store, "slow", workers=1, batch={"max_batch_size": 4})
-    srv = Server(store, tmp_path, ["slow"])
+    srv = start_server(store, tmp_path, ["slow"])
     try:
         srv.wait_ready()
 
@@ -298,7 +249,7 @@ def real_server(tmp_path_factory):
     if HAS_TRAINED_MODEL:
         (store / "rtmdet").symlink_to(BUNDLED)
         models.append("rtmdet")
-    srv = Server(store, root, models, fake=False, max_request_size=32 * 1024 * 1024)
+    srv = start_server(store, root, models, fake=False, max_request_size=32 * 1024 * 1024)
     try:
         srv.wait_ready(120)
         yield srv
@@ -410,7 +361,7 @@ def test_bundled_model_finds_the_ground_truth(real_server, tmp_path, size, ext, 
 def test_docs_api_curl_examples_work(tmp_path):
     """Every curl line of docs/api.md, against `detserve serve --model-store models` on free ports."""
     (tmp_path / "models").symlink_to(REPO / "models")
-    srv = Server(REPO / "models", tmp_path, ["rtmdet", "rtmdet-ins"], fake=False, max_request_size=16 * 1024 * 1024)
+    srv = start_server(REPO / "models", tmp_path, ["rtmdet", "rtmdet-ins"], fake=False, max_request_size=16 * 1024 * 1024)
     try:
         srv.wait_ready(180)
         ports = {"8080": srv.ports["inference"], "8081": srv.ports["management"], "8082": srv.ports["metrics"]}
