@@ -183,6 +183,10 @@ def test_body_over_limit_is_413_declared_or_streamed(client, engine):
             yield b"y" * 300
 
     assert_error(client.put("/predictions/shapes", content=chunks()), 413, "payload_too_large")
+    # Under /v2/ the same refusal also speaks the Open Inference Protocol's {"error": ...}.
+    for body in (b"x" * 1001, chunks()):
+        r = client.post("/v2/models/shapes/infer", content=body)
+        assert r.status_code == 413 and "max_request_size" in r.json()["error"]
     assert engine.calls == []
 
 

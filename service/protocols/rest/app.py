@@ -3,7 +3,9 @@
 Inference (8080): TorchServe routes, health, and the KServe V2 / Label Studio routers when those
 modules exist. Management (8081) and metrics (8082) are separate apps so each port can be bound
 and protected on its own. Every response carries `X-Request-ID`; every error body is
-`{"code","message","request_id"}` with the status from `service.errors.http_status`.
+`{"code","message","request_id"}` with the status from `service.errors.http_status`; under `/v2/` it
+also carries the Open Inference Protocol's `"error"` field, so V2 clients read errors raised before
+the KServe router runs (body limit, auth, a last-resort 500) the same way as the router's own.
 """
 from __future__ import annotations
 
@@ -36,18 +38,21 @@ BEARER_EXEMPT_MODULES = frozenset({"service.protocols.rest.labelstudio"})
 
 # ---- errors: the one table ---------------------------------------------------------------------
 
-def error_response(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None) -> Response:
-    body = orjson.dumps({"code": code, "message": message, "request_id": request_id or ""})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+def error_response(status: int, code: str, message: str, request_id: str | None, headers: dict | None = None,
+                   path: str = "") -> Response:
+    body = {"code": code, "message": message, "request_id": request_id or ""}
+    if path.startswith("/v2/"):
+        body["error"] = message
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def detserve_error_response(err: DetserveError, request_id: str | None) -> Response:
+def detserve_error_response(err: DetserveError, request_id: str | None, path: str = "") -> Response:
     headers = {}
     if isinstance(err, Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s or 1)))
     if isinstance(err, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
-    return error_response(http_status(err), err.code, err.message, request_id, headers)
+    return error_response(http_status(err), err.code, err.message, request_id, headers, path)
 
 
 def _request_id(request: Request) -> str | None:
@@ -55,7 +60,7 @@ def _request_id(request: Request) -> str | None:
 
 
 async def _on_detserve_error(request: Request, exc: DetserveError) -> Response:
-    return detserve_error_response(exc, _request_id(request))
+    return detserve_error_response(exc, _request_id(request), request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -63,7 +68,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     for e in exc.errors():
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body", "header", "path"))
         parts.append(f"{loc or 'request'}: {e.get('msg')}")
-    return detserve_error_response(InvalidRequest("; ".join(parts) or "invalid request"), _request_id(request))
+    return detserve_error_response(InvalidRequest("; ".join(parts) or "invalid request"), _request_id(request),
+                                   request.url.path)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request", 413: "payload_too_large"}
@@ -71,7 +77,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_reques
 
 async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), _request_id(request), exc.headers)
+    return error_response(exc.status_code, code, str(exc.detail), _request_id(request), exc.headers,
+                          request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -109,12 +116,14 @@ class RequestContextMiddleware:
         try:
             too_large = self._declared_too_large(headers)
             if too_large is not None:
-                return await detserve_error_response(too_large, request_id)(scope, receive, send_with_id)
+                return await detserve_error_response(too_large, request_id, scope.get("path", ""))(
+                    scope, receive, send_with_id)
             await self.app(scope, self._counting(receive), send_with_id)
         except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
             log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
             if not status["sent"]:
-                response = error_response(500, "internal", "internal server error", request_id)
+                response = error_response(500, "internal", "internal server error", request_id,
+                                          path=scope.get("path", ""))
                 await response(scope, receive, send_with_id)
         finally:
             client = scope.get("client")
