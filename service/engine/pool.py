@@ -6,7 +6,7 @@ the engine through `PoolEvents` on the event loop thread, never from their own t
 
 IPC: per worker, a socketpair carries pickled requests (messages.py) down and a one-way pipe
 carries results up; the event loop writes and reads both without blocking (no helper threads, see
-_ProcessHandle). Images travel as the client's encoded bytes, so a request costs one pickle copy,
+process.py). Images travel as the client's encoded bytes, so a request costs one pickle copy,
 the kernel copies and one unpickle copy per side.
 
 Measured round trip, engine.detect() -> worker -> result, fake predictor that returns at once,
@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
 import os
-import socket
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from typing import Protocol
 
 from .. import errors
@@ -39,8 +35,9 @@ from ..observability import metrics
 from ..settings import ModelConfig, ServerSettings
 from ..types import WorkerStatus
 from .messages import DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, ModelFacts, Shutdown, WorkerError, WorkerReady, WorkerSpec
+from .process import WorkerProcess
 from .scheduler import WorkerLoad
-from .worker import describe, load_predictor, run_batch, worker_main
+from .worker import describe, load_predictor, run_batch
 
 log = logging.getLogger("detserve.engine")
 
@@ -82,7 +79,7 @@ class _Seat:
     batch: tuple[int, int, float] | None = None  # (batch_id, items, sent monotonic) while busy
     last_dispatch_at: float = float("-inf")
     retiring: bool = False
-    handle: object | None = None  # _ProcessHandle or _InlineHandle
+    handle: object | None = None  # WorkerProcess or _InlineHandle
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: str | None = None
     ever_ready: bool = False  # a worker that never came up is reported, not restarted forever
@@ -266,143 +263,6 @@ class _PoolBase:
         raise NotImplementedError
 
 
-class _ProcessHandle:
-    """One spawned worker, driven entirely by the event loop: requests go down a socketpair written
-    without blocking, results come up a separate one-way pipe read without blocking (add_reader and
-    multiprocessing's own framing). No helper threads fight the loop for the GIL (measured: they
-    cost milliseconds per batch on a loaded box), and a frozen worker can never stall the loop."""
-
-    def __init__(self, pool: "ProcessPool", seat: _Seat, spec: WorkerSpec, loop: asyncio.AbstractEventLoop):
-        ctx = mp.get_context("spawn")
-        self.conn, child_requests = ctx.Pipe(duplex=True)
-        results_reader, child_results = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=worker_main, args=(child_requests, child_results, spec), daemon=True,
-                                   name=f"detserve-{pool.cfg.name}-{seat.worker_id}")
-        self.process.start()
-        # Else the parent holds the child's ends open and never sees EOF when the child dies.
-        child_requests.close()
-        child_results.close()
-        self.started_at = self.last_heartbeat = time.monotonic()
-        self.kill_reason: str | None = None
-        self._pool, self._seat, self._loop = pool, seat, loop
-        self._results = results_reader
-        self._frames = _FrameReader()
-        os.set_blocking(results_reader.fileno(), False)
-        loop.add_reader(results_reader.fileno(), self._on_readable)
-        self._unsent = bytearray()  # request bytes the socket would not take yet
-        os.set_blocking(self.conn.fileno(), False)
-        _widen_send_buffer(self.conn.fileno())
-
-    def send(self, message) -> None:
-        """Non-blocking: write what the socket takes now, the rest when it is writable again, so
-        a large batch or a frozen worker never blocks the loop (and no sender thread is needed)."""
-        payload = ForkingPickler.dumps(message)
-        self._unsent += struct.pack("!i", len(payload))
-        self._unsent += payload
-        if len(self._unsent) == len(payload) + 4:  # nothing was pending: try right away
-            self._flush()
-
-    def _flush(self) -> None:
-        fd = self.conn.fileno()
-        try:
-            while self._unsent:
-                written = os.write(fd, self._unsent)
-                del self._unsent[:written]
-        except BlockingIOError:
-            self._loop.add_writer(fd, self._flush)
-            return
-        except OSError:
-            self._unsent.clear()  # the worker is gone; the results pipe reports the exit
-        self._loop.remove_writer(fd)
-
-    def kill(self, reason: str) -> None:
-        if self.kill_reason is None:
-            self.kill_reason = reason
-            log.warning("killing worker pid %s: %s", self.process.pid, reason)
-        self.process.kill()
-
-    def _on_readable(self) -> None:
-        fd = self._results.fileno()
-        eof = False
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                break
-            except OSError:
-                eof = True
-                break
-            if not chunk:
-                eof = True
-                break
-            self._frames.feed(chunk)
-        for frame in self._frames.frames():
-            try:
-                message = ForkingPickler.loads(frame)
-            except Exception:  # noqa: BLE001 - one unreadable message; frames stay aligned
-                log.exception("unreadable message from worker pid %s", self.process.pid)
-                continue
-            self._pool._on_message(self._seat, self, message)
-        if eof:
-            self._loop.remove_reader(fd)
-            self._results.close()
-            self._loop.remove_writer(self.conn.fileno())
-            self._loop.create_task(self._reap())
-
-    async def _reap(self) -> None:
-        await self._loop.run_in_executor(None, self._join)
-        self.conn.close()
-        self._pool._on_exit(self._seat, self, self.kill_reason or f"exit code {self.process.exitcode}")
-
-    def _join(self) -> None:
-        self.process.join(5.0)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join()
-
-
-def _widen_send_buffer(fd: int, size: int = 8 << 20) -> None:
-    """Ask for room for a whole batch of large images in one write: every refill of a small buffer
-    costs a loop wake-up plus a worker wake-up (measured: 1.6 MB took ~11 ms at the default size on
-    a loaded 2-core box). The kernel caps it at net.core.wmem_max; best effort."""
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-class _FrameReader:
-    """multiprocessing.Connection framing: a big-endian int32 length (-1: a uint64 length follows)."""
-
-    def __init__(self):
-        self._buffer = bytearray()
-
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-
-    def frames(self):
-        buf = self._buffer
-        while len(buf) >= 4:
-            (size,) = struct.unpack_from("!i", buf)
-            header = 4
-            if size == -1:
-                if len(buf) < 12:
-                    return
-                (size,) = struct.unpack_from("!Q", buf, 4)
-                header = 12
-            if len(buf) < header + size:
-                return
-            frame = bytes(buf[header:header + size])
-            del buf[:header + size]
-            yield frame
-
-
 class ProcessPool(_PoolBase):
     """Spawned, supervised workers: a crash (EOF), a missed heartbeat, a batch stuck longer than the
     heartbeat timeout, or a start past `worker_start_timeout_s` kills and restarts with backoff."""
@@ -413,7 +273,9 @@ class ProcessPool(_PoolBase):
 
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()
-        seat.handle = handle = _ProcessHandle(self, seat, self._spec(seat, threads), loop)
+        seat.handle = handle = WorkerProcess(
+            self._spec(seat, threads), loop, name=f"detserve-{self.cfg.name}-{seat.worker_id}",
+            on_message=lambda h, m: self._on_message(seat, h, m), on_exit=lambda h, r: self._on_exit(seat, h, r))
         seat.pid = handle.process.pid
         if self._supervisor is None:
             self._supervisor = loop.create_task(self._supervise(), name=f"supervise-{self.cfg.name}")
@@ -430,7 +292,7 @@ class ProcessPool(_PoolBase):
             if seat in self._seats:
                 self._seats.remove(seat)
 
-    def _on_message(self, seat: _Seat, handle: _ProcessHandle, message) -> None:
+    def _on_message(self, seat: _Seat, handle: WorkerProcess, message) -> None:
         if seat.handle is not handle:
             return  # from a process already replaced
         handle.last_heartbeat = time.monotonic()
@@ -446,7 +308,7 @@ class ProcessPool(_PoolBase):
             seat.load_error = message.message
             log.error("worker %d of %s: %s", seat.worker_id, self.cfg.name, message.message)
 
-    def _on_exit(self, seat: _Seat, handle: _ProcessHandle, reason: str) -> None:
+    def _on_exit(self, seat: _Seat, handle: WorkerProcess, reason: str) -> None:
         if seat.handle is handle:
             self._on_gone(seat, seat.load_error or reason)
 
