@@ -6,8 +6,6 @@ its model store, server config, environment and whether gRPC listens.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +13,11 @@ from pathlib import Path
 
 import httpx
 
+from service.bench.servers import free_port, stop_process
+
 TESTS = Path(__file__).resolve().parent
 DETSERVE = str(Path(sys.executable).with_name("detserve"))
 FAKE_FACTORY = "fakes:FakePredictor.from_config"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeProcess:
@@ -80,11 +74,4 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, grace_s=30)
