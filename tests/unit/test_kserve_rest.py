@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.errors import InvalidImage, InvalidRequest, ModelNotFound
 from service.protocols import kserve_codec as codec
+from service.protocols.rest.app import install_error_handlers
 from service.protocols.rest.kserve_v2 import router
 from service.types import BatchSettings, DetectResult, Detection, EncodedImage, ModelInfo, RawImage
 
@@ -52,6 +53,7 @@ class ToyEngine:
 def client():
     app = FastAPI()
     app.state.engine = ToyEngine()
+    install_error_handlers(app)  # as build_inference_app does: the router raises, the one table renders
     app.include_router(router)
     return TestClient(app)
 

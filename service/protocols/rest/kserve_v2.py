@@ -1,12 +1,11 @@
 """KServe V2 / Open Inference Protocol over HTTP, with the binary tensor extension.
 
 Tensor semantics are shared with the gRPC door (`service.protocols.kserve_codec`); this module
-only frames them as JSON and binary bodies. Errors use the V2 shape `{"error": "..."}` with the
-status from the one error table.
+only frames them as JSON and binary bodies. Errors are raised to the app's one error table
+(rest/app.py), which adds the V2 `"error"` field under `/v2/`.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, Overloaded, http_status
+from ...errors import DetserveError, InvalidRequest, ModelNotReady, http_status
 from ...observability import metrics
 from ...types import Protocol
 from .. import kserve_codec as codec
@@ -26,13 +25,6 @@ HEADER_LENGTH = "inference-header-content-length"
 
 def _json(body: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
-
-
-def _error(err: DetserveError) -> Response:
-    headers = {}
-    if isinstance(err, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s or 1)))
-    return _json({"error": err.message}, http_status(err), headers)
 
 
 def _engine(request: Request):
@@ -60,11 +52,8 @@ async def health_ready(request: Request) -> Response:
 @router.get("/v2/models/{model}")
 @router.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
-    try:
-        info = _engine(request).model_info(model)
-        codec.check_version(info, version)
-    except DetserveError as err:
-        return _error(err)
+    info = _engine(request).model_info(model)
+    codec.check_version(info, version)
     return _json(codec.model_metadata(info))
 
 
@@ -72,10 +61,7 @@ async def model_metadata(request: Request, model: str, version: str | None = Non
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
     engine = _engine(request)
-    try:
-        codec.check_version(engine.model_info(model), version)
-    except DetserveError as err:
-        return _error(err)
+    codec.check_version(engine.model_info(model), version)
     ready = engine.model_ready(model)
     return _json({"name": model, "ready": ready}, 200 if ready else 503)
 
@@ -91,7 +77,7 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         return response
     except DetserveError as err:
         code = http_status(err)
-        return _error(err)
+        raise  # the app's one error table renders it, in the V2 shape under /v2/
     finally:
         metrics.record_request(model, PROTOCOL.value, code, time.perf_counter() - started)
 
