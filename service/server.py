@@ -121,12 +121,15 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         bind("management", settings.management_address, settings.management_port),
         bind("metrics", settings.metrics_address, settings.metrics_port),
     ]
-    inference_app = build_inference_app(engine, settings)
+    from .engine.dataplane import DataPlane
+
+    dataplane = DataPlane(engine, max_images_per_request=settings.max_images_per_request)
+    inference_app = build_inference_app(engine, settings, dataplane)
     apps = [inference_app, build_management_app(engine, settings), build_metrics_app(settings)]
     servers = [_Uvicorn.server(app, settings) for app in apps]
 
     # Serve HTTP while the models load, so probes get answers: /healthz 200, /readyz 503 until ready.
-    inference_app.state.starting = True
+    dataplane.starting = True
     tasks = [asyncio.create_task(srv.serve(sockets=[lst.sock]), name=f"http-{lst.name}")
              for srv, lst in zip(servers, listeners)]
     _log_bindings(listeners, settings)
@@ -136,7 +139,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         await engine.start()
         grpc_module = _grpc_module() if settings.enable_grpc else None
         if grpc_module is not None:
-            grpc_server = await grpc_module.start_grpc_server(engine, settings)  # it logs its own address
+            grpc_server = await grpc_module.start_grpc_server(engine, settings, dataplane)  # it logs its own address
     except Exception as exc:
         log.error("start-up failed: %s", getattr(exc, "message", None) or repr(exc))
         for srv in servers:
@@ -145,7 +148,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         with contextlib.suppress(Exception):
             await engine.stop(0)
         return 1
-    inference_app.state.starting = False
+    dataplane.starting = False
     log.info("ready", extra={"models": [m.name for m in engine.models()]})
 
     stopper = asyncio.create_task(stop_event.wait(), name="stop-signal")
@@ -159,7 +162,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
 
     log.info("draining: refusing new connections, finishing in-flight requests",
              extra={"drain_timeout_s": settings.drain_timeout_s})
-    inference_app.state.draining = True
+    dataplane.draining = True  # every door's readiness turns false at once, gRPC health included
     for srv in servers:
         srv.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)

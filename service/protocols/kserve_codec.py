@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequest, ModelNotFound
-from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
+from ..types import DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
 
 SERVER_NAME = "detserve"
 EXTENSIONS = ("binary_tensor_data",)
@@ -236,25 +236,13 @@ def _raw_images(tensor: Tensor) -> list[ImageInput]:
     return [RawImage(np.ascontiguousarray(img).tobytes(), int(height), int(width), order) for img in pixels]
 
 
-def options_from_parameters(parameters: Mapping[str, Any]) -> DetectOptions:
-    """Request parameters `score_thr`, `max_dets` and `classes` (comma-separated or a list)."""
-    try:
-        score_thr = parameters.get("score_thr")
-        score_thr = None if score_thr is None else float(score_thr)
-        max_dets = parameters.get("max_dets")
-        max_dets = None if max_dets is None else int(max_dets)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequest(f"bad detection parameter: {exc}") from None
-    if score_thr is not None and not 0.0 <= score_thr <= 1.0:
-        raise InvalidRequest(f"score_thr must be within [0, 1], got {score_thr}")
-    if max_dets is not None and max_dets < 1:
-        raise InvalidRequest(f"max_dets must be >= 1, got {max_dets}")
-    classes = parameters.get("classes")
-    if isinstance(classes, str):
-        classes = tuple(c.strip() for c in classes.split(",") if c.strip())
-    elif classes is not None:
-        classes = tuple(str(c) for c in classes)
-    return DetectOptions(score_thr=score_thr, max_dets=max_dets, classes=classes or None)
+def parameters_object(value: Any, where: str) -> dict[str, Any]:
+    """A `parameters` member as a dict: absent or null is empty; anything but an object is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{where} 'parameters' must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def detection_outputs(results: Sequence[DetectResult], has_masks: bool) -> list[Tensor]:
@@ -307,7 +295,7 @@ class InferOutcome:
 
 
 async def infer(
-    engine,
+    dp,
     model: str,
     version: str | None,
     inputs: Sequence[Tensor],
@@ -318,16 +306,19 @@ async def infer(
     request_id: str | None = None,
     timeout_s: float | None = None,
 ) -> InferOutcome:
-    """Validate the request against the model, run it through the engine, build the outputs."""
-    info = engine.model_info(model)
+    """Validate the request against the model, run it through the data plane, build the outputs.
+    Request parameters `score_thr`, `max_dets` and `classes` are checked by the data plane."""
+    info = dp.resolve(model, None)
     check_version(info, version)
     images = images_from_inputs(inputs)
-    options = options_from_parameters(parameters)
+    dp.check_images(len(images))
+    options = dp.options(info, score_thr=parameters.get("score_thr"), max_dets=parameters.get("max_dets"),
+                         classes=parameters.get("classes"))
     outputs_for = output_specs(info.has_masks)
     unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
     if unknown:  # refuse before spending compute
         raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
-    results = await engine.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
+    results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
     outputs = select_outputs(detection_outputs(results, info.has_masks), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)
     return InferOutcome(info.name, served_version, outputs)

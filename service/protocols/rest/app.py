@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...engine.api import EngineAPI
+from ...engine.dataplane import DataPlane
 from ...errors import DetserveError, InvalidRequest, Overloaded, PayloadTooLarge, Unauthenticated, http_status
 from ...observability import metrics
 from ...observability.logging import clean_request_id, log_access, request_id_var
@@ -211,14 +212,15 @@ def _optional_router(module_name: str):
     return module.router
 
 
-def build_inference_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+def build_inference_app(engine: EngineAPI, settings: ServerSettings, dataplane: DataPlane | None = None) -> FastAPI:
+    """`dataplane` is shared with the gRPC server by run_server; its starting/draining flags are the
+    readiness every door reports."""
     from . import torchserve
 
     open_paths: set[str] = set() if settings.auth.protect_health else set(HEALTH_PATHS)
     app = _base_app("detserve inference", "inference", settings, _build_auth(settings), open_paths)
     app.state.engine = engine
-    app.state.starting = False  # run_server sets it while the engine loads its models
-    app.state.draining = False
+    app.state.dataplane = dataplane or DataPlane(engine, max_images_per_request=settings.max_images_per_request)
     app.include_router(torchserve.router)
     for module_name in OPTIONAL_ROUTERS:
         router = _optional_router(module_name)
