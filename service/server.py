@@ -26,12 +26,23 @@ log = logging.getLogger("detserve.server")
 
 
 
+def _graceful_timeout_s(settings: ServerSettings) -> int:
+    return max(1, int(settings.drain_timeout_s))
+
+
 class _Uvicorn:
     """Lazily built so importing this module does not import uvicorn's protocol stack."""
 
     @staticmethod
     def server(app, settings: ServerSettings):
         import uvicorn
+
+        try:
+            from .protocols.rest.limits import bounded_protocol
+        except ImportError:  # no httptools: h11 bounds the headers itself, the sweeper has nothing to do
+            http, h11_limit = "h11", settings.limits.max_header_bytes
+        else:
+            http, h11_limit = bounded_protocol(settings.limits), None
 
         class QuietSignalsServer(uvicorn.Server):
             # run_server owns SIGTERM/SIGINT for all servers; uvicorn would otherwise install its own
@@ -42,7 +53,9 @@ class _Uvicorn:
 
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, server_header=False,
-            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), ws="none",
+            timeout_graceful_shutdown=_graceful_timeout_s(settings), ws="none", http=http,
+            timeout_keep_alive=settings.limits.keep_alive_timeout_s, limit_concurrency=settings.limits.max_connections,
+            **({"h11_max_incomplete_event_size": h11_limit} if h11_limit else {}),
         )
         return QuietSignalsServer(config)
 
@@ -132,6 +145,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     dataplane.starting = True
     tasks = [asyncio.create_task(srv.serve(sockets=[lst.sock]), name=f"http-{lst.name}")
              for srv, lst in zip(servers, listeners)]
+    sweeper = asyncio.create_task(_sweep(servers), name="http-limits")
     _log_bindings(listeners, settings)
     log.info("starting engine", extra={"model_store": str(settings.model_store)})
     grpc_server = None
@@ -145,6 +159,7 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         for srv in servers:
             srv.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        sweeper.cancel()
         with contextlib.suppress(Exception):
             await engine.stop(0)
         return 1
@@ -165,13 +180,32 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     dataplane.draining = True  # every door's readiness turns false at once, gRPC health included
     for srv in servers:
         srv.should_exit = True
+    # Just before uvicorn's graceful timeout cancels what still runs, answer uploads still in flight.
+    grace = _graceful_timeout_s(settings)
+    cutter = loop.call_later(grace - min(1.0, grace / 4), _cut_uploads, servers)
     await asyncio.gather(*tasks, return_exceptions=True)
+    cutter.cancel()
+    sweeper.cancel()
     if grpc_server is not None:
         await grpc_server.stop(settings.drain_timeout_s)
     await engine.stop(settings.drain_timeout_s)
     stopper.cancel()
     log.info("stopped")
     return exit_code
+
+
+async def _sweep(servers) -> None:
+    try:
+        from .protocols.rest.limits import sweep_forever
+    except ImportError:
+        return
+    await sweep_forever(servers)
+
+
+def _cut_uploads(servers) -> None:
+    from .protocols.rest.limits import cut_unfinished_uploads
+
+    cut_unfinished_uploads(servers)
 
 
 def _new_event_loop():
