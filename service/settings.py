@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -204,6 +204,13 @@ class ServerSettings(BaseSettings):
 
     auth: AuthSettings = AuthSettings()
     labelstudio: LabelStudioSettings = LabelStudioSettings()
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> "ServerSettings":
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed heartbeat_interval_s "
+                             f"({self.heartbeat_interval_s}), or every worker would be killed between beats")
+        return self
 
 
 def load_server_settings(config_file: str | Path | None = None, **overrides) -> ServerSettings:
