@@ -166,3 +166,25 @@ def test_drain_answers_a_slow_upload_with_json_503_and_sigterm_to_the_group_rest
     assert code == 0
     log = proc.log()
     assert "restarting in" not in log and "gone (" not in log, log
+
+
+def test_a_request_still_running_when_the_drain_ends_gets_json_503_not_plain_500(tmp_path):
+    store = tmp_path / "store"
+    write_model(store, "late", workers=1)
+    proc = ServeProcess(store, tmp_path, config="drain_timeout_s = 1.5\n")
+    proc.wait_ready()
+    try:
+        answers: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: answers.append(
+            httpx.put(f"{proc.url}/predictions/late", content=b"SLEEP:8", timeout=30)))
+        t.start()
+        time.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert proc.proc.wait(30) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+    (r,) = answers
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["code"] == "model_not_ready"
