@@ -5,10 +5,11 @@ import grpc
 
 from ...engine.dataplane import DataPlane
 from ...errors import InvalidRequest
-from ...types import ModelInfo
-from ...types import Protocol
+from ...types import ModelInfo, Protocol
 from . import convert
-from .common import Call, abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from
+from .common import (
+    Call, abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from,
+)
 from .generated import detserve_pb2 as pb
 from .generated import detserve_pb2_grpc as pb_grpc
 
@@ -72,5 +73,6 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in self._dp.engine.models()])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.Model:
-        async with door(context, self._dp, request.model, None) as call:
-            return convert.model_to_proto(self._dp.engine.model_info(resolve_model(self._dp, self._default_model, request.model)))
+        async with door(context, self._dp, request.model, None):
+            name = resolve_model(self._dp, self._default_model, request.model)
+            return convert.model_to_proto(self._dp.engine.model_info(name))

@@ -15,12 +15,11 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
-
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...engine.dataplane import DataPlane, dataplane_for
 from ...errors import DetserveError, InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, http_status
-from ...types import DetectOptions, DetectResult, EncodedImage, RenderFormat
+from ...types import DetectResult, EncodedImage, RenderFormat
 from ...types import Protocol as Door
 
 router = APIRouter()
