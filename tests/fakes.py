@@ -7,12 +7,14 @@ FakePredictor reads each EncodedImage's bytes as a command, so a test can steer 
   b"CRASH"          -> the worker process dies (os._exit) mid-batch
   b"HANG"           -> the batch never returns
   b"RAISE"          -> predict() raises RuntimeError for the whole batch
+  b"DIGEST..."      -> model_version = sha256 of all the image's bytes (checks payload transport)
 With `oom_above=N`, a batch larger than N raises torch.cuda.OutOfMemoryError.
 Each result reports `image_width` = size of the batch it ran in and `image_height` = worker pid.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -77,9 +79,12 @@ class FakePredictor:
         if sleeps:
             time.sleep(max(sleeps))
         out = []
-        for command in commands:
+        for command, img in zip(commands, images):
             if command.startswith(b"BAD"):
                 out.append(errors.InvalidImage("not an image (fake)"))
+            elif command.startswith(b"DIGEST"):
+                out.append(DetectResult([], image_width=len(img.data), image_height=os.getpid(),
+                                        model_name=self.name, model_version=hashlib.sha256(img.data).hexdigest()))
             else:
                 out.append(DetectResult([], image_width=len(images), image_height=os.getpid(),
                                         model_name=self.name, model_version=self.version))
