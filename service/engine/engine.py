@@ -118,6 +118,7 @@ class _ModelRuntime:
 
     # -- the dispatcher -------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             now = time.monotonic()
@@ -128,11 +129,14 @@ class _ModelRuntime:
                 self._send(dispatch, now)
             self._publish()
             wake_at = self.scheduler.wake_at(now)
-            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            # A timer that sets the event, not asyncio.wait_for: that wraps the wait in a new Task on
+            # every pass of this loop, which runs once or more per batch.
+            timer = None if wake_at is None else loop.call_later(max(0.0, wake_at - time.monotonic()), self._wake.set)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _send(self, dispatch: Dispatch, now: float) -> None:
         items = [i for i in dispatch.batch.items if not i.payload.future.done()]  # caller gave up
