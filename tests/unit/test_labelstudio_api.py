@@ -302,7 +302,8 @@ def test_stored_setup_configs_are_bounded_in_count_and_size():
         resp = client.post(f"/labelstudio/blobs/{path}", json={"project": "4.1", field: huge, "tasks": []})
         assert resp.status_code == 413 and "max_label_config_bytes" in resp.json()["message"]
     backend = client.app.state.labelstudio_backend
-    assert len(backend._projects) == 2 and len(backend._parsed) <= 2
+    projects, parsed = backend.stored_configs
+    assert projects == 2 and parsed <= 2
 
 
 def test_too_many_tasks_is_413_naming_the_limit():

@@ -307,7 +307,7 @@ def test_pin_keeps_the_name_for_host_and_sni():
 
 
 @pytest.mark.parametrize("url", ["http://[", "http://[::1", "http://host:99999/a.png", "http://a b/c.png",
-                                 "http://\u2603.invalid./x.png", "http:///nohost.png", "http://" + "a" * 300 + "/x"])
+                                 "http://\u2603.invalid./x.png", "http://\u2603.com/a.png", "http:///nohost.png", "http://" + "a" * 300 + "/x"])
 def test_malformed_urls_are_fetch_errors(url):
     with pytest.raises(ImageFetchError):
         fetch(url, FetchConfig(timeout_s=2))

@@ -147,6 +147,11 @@ class LabelStudioBackend:
         self._parsed: _LRU = _LRU(self.settings.max_projects)  # sha256 of a config -> its control tags
         self.image_bytes = ByteBudget(self.settings.max_inflight_bytes)
 
+    @property
+    def stored_configs(self) -> tuple[int, int]:
+        """(project setups remembered, parsed configs cached): both at most labelstudio.max_projects."""
+        return len(self._projects), len(self._parsed)
+
     # -- endpoints -------------------------------------------------------------------------
 
     def health(self, engine: EngineAPI, model: str) -> dict:

@@ -75,11 +75,11 @@ class AddressPolicy:
     async def pin(self, url: str) -> Pinned:
         try:
             parsed = httpx.URL(url)
+            host = parsed.raw_host.decode("ascii")  # IDNA names as their xn-- form, as DNS and SNI see them
         except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
             raise ImageFetchError(f"task image URL {_short(url)} is malformed: {exc}") from None
-        if parsed.scheme not in ("http", "https") or not parsed.host:
+        if parsed.scheme not in ("http", "https") or not host:
             raise ImageFetchError(f"task image URL {_short(url)} needs an http(s) scheme and a host")
-        host = parsed.host
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         ip = await self._resolve(host, port)
         extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
