@@ -370,3 +370,23 @@ def test_predict_records_request_metrics_and_folds_unknown_models():
     assert [b - a for a, b in zip(before, after)] == [1, 3, 1]
     assert sample("detserve_requests_total", {"model": "nope-1", "protocol": "labelstudio", "code": "404"}) == 0
     assert sample("detserve_request_latency_seconds_count", {"model": "blobs", "protocol": "labelstudio"}) >= 2
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+def test_security_settings_validated_with_the_field_named(monkeypatch):
+    from service.errors import ConfigError
+    from service.settings import load_server_settings
+
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW", '["10.0.0.0/8", "minio.internal", "::1"]')
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__ALLOW_SETUP_HOSTNAME", "true")
+    ls = load_server_settings().labelstudio
+    assert ls.fetch_allow == ["10.0.0.0/8", "minio.internal", "::1"] and ls.allow_setup_hostname
+    assert not LabelStudioSettings().allow_setup_hostname and not LabelStudioSettings().allow_unauthenticated
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW", '["10.0.0.999"]')
+    with pytest.raises(ConfigError, match="fetch_allow.*neither a CIDR"):
+        load_server_settings()
+    monkeypatch.delenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW")
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__MAX_CALL_BYTES", "1000")
+    with pytest.raises(ConfigError, match="max_call_bytes .* must be >= max_image_bytes"):
+        load_server_settings()
