@@ -49,7 +49,7 @@ def _bearer_tokens_on(request: Request) -> bool:
     return auth is not None and auth.enabled("inference")
 
 
-def require_basic_auth(request: Request) -> None:
+def require_label_studio_auth(request: Request) -> None:
     """HTTP Basic auth when a user is configured (Label Studio's BASIC_AUTH option); otherwise the
     server's bearer tokens when those are on, so no route runs inference or fetches without credentials."""
     settings = request.app.state.settings
@@ -60,6 +60,9 @@ def require_basic_auth(request: Request) -> None:
         try:
             request.app.state.auth.check("inference", request.headers.get("authorization"))
         except Unauthenticated as exc:
+            if not getattr(request.app.state, "labelstudio_refusal_logged", False):
+                request.app.state.labelstudio_refusal_logged = True  # once: Label Studio retries often
+                log.warning("refusing /labelstudio requests without credentials: %s", NO_BASIC_AUTH_HINT)
             raise Unauthenticated(f"{exc.message}; {NO_BASIC_AUTH_HINT}") from None
         return
     header = request.headers.get("authorization", "")
@@ -93,7 +96,7 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-router = APIRouter(prefix="/labelstudio/{model}", tags=["labelstudio"], dependencies=[Depends(require_basic_auth)])
+router = APIRouter(prefix="/labelstudio/{model}", tags=["labelstudio"], dependencies=[Depends(require_label_studio_auth)])
 
 
 @router.get("/health")
