@@ -39,6 +39,7 @@ def jwt(payload: dict) -> str:
 PAT = jwt({"token_type": "refresh", "exp": time.time() + 86400})
 PAT_NON_JSON = jwt({"token_type": "refresh", "exp": time.time() + 86400, "kind": "answers html"})
 LOOPBACK = ("127.0.0.1/32",)
+OTHER_PATS = [jwt({"token_type": "refresh", "exp": time.time() + 86400, "n": n}) for n in range(3)]
 ACCESS = jwt({"token_type": "access", "exp": time.time() + 3600})
 
 
@@ -65,7 +66,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         if self.path == "/api/token/refresh/" and body.get("refresh") == PAT_NON_JSON:
             return self._send(200, b"<html>login page</html>", "text/html")
-        if self.path == "/api/token/refresh/" and body.get("refresh") == PAT:
+        if self.path == "/api/token/refresh/" and body.get("refresh") in [PAT, *OTHER_PATS]:
             type(self).exchanges += 1
             return self._send(200, json.dumps({"access": ACCESS}).encode(), "application/json")
         self._send(401, b'{"detail":"bad token"}', "application/json")
@@ -121,7 +122,7 @@ def ls_url():
 def fetch(url: str, config: FetchConfig, tokens: TokenCache | None = None, task_id=None) -> bytes:
     async def go():
         async with pinned_client(verify=True, timeout_s=config.timeout_s) as client:
-            return await ImageFetcher(config, client, tokens or TokenCache()).fetch(url, task_id=task_id)
+            return await ImageFetcher(config, client, tokens if tokens is not None else TokenCache()).fetch(url, task_id=task_id)
 
     return asyncio.run(go())
 
@@ -145,6 +146,14 @@ def test_upload_with_personal_access_token_exchanged_once(ls_url):
 
     assert asyncio.run(many()) == [IMAGE] * 6
     assert FakeLabelStudio.exchanges - before == 1
+
+
+def test_token_cache_is_bounded(ls_url, monkeypatch):
+    monkeypatch.setattr(TokenCache, "MAX_ENTRIES", 2)
+    tokens = TokenCache()
+    for pat in OTHER_PATS:  # three personal access tokens, one exchange each
+        assert fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=pat), tokens) == IMAGE
+    assert len(tokens) == 2
 
 
 def test_ls_under_a_url_prefix(ls_url):

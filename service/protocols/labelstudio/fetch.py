@@ -82,9 +82,14 @@ def _b64json(segment: str):
 class TokenCache:
     """Access tokens obtained by exchanging a personal access token at /api/token/refresh/."""
 
+    MAX_ENTRIES = 64  # one per (Label Studio, PAT) pair; /setup hostnames could otherwise add without end
+
     def __init__(self) -> None:
         self._access: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self._access)
 
     def forget(self, base_url: str, refresh: str) -> None:
         self._access.pop((base_url, refresh), None)
@@ -113,6 +118,9 @@ class TokenCache:
             payload = _b64json(access.split(".")[1]) if access.count(".") == 2 else None
             exp = payload.get("exp") if isinstance(payload, dict) else None
             expires = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else 0.0
+            self._access.pop((base_url, refresh), None)
+            while len(self._access) >= self.MAX_ENTRIES:
+                self._access.pop(next(iter(self._access)))  # the oldest exchange
             self._access[(base_url, refresh)] = (access, (expires or time.time() + 300) - _TOKEN_SLACK_S)
             return access
 
