@@ -95,9 +95,9 @@ def targets(data: dict) -> list[dict]:
     add("null p99, c16", "<= 10 ms", null_p99, lambda v: v <= 10.0, f"{null_p99:.2f} ms (bare FastAPI {bare_p99:.2f} ms)")
     add("null / bare FastAPI no-op, throughput c16", ">= 0.5x", _ratio(null, bare), lambda v: v >= 0.5,
         f"{null:.0f} vs {bare:.0f} req/s")
-    wrk = _mean(data, "client", "wrk: detserve null c16", "throughput")
-    add("load client ceiling: detserve bench / wrk on the same null server, c16", ">= 0.9x (client not the bottleneck)",
-        _ratio(null, wrk), lambda v: v >= 0.9, f"{null:.0f} vs {wrk:.0f} req/s")
+    py = _mean(data, "client", "detserve null REST c16, Python asyncio client", "throughput")
+    add("load client check: Python asyncio client / wrk on the same null server, c16", "(for reference)",
+        _ratio(py, null), lambda v: True, f"{py:.0f} vs {null:.0f} req/s")
     return out
 
 
