@@ -148,13 +148,58 @@ class AuthSettings(_Strict):
 
 
 class LabelStudioSettings(_Strict):
-    url: str | None = None  # LABEL_STUDIO_URL: where /data/upload/... lives
+    """The Label Studio ML backend (`/labelstudio/{model}`). Security notes: docs/deploy.md#security."""
+
+    url: str | None = None  # LABEL_STUDIO_URL: where /data/upload/... lives; the only host that gets api_key
     api_key: str | None = None  # LABEL_STUDIO_API_KEY: legacy token or personal access token (JWT)
     document_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/?d=
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    # /setup's `hostname` and `access_token` are chosen by whoever calls /setup: used only when no url
+    # is configured and this is set, and then never with the configured api_key.
+    allow_setup_hostname: bool = False
+    # With inference bearer tokens on, the routes need Basic auth (Label Studio sends no bearer
+    # tokens) or a bearer token; this opts out and leaves them open.
+    allow_unauthenticated: bool = False
+    # Task image hosts that may resolve to loopback, private, link-local or other non-public
+    # addresses: CIDRs ("10.0.0.0/8", "127.0.0.1/32") or host names ("minio.internal"). The url's host
+    # is always allowed.
+    fetch_allow: list[str] = Field(default_factory=list)
     fetch_timeout_s: float = Field(10.0, gt=0)
+    fetch_max_redirects: int = Field(5, ge=0, le=20)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_call_bytes: int = Field(128 * 1024 * 1024, ge=1)  # fetched image bytes held at once by one /predict
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1)  # ... and by all /predict calls together
+    max_concurrent_fetches: int = Field(16, ge=1, le=1024)  # per /predict call
+    max_tasks: int = Field(10_000, ge=1)  # tasks in one /predict call
+    max_projects: int = Field(256, ge=1)  # /setup configs remembered (least recently used dropped)
+    max_label_config_bytes: int = Field(512 * 1024, ge=64)
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _allow_entries(cls, entries: list[str]) -> list[str]:
+        import ipaddress
+        import re
+
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+                continue
+            except ValueError:
+                pass
+            if entry.replace(".", "").isdigit() or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", entry):
+                raise ValueError(f"{entry!r} is neither a CIDR or IP address ('10.0.0.0/8') nor a host name")
+        return entries
+
+    @model_validator(mode="after")
+    def _budgets_fit_an_image(self) -> "LabelStudioSettings":
+        for field in ("max_call_bytes", "max_inflight_bytes"):
+            if getattr(self, field) < self.max_image_bytes:
+                raise ValueError(
+                    f"{field} ({getattr(self, field)}) must be >= max_image_bytes ({self.max_image_bytes}), "
+                    "or no image of the allowed size could ever be fetched"
+                )
+        return self
 
 
 class ServerLimits(_Strict):

@@ -7,12 +7,14 @@ FakePredictor reads each EncodedImage's bytes as a command, so a test can steer 
   b"CRASH"          -> the worker process dies (os._exit) mid-batch
   b"HANG"           -> the batch never returns
   b"RAISE"          -> predict() raises RuntimeError for the whole batch
+  b"DIGEST..."      -> model_version = sha256 of all the image's bytes (checks payload transport)
 With `oom_above=N`, a batch larger than N raises torch.cuda.OutOfMemoryError.
 Each result reports `image_width` = size of the batch it ran in and `image_height` = worker pid.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -77,9 +79,12 @@ class FakePredictor:
         if sleeps:
             time.sleep(max(sleeps))
         out = []
-        for command in commands:
+        for command, img in zip(commands, images):
             if command.startswith(b"BAD"):
                 out.append(errors.InvalidImage("not an image (fake)"))
+            elif command.startswith(b"DIGEST"):
+                out.append(DetectResult([], image_width=len(img.data), image_height=os.getpid(),
+                                        model_name=self.name, model_version=hashlib.sha256(img.data).hexdigest()))
             else:
                 out.append(DetectResult([], image_width=len(images), image_height=os.getpid(),
                                         model_name=self.name, model_version=self.version))
@@ -127,3 +132,135 @@ def sample(name: str, labels: dict) -> float:
 
 def image(command: bytes) -> EncodedImage:
     return EncodedImage(command)
+
+
+class BlobEngine:
+    """An in-test EngineAPI for the Label Studio routes: finds the bright pixels of an image and
+    returns one 'blob' detection (box + mask) and one 'noise' detection no label maps to.
+
+    Counts calls and the most detections in flight at once; `fail_with` makes detect raise."""
+
+    def __init__(self, has_masks=True, ready=True, fail_with=None):
+        from service.types import BatchSettings, ModelInfo
+
+        self.info = ModelInfo(name="blobs", version="blobs-1a2b3c4d", arch="fake", backend="fake",
+                              classes=("blob", "noise"), input_size=64, has_masks=has_masks, ready=ready,
+                              batch=BatchSettings(), default_score_thr=0.3)
+        self.fail_with = fail_with
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.calls = 0
+
+    def live(self):
+        return True
+
+    def model_info(self, model):
+        if model != self.info.name:
+            raise errors.ModelNotFound(f"model '{model}' not found")
+        return self.info
+
+    def model_ready(self, model):
+        return self.model_info(model).ready
+
+    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None):
+        import asyncio
+
+        self.model_info(model)
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.05)  # long enough for every task of a call to arrive
+            if self.fail_with:
+                raise self.fail_with
+            return [self._detect(image, options) for image in images]
+        finally:
+            self.in_flight -= 1
+
+    def _detect(self, image: EncodedImage, options) -> DetectResult:
+        import cv2
+        import numpy as np
+        from pycocotools import mask as mask_utils
+
+        from service.types import Detection, RLEMask
+
+        pixels = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if pixels is None:
+            raise errors.InvalidImage("cannot decode image")
+        mask = (pixels > 128).astype(np.uint8)
+        ys, xs = np.nonzero(mask)
+        h, w = pixels.shape
+        if not len(xs):
+            return DetectResult([], image_width=w, image_height=h, model_name="blobs", model_version=self.info.version)
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        dets = [
+            Detection(0, "blob", 0.9, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),
+                      RLEMask(h, w, rle["counts"].decode())),
+            Detection(1, "noise", 0.8, (0.0, 0.0, 1.0, 1.0), None),
+        ]
+        dets = [d for d in dets if options.classes is None or d.class_name in options.classes]
+        return DetectResult(dets, image_width=w, image_height=h, model_name="blobs", model_version=self.info.version)
+
+
+def png_bytes(w: int, h: int, box: tuple[int, int, int, int], pad_to: int = 0) -> bytes:
+    """A grey PNG with a white box; `pad_to` appends zero bytes after IEND (decoders ignore them)."""
+    import cv2
+    import numpy as np
+
+    img = np.zeros((h, w), np.uint8)
+    x1, y1, x2, y2 = box
+    img[y1:y2, x1:x2] = 255
+    data = cv2.imencode(".png", img)[1].tobytes()
+    return data + b"\0" * max(0, pad_to - len(data))
+
+
+def png_data_uri(w: int, h: int, box: tuple[int, int, int, int]) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(w, h, box)).decode()
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict
+
+
+@contextlib.contextmanager
+def recording_server(routes: dict[str, tuple[int, bytes, str]] | None = None):
+    """A threaded HTTP server on 127.0.0.1 answering `routes` (path without query -> status, body,
+    content type; 404 otherwise). Yields (base_url, seen): every request it received, in order."""
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    routes = routes or {}
+    seen: list[SeenRequest] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            seen.append(SeenRequest(self.command, self.path, dict(self.headers.items())))
+            status, body, content_type = routes.get(urllib.parse.urlsplit(self.path).path, (404, b"", "text/plain"))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,7 +2,8 @@
 detserve's ML backend route. Runs once inside the Label Studio image (standard library only).
 
 Env: LABEL_STUDIO_URL, LABEL_STUDIO_TOKEN (legacy token), DETSERVE_BACKEND_URL,
-DETSERVE_MODEL_FOLDER (reads classes from model.toml) or LABELS (comma-separated).
+DETSERVE_MODEL_FOLDER (reads classes from model.toml) or LABELS (comma-separated),
+DETSERVE_BASIC_AUTH_USER / DETSERVE_BASIC_AUTH_PASS (the Basic auth pair of detserve's /labelstudio routes).
 """
 from __future__ import annotations
 
@@ -60,7 +61,11 @@ def main() -> None:
     tags = "".join(f"<Label value={quoteattr(name)}/>" for name in labels())
     config = f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{tags}</RectangleLabels></View>'
     project = call("POST", "/api/projects", {"title": "detserve demo", "label_config": config})
-    backend = call("POST", "/api/ml", {"url": BACKEND_URL, "project": project["id"], "title": "detserve"})
+    ml = {"url": BACKEND_URL, "project": project["id"], "title": "detserve"}
+    if os.environ.get("DETSERVE_BASIC_AUTH_USER"):
+        ml.update(auth_method="BASIC_AUTH", basic_auth_user=os.environ["DETSERVE_BASIC_AUTH_USER"],
+                  basic_auth_pass=os.environ.get("DETSERVE_BASIC_AUTH_PASS", ""))
+    backend = call("POST", "/api/ml", ml)
     print(f"project {project['id']} connected to {BACKEND_URL} (ml backend {backend.get('id')})")
 
 

@@ -118,8 +118,11 @@ class DetserveServer:
     """`detserve serve` in a subprocess on 127.0.0.1 with free ports; a context manager."""
 
     def __init__(self, store: Path, models: list[str], *, front_cpus: set[int] | None = None,
-                 worker_cpus: set[int] | None = None, log_path: Path | None = None, start_timeout_s: float = 180):
+                 worker_cpus: set[int] | None = None, log_path: Path | None = None, start_timeout_s: float = 180,
+                 log_level: str | None = "warning"):
+        """`log_level=None`: the server's default (info, one access-log line per request), as shipped."""
         self.store, self.models = store, models
+        self.log_level = log_level
         self.front_cpus, self.worker_cpus = front_cpus, worker_cpus
         self.http_port, self.grpc_port = free_port(), free_port()
         self.mgmt_port, self.metrics_port = free_port(), free_port()
@@ -139,8 +142,9 @@ class DetserveServer:
         cmd = [sys.executable, "-c", _SERVE_ONLY, "serve", "--model-store", str(self.store),
                "--models", ",".join(self.models), "--host", "127.0.0.1",
                "--inference-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--management-port", str(self.mgmt_port), "--metrics-port", str(self.metrics_port),
-               "--log-level", "warning"]
+               "--management-port", str(self.mgmt_port), "--metrics-port", str(self.metrics_port)]
+        if self.log_level is not None:
+            cmd += ["--log-level", self.log_level]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -52,11 +52,14 @@ def torchserve_version() -> str:
 class TorchServe:
     """A TorchServe instance in a work folder, on 127.0.0.1 with free ports; a context manager."""
 
-    def __init__(self, work: Path, model_dir: Path, models: list[TsModel], *, threads: int,
-                 front_cpus: set[int] | None = None, worker_cpus: set[int] | None = None,
+    def __init__(self, work: Path, model_dir: Path, models: list[TsModel], *, threads: int | None,
+                 workers: int = 1, front_cpus: set[int] | None = None, worker_cpus: set[int] | None = None,
                  start_timeout_s: float = 180):
+        """`threads=None`: TorchServe's own default (no OMP_NUM_THREADS, no torch.set_num_threads, so
+        torch takes every core); `workers`: Python workers per model."""
         self.work, self.model_dir, self.models = work, model_dir, models
         self.threads = threads
+        self.workers = workers
         self.front_cpus, self.worker_cpus = front_cpus, worker_cpus
         self.start_timeout_s = start_timeout_s
         self.http_port, self.mgmt_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -69,7 +72,7 @@ class TorchServe:
 
     def _archive(self, bin_dir: Path, store: Path, model: TsModel) -> None:
         extra = self.work / "bench_config.json"
-        extra.write_text(json.dumps({"model_dir": str(self.model_dir.resolve()), "threads": self.threads}))
+        extra.write_text(json.dumps({"model_dir": str(self.model_dir.resolve()), "threads": self.threads or 0}))
         subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", model.name, "--version", "1.0",
                         "--handler", str(HANDLERS / f"{model.handler}.py"), "--extra-files", str(extra),
                         "--export-path", str(store), "--force"], check=True, cwd=self.work)
@@ -93,10 +96,13 @@ class TorchServe:
             "disable_system_metrics=true",
             "disable_token_authorization=true",
             "enable_model_api=true",
-            "default_workers_per_model=1",
+            f"default_workers_per_model={self.workers}",
         ]) + "\n")
         env = dict(os.environ, LOG_LOCATION=str(self.work / "logs"), METRICS_LOCATION=str(self.work / "logs"),
-                   OMP_NUM_THREADS=str(self.threads), PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+                   PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+        env.pop("OMP_NUM_THREADS", None)
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         self._log = open(self.work / "torchserve.out", "wb")
         self.proc = subprocess.Popen(
             [str(bin_dir / "torchserve"), "--start", "--foreground", "--ts-config", str(config),
@@ -111,7 +117,7 @@ class TorchServe:
 
     def register(self, model: TsModel) -> None:
         query = urllib.parse.urlencode({
-            "url": f"{model.name}.mar", "model_name": model.name, "initial_workers": 1,
+            "url": f"{model.name}.mar", "model_name": model.name, "initial_workers": self.workers,
             "batch_size": model.batch_size, "max_batch_delay": model.max_batch_delay_ms, "synchronous": "true",
         })
         request = urllib.request.Request(f"http://127.0.0.1:{self.mgmt_port}/models?{query}", method="POST")

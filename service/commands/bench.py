@@ -64,12 +64,11 @@ def register(subparsers) -> None:
     rep.add_argument("--json", dest="json_out", default="bench/results/latest.json")
     rep.add_argument("--model", default="models/rtmdet", help="model folder to benchmark (default models/rtmdet)")
     rep.add_argument("--quick", action="store_true", help="short runs, one round: for development (~3 min)")
-    rep.add_argument("--placement", choices=("split", "shared"), default="split")
     rep.add_argument("--duration", type=float)
     rep.add_argument("--rounds", type=int)
     rep.add_argument("--ts-warmup", type=float)
     rep.add_argument("--no-torchserve", action="store_true")
-    rep.add_argument("--no-onnx", action="store_true")
+    rep.add_argument("--no-pinned", action="store_true", help="skip the extra pinned front/worker table")
     rep.add_argument("--no-wrk", action="store_true")
     rep.add_argument("--from-json", help="re-render the markdown from a saved report JSON; measure nothing")
     rep.set_defaults(func=cmd_report)
@@ -156,8 +155,8 @@ def cmd_report(args) -> int:
     from ..bench.report import ReportOptions, run_report, write_report
 
     opts = ReportOptions(out=Path(args.out), json_out=Path(args.json_out) if args.json_out else None,
-                         model_dir=Path(args.model), quick=args.quick, placement=args.placement,
-                         torchserve=not args.no_torchserve, onnx=not args.no_onnx, wrk=not args.no_wrk)
+                         model_dir=Path(args.model), quick=args.quick, torchserve=not args.no_torchserve,
+                         wrk=not args.no_wrk, pinned=not args.no_pinned)
     if args.duration is not None:
         opts.duration_s = args.duration
     if args.rounds is not None:

@@ -53,6 +53,7 @@ class _ModelRuntime:
         self.cfg = cfg
         self.batch = BatchSettings(**cfg.batch.model_dump())
         self.scheduler = Scheduler(self.batch, time.monotonic)
+        self.metrics = metrics.ModelMetrics(cfg.name)
         pool_cls = InlinePool if inline else ProcessPool
         self.pool = pool_cls(cfg, settings, self, predictor_factory=predictor_factory, factory_kwargs=factory_kwargs)
         self.accepting = False
@@ -89,10 +90,12 @@ class _ModelRuntime:
         self.scheduler.complete(dispatch, time.monotonic())
         if result.oom_splits:
             metrics.OOM_SPLITS.labels(self.name).inc(result.oom_splits)
+        stages = self.metrics.stages
         for item, outcome in zip(items, result.outcomes):
             if isinstance(outcome, DetectResult):
+                times = outcome.times
                 for stage in _STAGES:
-                    metrics.STAGE_LATENCY.labels(self.name, stage).observe(getattr(outcome.times, stage))
+                    stages[stage].observe(getattr(times, stage))
             _answer(item, outcome)
         self._publish()
         self._wake.set()
@@ -115,6 +118,7 @@ class _ModelRuntime:
 
     # -- the dispatcher -------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             now = time.monotonic()
@@ -125,11 +129,14 @@ class _ModelRuntime:
                 self._send(dispatch, now)
             self._publish()
             wake_at = self.scheduler.wake_at(now)
-            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            # A timer that sets the event, not asyncio.wait_for: that wraps the wait in a new Task on
+            # every pass of this loop, which runs once or more per batch.
+            timer = None if wake_at is None else loop.call_later(max(0.0, wake_at - time.monotonic()), self._wake.set)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _send(self, dispatch: Dispatch, now: float) -> None:
         items = [i for i in dispatch.batch.items if not i.payload.future.done()]  # caller gave up
@@ -137,20 +144,21 @@ class _ModelRuntime:
             return
         batch_id = next(self._batch_ids)
         mix = dispatch.batch.protocol_mix
-        metrics.BATCH_SIZE.labels(self.name).observe(len(items))
+        model_metrics = self.metrics
+        model_metrics.batch_size.observe(len(items))
         deadline = 0.0
         for item in items:
             item.attempts += 1
             deadline = max(deadline, item.deadline)
-            metrics.QUEUE_WAIT.labels(self.name).observe(now - item.enqueued_at)
-            metrics.BATCH_PROTOCOLS.labels(self.name, item.protocol.value, mix).inc()
+            model_metrics.queue_wait.observe(now - item.enqueued_at)
+            model_metrics.batch_item(item.protocol.value, mix).inc()
         self.in_flight[batch_id] = (dispatch, items)
         request = BatchRequest(batch_id, tuple(i.payload.item for i in items))
         self.pool.submit(dispatch.worker_id, request, deadline)
 
     def _publish(self) -> None:
-        metrics.QUEUE_DEPTH.labels(self.name).set(self.scheduler.depth)
-        metrics.IN_FLIGHT.labels(self.name).set(sum(len(items) for _, items in self.in_flight.values()))
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        self.metrics.in_flight.set(sum(len(items) for _, items in self.in_flight.values()))
 
     # -- shutdown -------------------------------------------------------------------------
     async def drain_and_stop(self, timeout_s: float) -> None:

@@ -1,8 +1,9 @@
 """Typed messages across the front-process <-> worker boundary (pickled over a multiprocessing Pipe).
 
 Front -> worker: BatchRequest, Shutdown. Worker -> front: WorkerReady, BatchResult, Heartbeat,
-WorkerError. Images travel as the client's bytes (EncodedImage) or raw pixels (RawImage); pickle
-copies bytes without transformation, so a 200 KB JPEG costs one memcpy per hop plus the pipe write.
+WorkerError. Images travel as the client's bytes (EncodedImage) or raw pixels (RawImage). Large
+payloads are written once into the worker's shared-memory arena (process.py) and travel as an
+`ArenaBytes` reference in place of the bytes; small ones and any that do not fit are pickled inline.
 """
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from dataclasses import dataclass, field
 
 from ..errors import DetserveError
 from ..types import DetectOptions, DetectResult, ImageInput
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaBytes:
+    """Stands in for `EncodedImage.data` / `RawImage.pixels`: `length` bytes at `offset` of the
+    worker's arena, valid until the worker answers the batch that carries it."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaSpec:
+    """Where a worker maps its arena: a memfd of the front process, opened via /proc."""
+
+    path: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,7 @@ class WorkerReady:
     pid: int
     threads: int
     facts: ModelFacts
+    arena_mapped: bool = False  # the worker mapped WorkerSpec.arena: the front may send ArenaBytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +117,7 @@ class WorkerSpec:
     heartbeat_interval_s: float
     predictor_factory: str = DEFAULT_PREDICTOR_FACTORY
     extra: dict = field(default_factory=dict)  # factory keyword arguments (tests' fakes)
+    arena: ArenaSpec | None = None  # set by WorkerProcess when shared memory is available
 
 
 ToWorker = BatchRequest | Shutdown

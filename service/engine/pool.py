@@ -6,19 +6,10 @@ the engine through `PoolEvents` on the event loop thread, never from their own t
 
 IPC: per worker, a socketpair carries pickled requests (messages.py) down and a one-way pipe
 carries results up; the event loop writes and reads both without blocking (no helper threads, see
-process.py). Images travel as the client's encoded bytes, so a request costs one pickle copy,
-the kernel copies and one unpickle copy per side.
-
-Measured round trip, engine.detect() -> worker -> result, fake predictor that returns at once,
-best median of 4 x 150 calls, on the shared 2-core dev box (load average ~11 from other jobs):
-    empty payload, batch 1:      0.25 ms  (inline threads: 0.17 ms)
-    200 KB JPEG, batch 1:        0.49 ms  (inline: 0.17 ms)   -> ~0.3 ms of IPC for 200 KB
-    8 x 200 KB, one batch:       ~11 ms   (inline: 0.31 ms)
-A bare Pipe echo of the same 200 KB measured 0.14-0.28 ms and of 1.6 MB 1.7-20 ms in the same
-sessions, so large batches are dominated by kernel copies and scheduling on a loaded box; shared
-memory would save the socket copies if multi-MB batches ever matter next to inference (>= 10 ms).
-Medians moved up to 10x between runs with the neighbours' load; reproduce with
-`pytest -m slow -s tests/integration/test_engine_workers.py -k ipc`.
+process.py). Image payloads of 16 KB and more do not go through the socketpair: the front writes
+them once into that worker's shared-memory arena (arena.py) and the request carries a reference.
+Before the arena, `os.write` of a 265 KB JPEG into the socketpair was 15% of the front process's
+CPU with the null model at c16 (py-spy); the arena cut the front's share of that to a memcpy.
 """
 from __future__ import annotations
 

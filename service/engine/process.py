@@ -7,6 +7,7 @@ framing). The pool (pool.py) decides what to send and what a message or an exit 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -16,7 +17,8 @@ import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
-from .messages import WorkerSpec
+from .arena import FrontArena
+from .messages import BatchRequest, BatchResult, WorkerReady, WorkerSpec
 from .worker import worker_main
 
 log = logging.getLogger("detserve.engine")
@@ -30,6 +32,10 @@ class WorkerProcess:
                  on_message: Callable[["WorkerProcess", object], None],
                  on_exit: Callable[["WorkerProcess", str], None]):
         ctx = mp.get_context("spawn")
+        self.arena = FrontArena.create()
+        self.arena_mapped = False  # until the worker says it mapped the arena, payloads go inline
+        if self.arena is not None:
+            spec = dataclasses.replace(spec, arena=self.arena.spec())
         self.conn, child_requests = ctx.Pipe(duplex=True)
         results_reader, child_results = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=worker_main, args=(child_requests, child_results, spec), daemon=True,
@@ -52,6 +58,8 @@ class WorkerProcess:
     def send(self, message) -> None:
         """Non-blocking: write what the socket takes now, the rest when it is writable again, so
         a large batch or a frozen worker never blocks the loop (and no sender thread is needed)."""
+        if self.arena_mapped and isinstance(message, BatchRequest):
+            message = self.arena.place(message)
         payload = ForkingPickler.dumps(message)
         self._unsent += struct.pack("!i", len(payload))
         self._unsent += payload
@@ -98,6 +106,10 @@ class WorkerProcess:
             except Exception:  # noqa: BLE001 - one unreadable message; frames stay aligned
                 log.exception("unreadable message from worker pid %s", self.process.pid)
                 continue
+            if isinstance(message, BatchResult) and self.arena is not None:
+                self.arena.release(message.batch_id)
+            elif isinstance(message, WorkerReady):
+                self.arena_mapped = self.arena is not None and message.arena_mapped
             self._on_message(self, message)
         if eof:
             self._loop.remove_reader(fd)
@@ -108,6 +120,10 @@ class WorkerProcess:
     async def _reap(self) -> None:
         await self._loop.run_in_executor(None, self._join)
         self.conn.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+            self.arena_mapped = False
         self._on_exit(self, self.kill_reason or f"exit code {self.process.exitcode}")
 
     def _join(self) -> None:

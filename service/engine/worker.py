@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from .. import errors
 from ..types import DetectResult
+from .arena import WorkerArena
 from .messages import (
     BatchRequest,
     BatchResult,
@@ -215,7 +216,8 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
         stop.set()
         _exit_now(1)
     device_box[0] = facts.device
-    sender.send(WorkerReady(spec.worker_id, os.getpid(), spec.threads, facts))
+    arena = WorkerArena.open(spec.arena)
+    sender.send(WorkerReady(spec.worker_id, os.getpid(), spec.threads, facts, arena_mapped=arena is not None))
     try:
         while True:
             try:
@@ -225,6 +227,8 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
             if isinstance(message, Shutdown):
                 break
             if isinstance(message, BatchRequest):
+                if arena is not None:
+                    message = arena.resolve(message)
                 _send_result(sender, run_batch(predictor, message, spec.worker_id))
     finally:
         stop.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
 import uuid
 
@@ -53,13 +54,65 @@ class JsonLineFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class BatchedLineHandler(logging.StreamHandler):
+    """A StreamHandler that writes its lines in batches: at most every `interval_s`, at once for
+    warnings and errors, and when `max_bytes` are pending. At info level every request writes an
+    access line, and a write + flush syscall per line was a cost of its own on the request path."""
+
+    def __init__(self, stream=None, interval_s: float = 0.1, max_bytes: int = 64 * 1024):
+        super().__init__(stream)
+        self.interval_s, self.max_bytes = interval_s, max_bytes
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True)
+        self._flusher.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+            return
+        with self.lock:
+            self._pending.append(line)
+            self._pending_bytes += len(line) + 1
+            urgent = record.levelno >= logging.WARNING or self._pending_bytes >= self.max_bytes
+        if urgent:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self._pending:
+                return
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self._pending_bytes = 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed at exit
+                pass
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+        super().close()
+
+
 def configure_logging(level: str = "info", stream=None) -> None:
     """Route the root logger (and uvicorn's) to one JSON-lines handler on stderr."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = BatchedLineHandler(stream or sys.stderr)
     handler.setFormatter(JsonLineFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, BatchedLineHandler):
+            old.close()  # its pending lines, then its flusher thread
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -76,7 +129,10 @@ def log_access(method: str, path: str, status: int, seconds: float, request_id: 
                *, quiet: bool = False) -> None:
     """`quiet`: a successful probe or scrape, logged at debug so probes do not drown the log."""
     level = logging.DEBUG if quiet and status < 400 else logging.INFO
-    logging.getLogger(ACCESS_LOGGER).log(
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if not logger.isEnabledFor(level):  # before building the record's extra fields
+        return
+    logger.log(
         level, "%s %s %d", method, path, status,
         extra={"status": status, "ms": round(seconds * 1000, 2), "request_id": request_id, "client": client},
     )

@@ -197,3 +197,21 @@ def test_ipc_round_trip_of_a_200_kb_image(tmp_path):
     print(f"\n200 KB round trip: process {process_s * 1e3:.2f} ms, inline {inline_s * 1e3:.2f} ms, "
           f"IPC {max(0.0, process_s - inline_s) * 1e3:.2f} ms")
     assert process_s < 0.05
+
+
+def test_payloads_of_every_size_reach_the_worker_intact(tmp_path):
+    """Large images go through the shared-memory arena, small ones and overflow inline (arena.py)."""
+    import hashlib
+
+    write_model(tmp_path, "proc-bytes", workers=1, batch={"max_batch_size": 8, "max_batch_delay_ms": 50})
+    sizes = [10, 20_000, 300_000, 3_000_000, 20_000_000, 30_000_000, 5_000, 1_000_000]  # 54 MB + 1 MB + ...
+    bodies = [b"DIGEST" + os.urandom(n) for n in sizes]
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            for _ in range(2):  # the second round reuses the arena after the first batch's answer
+                results = await asyncio.gather(*(engine.detect("proc-bytes", [image(b)]) for b in bodies))
+                assert [r[0].model_version for r in results] == [hashlib.sha256(b).hexdigest() for b in bodies]
+                assert [r[0].image_width for r in results] == [len(b) for b in bodies]
+
+    run(scenario(), timeout_s=120)

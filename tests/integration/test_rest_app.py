@@ -208,10 +208,12 @@ def test_auth_guards_inference_but_not_health(engine):
         assert_error(c.put("/predictions/shapes", content=b"x", headers={"Authorization": "Bearer mgmt-token"}),
                      403, "permission_denied")
         assert c.put("/predictions/shapes", content=b"x", headers={"Authorization": "Bearer inf-token"}).status_code == 200
-        # Optional routers are mounted; KServe health stays open, Label Studio keeps its own (Basic) auth.
+        # Optional routers are mounted; KServe health stays open. Label Studio has no Basic auth
+        # configured here, so with tokens on it takes the bearer token like the rest (issue 15).
         assert c.get("/v2/health/live").status_code == 200
         assert_error(c.get("/v2/models/shapes"), 401, "unauthenticated")
-        assert c.get("/labelstudio/shapes/health").status_code == 200
+        assert_error(c.get("/labelstudio/shapes/health"), 401, "unauthenticated")
+        assert c.get("/labelstudio/shapes/health", headers={"Authorization": "Bearer inf-token"}).status_code == 200
     with TestClient(build_management_app(engine, settings)) as m:
         assert_error(m.get("/models"), 401, "unauthenticated")
         assert m.get("/models", headers={"Authorization": "Bearer mgmt-token"}).status_code == 200

@@ -1,20 +1,16 @@
 """The /labelstudio/{model} routes on the real inference app, over a small in-test engine."""
 from __future__ import annotations
 
-import asyncio
 import base64
 
-import cv2
-import numpy as np
 import pytest
+from fakes import BlobEngine, png_bytes, png_data_uri, recording_server, sample
 from fastapi.testclient import TestClient
-from pycocotools import mask as mask_utils
 
-from service.errors import InvalidImage, ModelNotFound, Overloaded
+from service.errors import Overloaded
 from service.protocols.labelstudio.brush import brush_rle_to_mask
 from service.protocols.rest.app import build_inference_app
 from service.settings import AuthSettings, LabelStudioSettings, ServerSettings
-from service.types import BatchSettings, Detection, DetectResult, EncodedImage, ModelInfo, RLEMask
 
 RECT_CONFIG = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="label" toName="image"><Label value="Blob" predicted_values="blob"/></RectangleLabels></View>"""
@@ -22,66 +18,12 @@ BRUSH_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="blob"/></BrushLabels></View>"""
 
 
-class BlobEngine:
-    """Finds the bright pixels of an image: one 'blob' detection (box + mask) and an unmapped 'noise'."""
-
-    def __init__(self, has_masks=True, ready=True, fail_with=None):
-        self.info = ModelInfo(name="blobs", version="blobs-1a2b3c4d", arch="fake", backend="fake",
-                              classes=("blob", "noise"), input_size=64, has_masks=has_masks, ready=ready,
-                              batch=BatchSettings(), default_score_thr=0.3)
-        self.fail_with = fail_with
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.calls = 0
-
-    def model_info(self, model):
-        if model != self.info.name:
-            raise ModelNotFound(f"model '{model}' not found")
-        return self.info
-
-    def model_ready(self, model):
-        return self.model_info(model).ready
-
-    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None):
-        self.model_info(model)
-        self.calls += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(0.05)  # long enough for every task of a call to arrive
-            if self.fail_with:
-                raise self.fail_with
-            return [self._detect(image, options) for image in images]
-        finally:
-            self.in_flight -= 1
-
-    def _detect(self, image: EncodedImage, options) -> DetectResult:
-        pixels = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if pixels is None:
-            raise InvalidImage("cannot decode image")
-        mask = (pixels > 128).astype(np.uint8)
-        ys, xs = np.nonzero(mask)
-        h, w = pixels.shape
-        rle = mask_utils.encode(np.asfortranarray(mask))
-        dets = [
-            Detection(0, "blob", 0.9, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),
-                      RLEMask(h, w, rle["counts"].decode())),
-            Detection(1, "noise", 0.8, (0.0, 0.0, 1.0, 1.0), None),
-        ]
-        dets = [d for d in dets if options.classes is None or d.class_name in options.classes]
-        return DetectResult(dets, image_width=w, image_height=h, model_name="blobs", model_version=self.info.version)
-
-
-def png_data_uri(w: int, h: int, box: tuple[int, int, int, int]) -> str:
-    img = np.zeros((h, w), np.uint8)
-    x1, y1, x2, y2 = box
-    img[y1:y2, x1:x2] = 255
-    ok, buf = cv2.imencode(".png", img)
-    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
-
-
 def client_for(engine, **settings) -> TestClient:
     return TestClient(build_inference_app(engine, ServerSettings(**settings)))
+
+
+def ls_settings(**fields) -> LabelStudioSettings:
+    return LabelStudioSettings(**fields)
 
 
 @pytest.fixture(autouse=True)
@@ -197,21 +139,254 @@ def test_basic_auth_from_settings_or_env(monkeypatch):
     assert env_client.get("/labelstudio/blobs/health", auth=("envuser", "envpass")).status_code == 200
 
 
-def test_bearer_tokens_are_not_asked_of_label_studio():
-    client = client_for(BlobEngine(), auth=AuthSettings(inference_tokens=["secret"]))
-    assert client.get("/labelstudio/blobs/health").status_code == 200
+# ---- credentials go only to the configured Label Studio URL -------------------------------------
+
+LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
+PAT_KEY = (base64.urlsafe_b64encode(b'{"alg":"HS256"}').decode().rstrip("=") + "."
+           + base64.urlsafe_b64encode(b'{"token_type":"refresh"}').decode().rstrip("=") + ".c2ln")
 
 
-def test_settings_beat_env_and_setup_fills_the_gaps(monkeypatch, tmp_path):
+@pytest.mark.parametrize("key", [LEGACY_KEY, PAT_KEY])
+def test_setup_hostname_never_receives_the_configured_key(monkeypatch, key):
+    """Issue 15 #1: an unauthenticated /setup named the host that then got LABEL_STUDIO_API_KEY."""
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", key)
+    with recording_server() as (evil, seen):
+        for settings in ({}, {"labelstudio": ls_settings(allow_setup_hostname=True, fetch_allow=["127.0.0.1"])}):
+            client = client_for(BlobEngine(), **settings)
+            client.post("/labelstudio/blobs/setup", json={"project": "9.1", "schema": RECT_CONFIG, "hostname": evil})
+            tasks = [{"id": 1, "data": {"image": "/data/upload/9/a.png"}}, {"id": 2, "data": {"image": "s3://b/a.png"}}]
+            resp = client.post("/labelstudio/blobs/predict", json={"tasks": tasks, "project": "9.1"})
+            assert resp.status_code == 200 and [r["result"] for r in resp.json()["results"]] == [[], []]
+    # Not opted in: the hostname is ignored. Opted in: it is asked, but with no key and no PAT exchange.
+    assert seen and all(r.method == "GET" and "Authorization" not in r.headers for r in seen)
+
+
+def test_setup_hostname_gets_only_its_own_token_when_allowed():
+    image = png_bytes(20, 20, (2, 2, 10, 10))
+    with recording_server({"/data/upload/9/a.png": (200, image, "image/png")}) as (ls, seen):
+        client = client_for(BlobEngine(), labelstudio=ls_settings(allow_setup_hostname=True, fetch_allow=["127.0.0.1/32"]))
+        client.post("/labelstudio/blobs/setup", json={"project": "9.1", "schema": RECT_CONFIG, "hostname": ls,
+                                                      "access_token": "setup-token"})
+        resp = client.post("/labelstudio/blobs/predict", json={"tasks": [{"id": 1, "data": {"image": "/data/upload/9/a.png"}}],
+                                                                "project": "9.1"})
+    assert len(resp.json()["results"][0]["result"]) == 1
+    assert [r.headers.get("Authorization") for r in seen] == ["Token setup-token"]
+
+
+def test_fetch_config_credentials(monkeypatch, tmp_path):
     from service.protocols.labelstudio.backend import ProjectSetup, fetch_config
 
-    setup = ProjectSetup(label_config=None, hostname="http://localhost:8080", access_token="from-setup")
-    assert (fetch_config(ServerSettings(), setup).url, fetch_config(ServerSettings(), setup).api_key) == (
-        "http://localhost:8080", "from-setup")
+    setup = ProjectSetup(label_config=None, hostname="http://evil.example", access_token="from-setup")
+    assert (fetch_config(ServerSettings(), setup).url, fetch_config(ServerSettings(), setup).api_key) == (None, None)
+    opted = fetch_config(ServerSettings(labelstudio=ls_settings(allow_setup_hostname=True, api_key="conf")), setup)
+    assert (opted.url, opted.api_key, opted.url_trusted) == ("http://evil.example", "from-setup", False)
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls-env:8080/")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "env-key")
     monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
-    env = fetch_config(ServerSettings(), setup)
-    assert (env.url, env.api_key, env.document_root) == ("http://ls-env:8080", "env-key", tmp_path)
-    configured = fetch_config(ServerSettings(labelstudio=LabelStudioSettings(url="http://ls-conf", api_key="conf")))
+    env = fetch_config(ServerSettings(labelstudio=ls_settings(allow_setup_hostname=True)), setup)
+    assert (env.url, env.api_key, env.document_root, env.url_trusted) == ("http://ls-env:8080", "env-key", tmp_path, True)
+    configured = fetch_config(ServerSettings(labelstudio=ls_settings(url="http://ls-conf", api_key="conf")), setup)
     assert (configured.url, configured.api_key) == ("http://ls-conf", "conf")
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY")
+    # No key configured: the /setup caller's own token, but only ever to the configured URL.
+    assert fetch_config(ServerSettings(), setup).api_key == "from-setup"
+
+
+# ---- outbound fetch policy ---------------------------------------------------------------------
+
+def test_task_urls_to_the_management_port_and_private_ranges_are_refused(caplog):
+    with recording_server({"/models": (200, b'{"models": []}', "application/json")}) as (mgmt, seen):
+        port = int(mgmt.rsplit(":", 1)[1])
+        client = client_for(BlobEngine(), management_port=port)
+        tasks = [{"id": i, "data": {"image": url}} for i, url in enumerate(
+            [f"{mgmt}/models", f"http://localhost:{port}/models", "http://169.254.169.254/latest/meta-data/",
+             "http://10.0.0.1/a.png", "http://[::1]/a.png"])]
+        resp = client.post("/labelstudio/blobs/predict", json=predict_body(tasks))
+    assert resp.status_code == 200 and all(r["result"] == [] for r in resp.json()["results"])
+    assert seen == [] and caplog.text.count("refusing to fetch") == 5
+
+
+def test_allow_listed_hosts_are_fetched():
+    image = png_bytes(20, 20, (2, 2, 10, 10))
+    with recording_server({"/a.png": (200, image, "image/png")}) as (host, seen):
+        client = client_for(BlobEngine(), labelstudio=ls_settings(fetch_allow=["127.0.0.0/8"]))
+        resp = client.post("/labelstudio/blobs/predict", json=predict_body([{"id": 1, "data": {"image": f"{host}/a.png"}}]))
+    assert len(resp.json()["results"][0]["result"]) == 1 and len(seen) == 1
+
+
+# ---- bearer tokens on: Label Studio routes need their own auth -----------------------------------
+
+def test_tokens_on_without_basic_auth_refuses_and_runs_nothing():
+    engine = BlobEngine()
+    with recording_server() as (host, seen):
+        client = client_for(engine, auth=AuthSettings(inference_tokens=["secret"]),
+                            labelstudio=ls_settings(fetch_allow=["127.0.0.1"]))
+        body = predict_body([{"id": 1, "data": {"image": f"{host}/a.png"}}, {"id": 2, "data": {"image": png_data_uri(9, 9, (1, 1, 5, 5))}}])
+        for method, path, kwargs in [("post", "/labelstudio/blobs/predict", {"json": body}),
+                                     ("post", "/labelstudio/blobs/setup", {"json": {"schema": RECT_CONFIG}}),
+                                     ("get", "/labelstudio/blobs/health", {}),
+                                     ("post", "/labelstudio/blobs/predict", {"json": body, "auth": ("any", "thing")})]:
+            resp = getattr(client, method)(path, **kwargs)
+            assert resp.status_code == 401, path
+            assert "basic_auth_user" in resp.json()["message"] and "allow_unauthenticated" in resp.json()["message"]
+        assert seen == [] and engine.calls == 0
+        # The server's bearer token still works (for clients other than Label Studio).
+        ok = client.post("/labelstudio/blobs/predict", json=body, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200 and engine.calls == 1 and len(seen) == 1
+
+
+def test_tokens_on_with_basic_auth_or_explicit_opt_out():
+    tokens = AuthSettings(inference_tokens=["secret"])
+    basic = client_for(BlobEngine(), auth=tokens, labelstudio=ls_settings(basic_auth_user="ls", basic_auth_pass="pw"))
+    assert basic.get("/labelstudio/blobs/health").status_code == 401
+    assert basic.get("/labelstudio/blobs/health", auth=("ls", "pw")).status_code == 200
+    assert basic.post("/predictions/blobs", content=b"x").status_code == 401  # other doors keep their bearer check
+    opened = client_for(BlobEngine(), auth=tokens, labelstudio=ls_settings(allow_unauthenticated=True))
+    assert opened.get("/labelstudio/blobs/health").status_code == 200
+    assert client_for(BlobEngine()).get("/labelstudio/blobs/health").status_code == 200  # no tokens: open as before
+
+
+# ---- bounded memory ----------------------------------------------------------------------------
+
+def _peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+        return True
+    except OSError:
+        return False
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.parametrize("image_mib, call_cap_mib, growth_cap_mib", [
+    (2, 5, 60),
+    pytest.param(10, 24, 150, marks=pytest.mark.slow),  # the issue's case: 600 MB through loopback, ~9 s
+])
+def test_sixty_tasks_on_one_big_image_hold_bounded_bytes(image_mib, call_cap_mib, growth_cap_mib):
+    """Issue 15 #3: a 4 KB /predict of 60 tasks on one 10 MB image grew the front by 835 MB."""
+    mib = 1024 * 1024
+    image = png_bytes(80, 50, (10, 5, 40, 30), pad_to=image_mib * mib)
+    settings = ls_settings(fetch_allow=["127.0.0.1"], max_image_bytes=(image_mib + 1) * mib,
+                           max_call_bytes=call_cap_mib * mib, max_inflight_bytes=2 * call_cap_mib * mib)
+    with recording_server({"/big.png": (200, image, "image/png")}) as (host, seen):
+        engine = BlobEngine()
+        client = client_for(engine, labelstudio=settings)
+        body = predict_body([{"id": i, "data": {"image": f"{host}/big.png"}} for i in range(60)])
+        assert len(str(body)) < 8192
+        measured = _peak_rss_reset()
+        before = _vm_kib("VmRSS")
+        resp = client.post("/labelstudio/blobs/predict", json=body)
+        growth_mib = (_vm_kib("VmHWM") - before) / 1024
+    assert resp.status_code == 200 and len(seen) == 60
+    assert all(len(r["result"]) == 1 for r in resp.json()["results"])
+    budget = client.app.state.labelstudio_backend.image_bytes
+    assert budget.peak <= call_cap_mib * mib and budget.used == 0  # the call's cap, and all given back
+    if measured:
+        assert growth_mib < growth_cap_mib, f"front grew by {growth_mib:.0f} MiB"
+
+
+def test_stored_setup_configs_are_bounded_in_count_and_size():
+    client = client_for(BlobEngine(), labelstudio=ls_settings(max_projects=2, max_label_config_bytes=4096))
+    for project in ("1.1", "2.1", "3.1"):
+        assert client.post("/labelstudio/blobs/setup", json={"project": project, "schema": RECT_CONFIG}).status_code == 200
+    task = [{"id": 1, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}}]
+    forgotten = client.post("/labelstudio/blobs/predict", json={"tasks": task, "project": "1.1"})
+    assert forgotten.status_code == 400 and "label_config" in forgotten.json()["message"]
+    assert client.post("/labelstudio/blobs/predict", json={"tasks": task, "project": "3.1"}).status_code == 200
+    huge = RECT_CONFIG.replace("</View>", "<!--" + "x" * 5000 + "--></View>")
+    for path, field in (("setup", "schema"), ("predict", "label_config")):
+        resp = client.post(f"/labelstudio/blobs/{path}", json={"project": "4.1", field: huge, "tasks": []})
+        assert resp.status_code == 413 and "max_label_config_bytes" in resp.json()["message"]
+    backend = client.app.state.labelstudio_backend
+    projects, parsed = backend.stored_configs
+    assert projects == 2 and parsed <= 2
+
+
+def test_too_many_tasks_is_413_naming_the_limit():
+    client = client_for(BlobEngine(), labelstudio=ls_settings(max_tasks=3))
+    resp = client.post("/labelstudio/blobs/predict", json=predict_body([{"id": i, "data": {}} for i in range(4)]))
+    assert resp.status_code == 413 and "labelstudio.max_tasks (3)" in resp.json()["message"]
+
+
+# ---- wrong JSON types are 400s; one bad task URL fails only that task ----------------------------
+
+@pytest.mark.parametrize("path, body", [
+    ("setup", {"project": "1.1", "schema": 5}),
+    ("setup", {"project": "1.1", "schema": ["<View/>"]}),
+    ("setup", {"project": "1.1", "schema": RECT_CONFIG, "hostname": {"a": 1}}),
+    ("setup", {"project": "1.1", "schema": RECT_CONFIG, "access_token": 12}),
+    ("setup", {"project": {"id": 1}, "schema": RECT_CONFIG}),
+    ("setup", {"project": True}),
+    ("predict", {"tasks": [], "label_config": 7}),
+    ("predict", {"tasks": {"id": 1}, "label_config": RECT_CONFIG}),
+    ("predict", {"tasks": [1, 2], "label_config": RECT_CONFIG}),
+    ("predict", {"tasks": [{"id": 1, "data": "x"}], "label_config": RECT_CONFIG}),
+    ("predict", {"tasks": [{"id": 1, "data": None}], "label_config": RECT_CONFIG}),
+    ("predict", {"tasks": [{"id": [1], "data": {}}], "label_config": RECT_CONFIG}),
+    ("predict", {"tasks": [], "label_config": RECT_CONFIG, "project": [1]}),
+    ("webhook", []),
+])
+def test_wrong_json_types_are_400(path, body):
+    resp = client_for(BlobEngine()).post(f"/labelstudio/blobs/{path}", json=body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["code"] in ("invalid_request", "invalid_label_config")
+
+
+def test_a_malformed_task_url_fails_only_that_task():
+    tasks = [{"id": 1, "data": {"image": "http://["}}, {"id": 2, "data": {"image": "http://h:99999/a.png"}},
+             {"id": 3, "data": {"image": ["not", "a", "url"]}},
+             {"id": 4, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}}]
+    resp = client_for(BlobEngine()).post("/labelstudio/blobs/predict", json=predict_body(tasks))
+    assert resp.status_code == 200
+    assert [len(r["result"]) for r in resp.json()["results"]] == [0, 0, 0, 1]
+
+
+def test_token_refresh_answering_html_is_a_clean_per_task_error(caplog):
+    with recording_server({"/api/token/refresh/": (200, b"<html>sign in</html>", "text/html")}) as (ls, seen):
+        client = client_for(BlobEngine(), labelstudio=ls_settings(url=ls, api_key=PAT_KEY))
+        resp = client.post("/labelstudio/blobs/predict", json=predict_body([{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]))
+    assert resp.status_code == 200 and resp.json()["results"][0]["result"] == []
+    assert "without a JSON object" in caplog.text
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def test_predict_records_request_metrics_and_folds_unknown_models():
+    labels = {"model": "blobs", "protocol": "labelstudio", "code": "200"}
+    unknown = {"model": "_unknown", "protocol": "labelstudio", "code": "404"}
+    bad = {"model": "blobs", "protocol": "labelstudio", "code": "400"}
+    before = [sample("detserve_requests_total", x) for x in (labels, unknown, bad)]
+    client = client_for(BlobEngine())
+    task = [{"id": 1, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}}]
+    assert client.post("/labelstudio/blobs/predict", json=predict_body(task)).status_code == 200
+    for name in ("nope-1", "nope-2", "nope-3"):
+        assert client.post(f"/labelstudio/{name}/predict", json=predict_body(task)).status_code == 404
+    assert client.post("/labelstudio/blobs/predict", json={"tasks": 3}).status_code == 400
+    after = [sample("detserve_requests_total", x) for x in (labels, unknown, bad)]
+    assert [b - a for a, b in zip(before, after)] == [1, 3, 1]
+    assert sample("detserve_requests_total", {"model": "nope-1", "protocol": "labelstudio", "code": "404"}) == 0
+    assert sample("detserve_request_latency_seconds_count", {"model": "blobs", "protocol": "labelstudio"}) >= 2
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+def test_security_settings_validated_with_the_field_named(monkeypatch):
+    from service.errors import ConfigError
+    from service.settings import load_server_settings
+
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW", '["10.0.0.0/8", "minio.internal", "::1"]')
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__ALLOW_SETUP_HOSTNAME", "true")
+    ls = load_server_settings().labelstudio
+    assert ls.fetch_allow == ["10.0.0.0/8", "minio.internal", "::1"] and ls.allow_setup_hostname
+    assert not LabelStudioSettings().allow_setup_hostname and not LabelStudioSettings().allow_unauthenticated
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW", '["10.0.0.999"]')
+    with pytest.raises(ConfigError, match="fetch_allow.*neither a CIDR"):
+        load_server_settings()
+    monkeypatch.delenv("DETSERVE_LABELSTUDIO__FETCH_ALLOW")
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__MAX_CALL_BYTES", "1000")
+    with pytest.raises(ConfigError, match="max_call_bytes .* must be >= max_image_bytes"):
+        load_server_settings()

@@ -8,7 +8,6 @@ RectangleLabels always, PolygonLabels and BrushLabels for mask models.
 from __future__ import annotations
 
 import enum
-import functools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.parsers import expat
@@ -91,9 +90,10 @@ def parse_xml(text: str) -> ET.Element:
         raise ConfigInvalid("labelling config is empty") from None
 
 
-@functools.lru_cache(maxsize=64)
 def parse_label_config(text: str) -> tuple[ControlTag, ...]:
-    """Every RectangleLabels/PolygonLabels/BrushLabels tag whose toName is an <Image>, in order."""
+    """Every RectangleLabels/PolygonLabels/BrushLabels tag whose toName is an <Image>, in order.
+
+    Not cached here: LabelStudioBackend caches parsed configs under the same bounds as /setup's."""
     if not text or not text.strip():
         raise ConfigInvalid("labelling config is empty")
     root = parse_xml(text)

@@ -201,7 +201,8 @@ def _auth_dependency(api: str):
 # ---- app builders ------------------------------------------------------------------------------
 
 def _base_app(title: str, api: str | None, settings: ServerSettings, auth, open_paths: set[str]) -> FastAPI:
-    dependencies = [Depends(_auth_dependency(api))] if api else []
+    # No dependency at all when auth is off: FastAPI's dependency solving costs every request.
+    dependencies = [Depends(_auth_dependency(api))] if api and auth is not None else []
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, dependencies=dependencies)
     app.state.settings = settings
     app.state.auth = auth

@@ -3,32 +3,67 @@
 Label Studio calls /health, /setup, /predict, /webhook and /versions under that URL; shapes
 follow Label Studio 1.23.2 and the 2.x label-studio-ml library. The work is done by
 `service.protocols.labelstudio.backend.LabelStudioBackend`.
+
+Auth: Label Studio speaks only HTTP Basic to ML backends, so these routes are exempt from the
+server's bearer check and ask for Basic auth instead. When bearer tokens are on and Basic auth is
+not configured, they ask for a bearer token like every other route (which Label Studio cannot
+send, so the 401 says how to configure Basic auth), unless `labelstudio.allow_unauthenticated`.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
+import logging
+import time
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from ...errors import InvalidRequest
+from ...errors import DetserveError, InvalidRequest, ModelNotFound, Unauthenticated, http_status
+from ...observability import metrics as prometheus
+from ...types import Protocol as Door
 from ..labelstudio.backend import LabelStudioBackend, basic_auth_credentials
+
+log = logging.getLogger("detserve.labelstudio")
+
+NO_BASIC_AUTH_HINT = (
+    "bearer tokens are on (auth.inference_tokens) and Label Studio cannot send them: set "
+    "labelstudio.basic_auth_user/basic_auth_pass (or BASIC_AUTH_USER/BASIC_AUTH_PASS) and the same pair "
+    "in the Label Studio backend's Basic auth, or set labelstudio.allow_unauthenticated=true to leave "
+    "these routes open"
+)
 
 
 def _backend(request: Request) -> LabelStudioBackend:
     backend = getattr(request.app.state, "labelstudio_backend", None)
     if backend is None:
-        backend = request.app.state.labelstudio_backend = LabelStudioBackend()
+        settings = request.app.state.settings.labelstudio
+        backend = request.app.state.labelstudio_backend = LabelStudioBackend(settings)
     return backend
 
 
-def require_basic_auth(request: Request) -> None:
-    """HTTP Basic auth, on only when a user is configured (Label Studio's BASIC_AUTH option)."""
-    expected = basic_auth_credentials(request.app.state.settings)
+def _bearer_tokens_on(request: Request) -> bool:
+    auth = getattr(request.app.state, "auth", None)
+    return auth is not None and auth.enabled("inference")
+
+
+def require_label_studio_auth(request: Request) -> None:
+    """HTTP Basic auth when a user is configured (Label Studio's BASIC_AUTH option); otherwise the
+    server's bearer tokens when those are on, so no route runs inference or fetches without credentials."""
+    settings = request.app.state.settings
+    expected = basic_auth_credentials(settings)
     if expected is None:
+        if settings.labelstudio.allow_unauthenticated or not _bearer_tokens_on(request):
+            return
+        try:
+            request.app.state.auth.check("inference", request.headers.get("authorization"))
+        except Unauthenticated as exc:
+            if not getattr(request.app.state, "labelstudio_refusal_logged", False):
+                request.app.state.labelstudio_refusal_logged = True  # once: Label Studio retries often
+                log.warning("refusing /labelstudio requests without credentials: %s", NO_BASIC_AUTH_HINT)
+            raise Unauthenticated(f"{exc.message}; {NO_BASIC_AUTH_HINT}") from None
         return
     header = request.headers.get("authorization", "")
     scheme, _, encoded = header.partition(" ")
@@ -61,7 +96,7 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-router = APIRouter(prefix="/labelstudio/{model}", tags=["labelstudio"], dependencies=[Depends(require_basic_auth)])
+router = APIRouter(prefix="/labelstudio/{model}", tags=["labelstudio"], dependencies=[Depends(require_label_studio_auth)])
 
 
 @router.get("/health")
@@ -77,8 +112,28 @@ async def setup(model: str, request: Request) -> dict:
 
 @router.post("/predict")
 async def predict(model: str, request: Request) -> dict:
-    body = await _json_body(request)
-    return await _backend(request).predict(request.app.state.engine, request.app.state.settings, model, body)
+    started = time.perf_counter()
+    code = 500
+    try:
+        body = await _json_body(request)
+        result = await _backend(request).predict(request.app.state.engine, request.app.state.settings, model, body)
+        code = 200
+        return result
+    except DetserveError as err:
+        code = http_status(err)
+        raise
+    finally:
+        prometheus.record_request(_metric_model(request, model), Door.LABELSTUDIO.value, code,
+                               time.perf_counter() - started)
+
+
+def _metric_model(request: Request, model: str) -> str:
+    """The model's name when it is served; one shared label otherwise (names are client-chosen)."""
+    try:
+        request.app.state.engine.model_info(model)
+    except ModelNotFound:
+        return prometheus.UNKNOWN_MODEL
+    return model
 
 
 @router.post("/webhook")
