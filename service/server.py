@@ -3,9 +3,11 @@
 It moves bytes and formats responses only; decoding and inference run in the engine's worker
 processes, so this module (and everything it imports at start-up) stays free of torch.
 
-Shutdown (SIGTERM/SIGINT): /readyz turns 503, the listeners close (no new connections), in-flight
-HTTP requests finish (up to drain_timeout_s), gRPC stops with the same grace, then the engine
-drains and stops its workers; the process exits 0.
+Shutdown (SIGTERM/SIGINT): the data plane turns every door's readiness false, the listeners close
+(no new connections), in-flight HTTP requests finish (up to drain_timeout_s; uploads still arriving
+then are answered 503), gRPC stops with the same grace, then the engine drains and stops its
+workers; the process exits 0. The workers ignore both signals, so a signal to the whole process
+group drains the same way.
 """
 from __future__ import annotations
 
