@@ -80,3 +80,55 @@ def _kill_quietly(pid: int, cont: bool = False) -> None:
         os.kill(pid, signal.SIGCONT if cont else signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_every_door_reports_a_frozen_only_worker_as_not_ready(tmp_path):
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serve_process import ServeProcess
+    from service.protocols.grpc.generated import grpc_service_pb2 as kpb
+    from service.protocols.grpc.generated import grpc_service_pb2_grpc as kpb_grpc
+
+    store = tmp_path / "store"
+    write_model(store, "frozen", workers=1)
+    proc = ServeProcess(store, tmp_path, grpc=True, config="heartbeat_interval_s = 0.2\nheartbeat_timeout_s = 30\n")
+    proc.wait_ready()
+    victim = httpx.get(f"{proc.mgmt}/models/frozen", timeout=5).json()[0]["workers"][0]["pid"]
+    channel = grpc.insecure_channel(proc.grpc_target)
+    kserve, health = kpb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+
+    def doors() -> dict:
+        return {
+            "readyz": httpx.get(f"{proc.url}/readyz", timeout=5).status_code,
+            "ping": httpx.get(f"{proc.url}/ping", timeout=5).status_code,
+            "v2_ready": httpx.get(f"{proc.url}/v2/health/ready", timeout=5).status_code,
+            "v2_model_ready": httpx.get(f"{proc.url}/v2/models/frozen/ready", timeout=5).status_code,
+            "ServerReady": kserve.ServerReady(kpb.ServerReadyRequest(), timeout=5).ready,
+            "health": health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status,
+        }
+
+    try:
+        ready = {"readyz": 200, "ping": 200, "v2_ready": 200, "v2_model_ready": 200,
+                 "ServerReady": True, "health": health_pb2.HealthCheckResponse.SERVING}
+        deadline = time.monotonic() + 4  # grpc.health follows readiness on its 0.5 s poll
+        while (seen := doors()) != ready:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+        os.kill(victim, signal.SIGSTOP)
+        not_ready = {"readyz": 503, "ping": 500, "v2_ready": 503, "v2_model_ready": 503,
+                     "ServerReady": False, "health": health_pb2.HealthCheckResponse.NOT_SERVING}
+        deadline = time.monotonic() + 4  # 2.5 beats of 0.2 s, the health poll (0.5 s), a loaded box
+        while (seen := doors()) != not_ready:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+        os.kill(victim, signal.SIGCONT)
+        deadline = time.monotonic() + 4
+        while (seen := doors()) != ready:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+    finally:
+        _kill_quietly(victim, cont=True)
+        channel.close()
+        proc.stop()
