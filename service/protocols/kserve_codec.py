@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound, PayloadTooLarge
 from ..types import DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
 
 SERVER_NAME = "detserve"
@@ -40,6 +40,10 @@ DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
+# A coarse bound on the images one tensor may hold, checked from its shape before any per-image
+# object is built: a 4 MB body of empty BYTES elements would otherwise become a million objects.
+# The data plane's max_images_per_request (smaller) applies afterwards.
+MAX_TENSOR_IMAGES = 4096
 
 
 @dataclass(slots=True)
@@ -94,10 +98,18 @@ def _checked_datatype(name: str, datatype: str) -> str:
     return datatype
 
 
+def _check_image_count(name: str, datatype: str, shape: tuple[int, ...], count: int) -> None:
+    images = count if datatype == BYTES else (shape[0] if len(shape) == 4 else 1)
+    if images > MAX_TENSOR_IMAGES:
+        raise PayloadTooLarge(f"input '{name}': shape {list(shape)} holds {images} images; "
+                              f"at most {MAX_TENSOR_IMAGES} per tensor")
+
+
 def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters=None) -> Tensor:
     """A tensor from its binary form (HTTP binary extension, gRPC raw_input_contents)."""
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     count = _element_count(shape)
+    _check_image_count(name, datatype, shape, count)
     if datatype == BYTES:
         items = unpack_bytes_elements(raw)
         if len(items) != count:
@@ -138,8 +150,9 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     if not isinstance(values, (list, tuple)):
         raise InvalidRequest(f"input '{name}': 'data' must be a list, got {type(values).__name__}")
-    flat = _flatten(list(values))
     count = _element_count(shape)
+    _check_image_count(name, datatype, shape, count)
+    flat = _flatten(list(values))
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}")
     if datatype == BYTES:
@@ -311,7 +324,6 @@ async def infer(
     info = dp.resolve(model, None)
     check_version(info, version)
     images = images_from_inputs(inputs)
-    dp.check_images(len(images))
     options = dp.options(info, score_thr=parameters.get("score_thr"), max_dets=parameters.get("max_dets"),
                          classes=parameters.get("classes"))
     outputs_for = output_specs(info.has_masks)

@@ -126,3 +126,15 @@ def test_kserve_grpc_max_dets_inf_and_classes_number_are_invalid_argument():
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_tensor_of_a_million_empty_images_is_413_before_they_are_built(rest):
+    client, engine = rest
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1_000_000],
+                                     "parameters": {"binary_data_size": 4_000_000}}]}).encode()
+    r = client.post("/v2/models/m/infer", content=header + b"\x00" * 4_000_000,
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 413 and "4096" in r.json()["message"]
+    pixels = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [500_000, 0, 0, 3], "data": []}]})
+    r = client.post("/v2/models/m/infer", content=pixels)
+    assert r.status_code == 413 and engine.calls == 0
