@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 CONFIG = """
 max_request_size = 65536
-drain_timeout_s = 3.0
+drain_timeout_s = 2.0
 [limits]
 max_header_bytes = 8192
 max_headers = 40
@@ -176,7 +176,7 @@ def test_a_request_still_running_when_the_drain_ends_gets_json_503_not_plain_500
     try:
         answers: list[httpx.Response] = []
         t = threading.Thread(target=lambda: answers.append(
-            httpx.put(f"{proc.url}/predictions/late", content=b"SLEEP:8", timeout=30)))
+            httpx.put(f"{proc.url}/predictions/late", content=b"SLEEP:3", timeout=30)))
         t.start()
         time.sleep(0.5)
         proc.proc.send_signal(signal.SIGTERM)
