@@ -1,0 +1,102 @@
+"""The two-stage family's entry points: registry, build, checkpoint layout, predict.
+
+Kept apart from `service.detectors.registry` (RTMDet's `ArchSpec` table, which the serving path, export
+and tests enumerate as RTMDet archs); the lead wires this table into the serving contract.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.errors import ConfigError
+
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights
+from .config import TwoStageTestConfig
+from .decode import ImageDetections, decode_bboxes, mask_probabilities, paste_masks_rle, rois_from
+from .model import TwoStageDetector
+from .resnet import RESNET_SPECS
+from .transforms import SCALE, Rescale, boxes_to_original, preprocess
+
+CLASSIFIER_KEY = "roi_head.bbox_head.fc_cls.weight"
+
+
+@dataclass(frozen=True)
+class TwoStageSpec:
+    name: str
+    backbone: str  # key of RESNET_SPECS
+    with_mask: bool
+
+
+REGISTRY: dict[str, TwoStageSpec] = {
+    f"{family}-{backbone}-fpn": TwoStageSpec(f"{family}-{backbone}-fpn", backbone, family == "mask-rcnn")
+    for family in ("faster-rcnn", "mask-rcnn") for backbone in RESNET_SPECS
+}
+
+
+def list_archs() -> list[str]:
+    return list(REGISTRY)
+
+
+def arch_spec(arch: str) -> TwoStageSpec:
+    try:
+        return REGISTRY[arch]
+    except KeyError:
+        raise ConfigError(f"unknown two-stage arch {arch!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def build(arch: str, num_classes: int = 80) -> TwoStageDetector:
+    """A randomly initialised detector in eval mode, with mmdet's module names."""
+    spec = arch_spec(arch)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    return TwoStageDetector(RESNET_SPECS[spec.backbone], num_classes, spec.with_mask).eval()
+
+
+def num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Foreground classes of a two-stage checkpoint: rows of fc_cls minus the background row."""
+    weight = state_dict.get(CLASSIFIER_KEY)
+    return int(weight.shape[0]) - 1 if weight is not None else None
+
+
+def load_detector(arch: str, path: str | Path) -> tuple[TwoStageDetector, Checkpoint]:
+    """Build `arch` with the checkpoint's own class count and load it strictly (through the safe loader)."""
+    checkpoint = load_checkpoint(path)
+    num_classes = num_classes_in(checkpoint.state_dict)
+    if num_classes is None:
+        raise ConfigError(f"{path} has no {CLASSIFIER_KEY}: not a Faster/Mask R-CNN checkpoint")
+    model = build(arch, num_classes)
+    load_weights(model, checkpoint, strict=True)
+    return model, checkpoint
+
+
+@torch.inference_mode()
+def predict(model: TwoStageDetector, images: list[np.ndarray], test_cfg: TwoStageTestConfig | None = None,
+            scale: tuple[int, int] = SCALE) -> list[ImageDetections]:
+    """uint8 BGR images -> detections per image, in original-image pixels. The whole batch shares each stage.
+
+    `scale` is the resize target (long, short edge); mmdet's configs use 1333x800, tests use smaller ones.
+    """
+    cfg = test_cfg or TwoStageTestConfig()
+    device = next(model.parameters()).device
+    inputs, metas = preprocess(images, scale)
+    rpn = model.rpn_forward(inputs.to(device))
+    proposals = model.proposals(rpn, [m.img_shape for m in metas], cfg.rpn)
+    rois = rois_from(proposals)
+    cls_logits, bbox_deltas = model.roi_head.bbox_forward(rpn.feats, rois)
+    per_image = decode_bboxes(cls_logits, bbox_deltas, rois, metas, cfg, rescale_before_nms=not model.with_mask)
+    if not model.with_mask:
+        return [ImageDetections(boxes, scores, labels, None) for boxes, scores, labels in per_image]
+    det_rois = rois_from([boxes for boxes, _, _ in per_image])
+    probs = mask_probabilities(model.roi_head.mask_forward(rpn.feats, det_rois),
+                               torch.cat([labels for _, _, labels in per_image]))
+    results = []
+    for (boxes, scores, labels), img_probs, meta in zip(per_image, probs.split([len(b) for b, _, _ in per_image]),
+                                                        metas):
+        boxes = boxes_to_original(boxes, meta, Rescale.DIVIDE)
+        masks = paste_masks_rle(img_probs, boxes, meta.ori_shape, cfg.mask_thr_binary, cfg.mask_band_bytes)
+        results.append(ImageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), masks))
+    return results
