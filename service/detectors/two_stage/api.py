@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,8 +18,9 @@ from service.errors import ConfigError
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from .config import TwoStageTestConfig
 from .decode import ImageDetections, decode_bboxes, mask_probabilities, paste_masks_rle, rois_from
-from .model import TwoStageDetector
+from .model import RPNOutputs, TwoStageDetector
 from .resnet import RESNET_SPECS
+from .rpn import proposals_for_batch
 from .transforms import SCALE, Rescale, boxes_to_original, preprocess
 
 CLASSIFIER_KEY = "roi_head.bbox_head.fc_cls.weight"
@@ -73,25 +75,40 @@ def load_detector(arch: str, path: str | Path) -> tuple[TwoStageDetector, Checkp
     return model, checkpoint
 
 
+class TwoStageNetwork(Protocol):
+    """What `predict` runs: the eager `TwoStageDetector` or `onnx_export.OnnxTwoStage`; raw tensors out."""
+
+    with_mask: bool
+
+    def rpn_forward(self, inputs: torch.Tensor) -> RPNOutputs: ...
+
+    def bbox_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def mask_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.inference_mode()
-def predict(model: TwoStageDetector, images: list[np.ndarray], test_cfg: TwoStageTestConfig | None = None,
+def predict(model: TwoStageNetwork, images: list[np.ndarray], test_cfg: TwoStageTestConfig | None = None,
             scale: tuple[int, int] = SCALE) -> list[ImageDetections]:
     """uint8 BGR images -> detections per image, in original-image pixels. The whole batch shares each stage.
 
     `scale` is the resize target (long, short edge); mmdet's configs use 1333x800, tests use smaller ones.
     """
     cfg = test_cfg or TwoStageTestConfig()
-    device = next(model.parameters()).device
     inputs, metas = preprocess(images, scale)
-    rpn = model.rpn_forward(inputs.to(device))
-    proposals = model.proposals(rpn, [m.img_shape for m in metas], cfg.rpn)
+    if isinstance(model, torch.nn.Module):
+        inputs = inputs.to(next(model.parameters()).device)
+    rpn = model.rpn_forward(inputs)
+    proposals = proposals_for_batch(rpn.cls_per_level, rpn.reg_per_level, [m.img_shape for m in metas],
+                                    nms_pre=cfg.rpn.nms_pre, iou_threshold=cfg.rpn.iou_threshold,
+                                    max_per_img=cfg.rpn.max_per_img)
     rois = rois_from(proposals)
-    cls_logits, bbox_deltas = model.roi_head.bbox_forward(rpn.feats, rois)
+    cls_logits, bbox_deltas = model.bbox_forward(rpn.feats, rois)
     per_image = decode_bboxes(cls_logits, bbox_deltas, rois, metas, cfg, rescale_before_nms=not model.with_mask)
     if not model.with_mask:
-        return [ImageDetections(boxes, scores, labels, None) for boxes, scores, labels in per_image]
+        return [ImageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), None) for boxes, scores, labels in per_image]
     det_rois = rois_from([boxes for boxes, _, _ in per_image])
-    probs = mask_probabilities(model.roi_head.mask_forward(rpn.feats, det_rois),
+    probs = mask_probabilities(model.mask_forward(rpn.feats, det_rois),
                                torch.cat([labels for _, _, labels in per_image]))
     results = []
     for (boxes, scores, labels), img_probs, meta in zip(per_image, probs.split([len(b) for b, _, _ in per_image]),

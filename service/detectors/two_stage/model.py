@@ -2,11 +2,13 @@
 
 The network is exposed as raw-tensor stages so decode stays outside it (and outside an exported graph):
   rpn_forward(inputs)          -> FPN features and RPN outputs        (batched)
-  [proposals: decode.select_proposals per image]
-  roi_head.bbox_forward(feats, rois [K, 5])                         (batched over all images)
+  [proposals: rpn.proposals_for_batch, per image]
+  bbox_forward(feats, rois [K, 5])                                  (batched over all images)
   [boxes: decode.decode_bboxes per image]
-  roi_head.mask_forward(feats, rois [N, 5])                         (Mask R-CNN; batched)
-`forward(inputs, img_shapes)` chains the first three for export: it returns rois and the R-CNN outputs.
+  mask_forward(feats, rois [N, 5])                                  (Mask R-CNN; batched)
+`api.predict` drives any object with these three methods and `with_mask` (this module, or the ONNX Runtime
+runner in `onnx_export`). `forward(inputs, img_shapes)` chains the first three and returns rois and the
+R-CNN outputs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .decode import rois_from
 from .fpn import FPN
 from .resnet import ResNet, ResNetSpec
 from .roi_head import StandardRoIHead
-from .rpn import RPNHead, anchors_for, select_proposals
+from .rpn import RPNHead, proposals_for_batch
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,15 @@ class TwoStageDetector(nn.Module):
         return RPNOutputs(feats, cls_per_level, reg_per_level)
 
     def proposals(self, rpn: RPNOutputs, img_shapes: list[tuple[int, int]], cfg: RPNTestConfig) -> list[torch.Tensor]:
-        """Per image [<=max_per_img, 4] proposals; anchors are generated once from the batch feature sizes."""
-        anchors = anchors_for([tuple(c.shape[-2:]) for c in rpn.cls_per_level], rpn.feats[0].device)
-        return [
-            select_proposals([c[i] for c in rpn.cls_per_level], [r[i] for r in rpn.reg_per_level], anchors,
-                             img_shape, nms_pre=cfg.nms_pre, iou_threshold=cfg.iou_threshold,
-                             max_per_img=cfg.max_per_img)
-            for i, img_shape in enumerate(img_shapes)
-        ]
+        """Per image [<=max_per_img, 4] proposals in resized-image pixels."""
+        return proposals_for_batch(rpn.cls_per_level, rpn.reg_per_level, img_shapes, nms_pre=cfg.nms_pre,
+                                   iou_threshold=cfg.iou_threshold, max_per_img=cfg.max_per_img)
+
+    def bbox_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.roi_head.bbox_forward(feats, rois)
+
+    def mask_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> torch.Tensor:
+        return self.roi_head.mask_forward(feats, rois)
 
     def forward(self, inputs: torch.Tensor, img_shapes: list[tuple[int, int]] | None = None,
                 rpn_cfg: RPNTestConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,5 +69,5 @@ class TwoStageDetector(nn.Module):
             img_shapes = [tuple(inputs.shape[-2:])] * inputs.shape[0]
         rpn = self.rpn_forward(inputs)
         rois = rois_from(self.proposals(rpn, img_shapes, rpn_cfg or RPNTestConfig())).to(inputs.dtype)
-        cls_logits, bbox_deltas = self.roi_head.bbox_forward(rpn.feats, rois)
+        cls_logits, bbox_deltas = self.bbox_forward(rpn.feats, rois)
         return rois, cls_logits, bbox_deltas

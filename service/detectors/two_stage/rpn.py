@@ -93,6 +93,21 @@ def select_proposals(cls_per_level: list[torch.Tensor], reg_per_level: list[torc
     return boxes[keep][:max_per_img]
 
 
+def proposals_for_batch(cls_per_level: list[torch.Tensor], reg_per_level: list[torch.Tensor],
+                        img_shapes: list[tuple[int, int]], *, nms_pre: int, iou_threshold: float,
+                        max_per_img: int) -> list[torch.Tensor]:
+    """Batched RPN outputs ([B, A, h, w], [B, 4A, h, w] per level) -> proposals per image.
+
+    Anchors are generated once from the batch feature sizes and shared, as mmdet does; selection is per image.
+    """
+    anchors = anchors_for([tuple(c.shape[-2:]) for c in cls_per_level], cls_per_level[0].device)
+    return [
+        select_proposals([c[i] for c in cls_per_level], [r[i] for r in reg_per_level], anchors, img_shape,
+                         nms_pre=nms_pre, iou_threshold=iou_threshold, max_per_img=max_per_img)
+        for i, img_shape in enumerate(img_shapes)
+    ]
+
+
 def num_anchors_total(padded_hw: tuple[int, int]) -> int:
     """Anchors over P2..P6 for a padded input: a checkable figure (spec §3.2's table)."""
     height, width = padded_hw
