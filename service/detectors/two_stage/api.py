@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from service.errors import ConfigError
+from service.errors import ConfigError, InvalidImage
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from .config import TwoStageTestConfig
@@ -21,7 +21,7 @@ from .decode import ImageDetections, decode_bboxes, mask_probabilities, paste_ma
 from .model import RPNOutputs, TwoStageDetector
 from .resnet import RESNET_SPECS
 from .rpn import proposals_for_batch
-from .transforms import SCALE, Rescale, boxes_to_original, preprocess
+from .transforms import SCALE, Rescale, TwoStageMeta, boxes_to_original, normalize, pad_batch, padded_shape, resize_image
 
 CLASSIFIER_KEY = "roi_head.bbox_head.fc_cls.weight"
 
@@ -70,9 +70,12 @@ def load_detector(arch: str, path: str | Path) -> tuple[TwoStageDetector, Checkp
     num_classes = num_classes_in(checkpoint.state_dict)
     if num_classes is None:
         raise ConfigError(f"{path} has no {CLASSIFIER_KEY}: not a Faster/Mask R-CNN checkpoint")
-    model = build(arch, num_classes)
+    with torch.device("meta"):  # no random init of weights the checkpoint overwrites anyway
+        model = build(arch, num_classes)
+    model = model.to_empty(device="cpu")
+    # strict: every parameter and buffer of the uninitialised model is filled from the file, or this raises
     load_weights(model, checkpoint, strict=True)
-    return model, checkpoint
+    return model.eval(), checkpoint
 
 
 class TwoStageNetwork(Protocol):
@@ -89,13 +92,37 @@ class TwoStageNetwork(Protocol):
 
 @torch.inference_mode()
 def predict(model: TwoStageNetwork, images: list[np.ndarray], test_cfg: TwoStageTestConfig | None = None,
-            scale: tuple[int, int] = SCALE) -> list[ImageDetections]:
-    """uint8 BGR images -> detections per image, in original-image pixels. The whole batch shares each stage.
+            scale: tuple[int, int] = SCALE, group_by_padded_shape: bool = True) -> list[ImageDetections]:
+    """uint8 BGR images -> detections per image, in original-image pixels, in input order.
 
-    `scale` is the resize target (long, short edge); mmdet's configs use 1333x800, tests use smaller ones.
+    Images whose padded input shapes agree run as one batch through every stage. With
+    `group_by_padded_shape` (default), images of different padded shapes run as separate batches, so each
+    image gets exactly the padding (and so the border features) it gets alone, as in mmdet's batch-1 test;
+    without it the whole list is padded to one shape (spec pitfall 19). `scale` is the resize target
+    (long, short edge): mmdet's configs use 1333x800, tests smaller ones.
     """
     cfg = test_cfg or TwoStageTestConfig()
-    inputs, metas = preprocess(images, scale)
+    if not images:
+        raise InvalidImage("no images given")
+    tensors, metas = [], []
+    for image in images:
+        resized, meta = resize_image(image, scale)
+        tensors.append(normalize(resized))
+        metas.append(meta)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, meta in enumerate(metas):
+        groups.setdefault(padded_shape([meta.img_shape]) if group_by_padded_shape else (0, 0), []).append(i)
+    results: list[ImageDetections | None] = [None] * len(images)
+    for members in groups.values():
+        inputs = pad_batch([tensors[i] for i in members])
+        for i, detections in zip(members, _predict_padded(model, inputs, [metas[i] for i in members], cfg)):
+            results[i] = detections
+    return results
+
+
+def _predict_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[TwoStageMeta],
+                    cfg: TwoStageTestConfig) -> list[ImageDetections]:
+    """One padded batch [B, 3, Hb, Wb] through the stages, the RoI heads over all B images at once."""
     if isinstance(model, torch.nn.Module):
         inputs = inputs.to(next(model.parameters()).device)
     rpn = model.rpn_forward(inputs)
