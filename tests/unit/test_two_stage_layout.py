@@ -154,3 +154,15 @@ def test_a_mask_checkpoint_is_refused_by_the_faster_arch(tmp_path):
     torch.save(mmdet_checkpoint("mask-rcnn-r50-fpn"), path)
     with pytest.raises(ConfigError, match="unexpected: roi_head.mask_head"):
         load_detector("faster-rcnn-r50-fpn", path)
+
+
+@pytest.mark.parametrize("arch", ["faster-rcnn-r101-fpn", "mask-rcnn-x101-32x4d-fpn"])
+def test_deep_backbones_wire_up_on_the_meta_device(arch):
+    """R-101 / X-101 run shape-only: every level's feature and RPN map has the spec's size (§2.1)."""
+    with torch.device("meta"):
+        model = build(arch)
+        rpn = model.rpn_forward(torch.empty(2, 3, 800, 1088))
+    sizes = [(200, 272), (100, 136), (50, 68), (25, 34), (13, 17)]
+    assert [tuple(f.shape) for f in rpn.feats] == [(2, 256, *s) for s in sizes]
+    assert [tuple(c.shape) for c in rpn.cls_per_level] == [(2, 3, *s) for s in sizes]
+    assert [tuple(r.shape) for r in rpn.reg_per_level] == [(2, 12, *s) for s in sizes]
