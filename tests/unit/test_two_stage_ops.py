@@ -188,7 +188,14 @@ def test_meta_is_plain_data():
 
 
 @pytest.mark.parametrize("bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32),
-                                 np.zeros((0, 10, 3), np.uint8), "not an image"])
+                                 np.zeros((0, 10, 3), np.uint8), "not an image",
+                                 np.zeros((1, 5000, 3), np.uint8)])  # short side would resize to 0 px
 def test_bad_images_are_refused_as_invalid_input(bad):
     with pytest.raises(InvalidImage):
         preprocess([bad])
+
+
+def test_invalid_errors_map_to_a_4xx_status():
+    from service.errors import http_status
+
+    assert 400 <= http_status(InvalidImage("x")) < 500

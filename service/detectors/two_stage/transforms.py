@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.errors import InvalidImage
+from service.errors import ConfigError, InvalidImage
 
 SCALE = (1333, 800)  # (long edge bound, short edge bound), orientation-free
 MEAN_RGB = (123.675, 116.28, 103.53)
@@ -44,7 +44,7 @@ def rescale_size(height: int, width: int, scale: tuple[int, int] = SCALE) -> tup
     """(new_h, new_w) of mmcv `imrescale`: sf = min(long/max(h,w), short/min(h,w)); int(x*sf + 0.5)."""
     long_edge, short_edge = max(scale), min(scale)
     if not 1 <= short_edge <= long_edge <= 8192:
-        raise ValueError(f"resize scale must be two edges in [1, 8192], got {scale}")
+        raise ConfigError(f"resize scale must be two edges in [1, 8192], got {scale}")
     sf = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * sf + 0.5), int(width * sf + 0.5)
 
@@ -53,6 +53,8 @@ def resize_image(image_bgr: np.ndarray, scale: tuple[int, int] = SCALE) -> tuple
     _check_image(image_bgr)
     height, width = image_bgr.shape[:2]
     new_h, new_w = rescale_size(height, width, scale)
+    if new_h < 1 or new_w < 1:  # e.g. 100000x10: the short side would round to 0 pixels
+        raise InvalidImage(f"image of {width}x{height} is too elongated to resize to {scale[0]}x{scale[1]}")
     resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     meta = TwoStageMeta(ori_shape=(height, width), img_shape=(new_h, new_w),
                         scale_factor=(new_w / width, new_h / height))
