@@ -21,7 +21,9 @@ from .decode import ImageDetections, decode_bboxes, mask_probabilities, paste_ma
 from .model import RPNOutputs, TwoStageDetector
 from .resnet import RESNET_SPECS
 from .rpn import proposals_for_batch
-from .transforms import SCALE, Rescale, TwoStageMeta, boxes_to_original, normalize, pad_batch, padded_shape, resize_image
+from .transforms import (
+    SCALE, Rescale, TwoStageMeta, boxes_to_original, normalize, pad_batch, padded_shape, resize_image,
+)
 
 CLASSIFIER_KEY = "roi_head.bbox_head.fc_cls.weight"
 
@@ -85,7 +87,8 @@ class TwoStageNetwork(Protocol):
 
     def rpn_forward(self, inputs: torch.Tensor) -> RPNOutputs: ...
 
-    def bbox_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def bbox_forward(self, feats: tuple[torch.Tensor, ...],
+                     rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def mask_forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> torch.Tensor: ...
 

@@ -102,7 +102,8 @@ def export_two_stage(model: TwoStageDetector, out_dir: str | Path, *, opset: int
         feats = model.rpn_forward(example).feats[: len(ROI_STRIDES)]
     h, w = example_hw
     rois = torch.tensor([[0.0, 2, 3, 40, 50], [0.0, 0, 0, w, h], [0.0, 10, 5, 30, 12]])
-    roi_axes = {name: {0: "batch", 2: f"h_{name}", 3: f"w_{name}"} for name in ROI_FEATURE_NAMES} | {"rois": {0: "rois"}}
+    roi_axes = {name: {0: "batch", 2: f"h_{name}", 3: f"w_{name}"} for name in ROI_FEATURE_NAMES}
+    roi_axes["rois"] = {0: "rois"}
     bbox = out_dir / "bbox.onnx"
     _export(_BBoxGraph(model), (*feats, rois), bbox, ROI_FEATURE_NAMES + ["rois"], ["cls_logits", "bbox_deltas"],
             roi_axes | {"cls_logits": {0: "rois"}, "bbox_deltas": {0: "rois"}}, opset)
