@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 MODEL = "null"
 SEED = 15
 SERVER_ERRORS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
-RSS_GROWTH_LIMIT_KB = 80 * 1024
+RSS_GROWTH_LIMIT_KB = 32 * 1024  # measured: ~1 MB over the 4,200 cases
 
 WEIRD_STRINGS = ["", " ", "²", "١٢", "0x10", "1e400", "-1e400", "nan", "NaN", "inf", "-inf", "1_0", "0.5", "-0.5",
                  "2", "0", "1", "101", "99999999999999999999999", "true", "null", "[]", "{}", "a,b", ",,,", "cat",
@@ -279,6 +279,7 @@ def test_generated_malformed_inputs_never_get_a_server_error(server):
         ready = kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
 
     rss_after = _rss_kb(pid)
+    print(f"\n{counted} cases, front RSS {rss_before} -> {rss_after} KB")
     assert not failures, f"{len(failures)} of {counted} cases answered a server error:\n" + "\n".join(failures[:20])
     assert counted >= 1000
     assert ready and httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
