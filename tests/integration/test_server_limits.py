@@ -188,3 +188,10 @@ def test_a_request_still_running_when_the_drain_ends_gets_json_503_not_plain_500
     (r,) = answers
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
     assert r.json()["code"] == "model_not_ready"
+
+
+def test_a_connection_that_sends_nothing_is_closed_quietly(server):
+    idle = _connect(server)
+    started = time.monotonic()
+    assert _read_all(idle, 5) == b""  # closed, with no unsolicited answer
+    assert 0.9 < time.monotonic() - started < 4

@@ -119,6 +119,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if phase == _HEADERS and waited > self.limits.header_timeout_s:
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a pipelined request behind one still running: its own time has not begun
+            if self.header_bytes == 0:
+                # Nothing sent yet (a pooled connection never used): close quietly, like keep-alive
+                # expiry, so a client racing a first request never reads an answer it did not ask for.
+                self.phase = _REFUSED
+                self.transport.close()
+                return
             self.refuse(408, "Request Timeout", "request_timeout",
                         f"request headers not received within header_timeout_s ({self.limits.header_timeout_s:g} s)")
         elif phase == _BODY and waited > self.limits.body_timeout_s:
