@@ -70,6 +70,12 @@ class DeadlineExceeded(DetserveError):
     code = "deadline_exceeded"
 
 
+class RequestTimeout(DetserveError):
+    """The client did not send its request (headers or body) in time."""
+
+    code = "request_timeout"
+
+
 class ModelNotReady(DetserveError):
     code = "model_not_ready"
 
@@ -98,6 +104,7 @@ ERROR_TABLE: dict[type[DetserveError], tuple[int, str]] = {
     PermissionDenied: (403, "PERMISSION_DENIED"),
     Overloaded: (429, "RESOURCE_EXHAUSTED"),
     DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
+    RequestTimeout: (408, "DEADLINE_EXCEEDED"),
     ModelNotReady: (503, "UNAVAILABLE"),
     WorkerDied: (503, "UNAVAILABLE"),
     ConfigError: (400, "INVALID_ARGUMENT"),

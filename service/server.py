@@ -3,9 +3,11 @@
 It moves bytes and formats responses only; decoding and inference run in the engine's worker
 processes, so this module (and everything it imports at start-up) stays free of torch.
 
-Shutdown (SIGTERM/SIGINT): /readyz turns 503, the listeners close (no new connections), in-flight
-HTTP requests finish (up to drain_timeout_s), gRPC stops with the same grace, then the engine
-drains and stops its workers; the process exits 0.
+Shutdown (SIGTERM/SIGINT): the data plane turns every door's readiness false, the listeners close
+(no new connections), in-flight HTTP requests finish (up to drain_timeout_s; uploads still arriving
+then are answered 503), gRPC stops with the same grace, then the engine drains and stops its
+workers; the process exits 0. The workers ignore both signals, so a signal to the whole process
+group drains the same way.
 """
 from __future__ import annotations
 
@@ -27,12 +29,23 @@ log = logging.getLogger("detserve.server")
 
 
 
+def _graceful_timeout_s(settings: ServerSettings) -> int:
+    return max(1, int(settings.drain_timeout_s))
+
+
 class _Uvicorn:
     """Lazily built so importing this module does not import uvicorn's protocol stack."""
 
     @staticmethod
     def server(app, settings: ServerSettings):
         import uvicorn
+
+        try:
+            from .protocols.rest.limits import bounded_protocol
+        except ImportError:  # no httptools: h11 bounds the headers itself, the sweeper has nothing to do
+            http, h11_limit = "h11", settings.limits.max_header_bytes
+        else:
+            http, h11_limit = bounded_protocol(settings.limits), None
 
         class QuietSignalsServer(uvicorn.Server):
             # run_server owns SIGTERM/SIGINT for all servers; uvicorn would otherwise install its own
@@ -43,7 +56,9 @@ class _Uvicorn:
 
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, server_header=False,
-            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), ws="none",
+            timeout_graceful_shutdown=_graceful_timeout_s(settings), ws="none", http=http,
+            timeout_keep_alive=settings.limits.keep_alive_timeout_s, limit_concurrency=settings.limits.max_connections,
+            **({"h11_max_incomplete_event_size": h11_limit} if h11_limit else {}),
         )
         return QuietSignalsServer(config)
 
@@ -122,14 +137,18 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         bind("management", settings.management_address, settings.management_port),
         bind("metrics", settings.metrics_address, settings.metrics_port),
     ]
-    inference_app = build_inference_app(engine, settings)
+    from .engine.dataplane import DataPlane
+
+    dataplane = DataPlane(engine, max_images_per_request=settings.max_images_per_request)
+    inference_app = build_inference_app(engine, settings, dataplane)
     apps = [inference_app, build_management_app(engine, settings), build_metrics_app(settings)]
     servers = [_Uvicorn.server(app, settings) for app in apps]
 
     # Serve HTTP while the models load, so probes get answers: /healthz 200, /readyz 503 until ready.
-    inference_app.state.starting = True
+    dataplane.starting = True
     tasks = [asyncio.create_task(srv.serve(sockets=[lst.sock]), name=f"http-{lst.name}")
              for srv, lst in zip(servers, listeners)]
+    sweeper = asyncio.create_task(_sweep(servers), name="http-limits")
     _log_bindings(listeners, settings)
     log.info("starting engine", extra={"model_store": str(settings.model_store)})
     grpc_server = None
@@ -137,16 +156,17 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
         await engine.start()
         grpc_module = _grpc_module() if settings.enable_grpc else None
         if grpc_module is not None:
-            grpc_server = await grpc_module.start_grpc_server(engine, settings)  # it logs its own address
+            grpc_server = await grpc_module.start_grpc_server(engine, settings, dataplane)  # it logs its own address
     except Exception as exc:
         log.error("start-up failed: %s", getattr(exc, "message", None) or repr(exc))
         for srv in servers:
             srv.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        sweeper.cancel()
         with contextlib.suppress(Exception):
             await engine.stop(0)
         return 1
-    inference_app.state.starting = False
+    dataplane.starting = False
     # Everything built at start-up (apps, routes, pydantic models, protobuf classes) lives for the whole
     # process: moved out of the collector's view, a full collection no longer walks it while requests wait.
     gc.collect()
@@ -164,16 +184,35 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
 
     log.info("draining: refusing new connections, finishing in-flight requests",
              extra={"drain_timeout_s": settings.drain_timeout_s})
-    inference_app.state.draining = True
+    dataplane.draining = True  # every door's readiness turns false at once, gRPC health included
     for srv in servers:
         srv.should_exit = True
+    # Just before uvicorn's graceful timeout cancels what still runs, answer uploads still in flight.
+    grace = _graceful_timeout_s(settings)
+    cutter = loop.call_later(grace - min(1.0, grace / 4), _cut_uploads, servers)
     await asyncio.gather(*tasks, return_exceptions=True)
+    cutter.cancel()
+    sweeper.cancel()
     if grpc_server is not None:
         await grpc_server.stop(settings.drain_timeout_s)
     await engine.stop(settings.drain_timeout_s)
     stopper.cancel()
     log.info("stopped")
     return exit_code
+
+
+async def _sweep(servers) -> None:
+    try:
+        from .protocols.rest.limits import sweep_forever
+    except ImportError:
+        return
+    await sweep_forever(servers)
+
+
+def _cut_uploads(servers) -> None:
+    from .protocols.rest.limits import cut_unfinished_uploads
+
+    cut_unfinished_uploads(servers)
 
 
 def _new_event_loop():

@@ -202,6 +202,17 @@ class LabelStudioSettings(_Strict):
         return self
 
 
+class ServerLimits(_Strict):
+    """Per-connection bounds of the HTTP listeners (docs/security-server.md says what each defends)."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # request line + all headers
+    max_headers: int = Field(100, ge=8, le=10_000)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)  # connect (or end of previous request) to end of headers
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)  # end of headers to end of body
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600)  # idle keep-alive connection
+    max_connections: int | None = Field(None, ge=1)  # concurrent connections + tasks per listener (uvicorn's limit_concurrency)
+
+
 class ServerSettings(BaseSettings):
     """Server configuration: defaults < `--config` TOML file < DETSERVE_* environment < CLI flags.
 
@@ -225,15 +236,26 @@ class ServerSettings(BaseSettings):
     enable_grpc: bool = True
 
     max_request_size: int = Field(16 * 1024 * 1024, ge=1)  # bytes per HTTP/gRPC request body
+    max_images_per_request: int = Field(64, ge=1, le=4096)  # every door; a model's max_queue_size also caps it
+    limits: ServerLimits = ServerLimits()
     drain_timeout_s: float = Field(30.0, ge=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is killed and restarted
+    # A worker silent this long is killed, its batch retried elsewhere, and it is restarted. It stops
+    # counting as live (readiness, dispatch) after HEARTBEAT_MISSES_UNTIL_SUSPECT missed beats already.
+    heartbeat_timeout_s: float = Field(4.0, gt=0)
     worker_start_timeout_s: float = Field(120.0, gt=0)
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
     auth: AuthSettings = AuthSettings()
     labelstudio: LabelStudioSettings = LabelStudioSettings()
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> "ServerSettings":
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed heartbeat_interval_s "
+                             f"({self.heartbeat_interval_s}), or every worker would be killed between beats")
+        return self
 
 
 def load_server_settings(config_file: str | Path | None = None, **overrides) -> ServerSettings:

@@ -149,3 +149,4 @@ class ModelInfo:
     workers: tuple[WorkerStatus, ...] = ()
     queue_depth: int = 0
     default_score_thr: float = 0.3
+    max_per_img: int | None = None  # test_cfg.max_per_img: the most detections one image returns

@@ -36,7 +36,9 @@ class ServeProcess:
         self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
         self.grpc_target = f"127.0.0.1:{self.ports['grpc']}" if grpc else None
         self.log_path = workdir / "server.log"
-        full_env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+        # Keep the caller's PYTHONPATH after tests/: a worktree's `service` must win over the installed one.
+        python_path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
         full_env.pop("DETSERVE_PREDICTOR_FACTORY", None)
         if fake:
             full_env["DETSERVE_PREDICTOR_FACTORY"] = FAKE_FACTORY

@@ -36,6 +36,10 @@ class EngineAPI(Protocol):
 
     def model_ready(self, model: str) -> bool: ...
 
+    def has_model(self, model: str) -> bool:
+        """Whether `model` is loaded; cheap (metric labels ask on every request)."""
+        ...
+
     def models(self) -> list[ModelInfo]: ...
 
     def model_info(self, model: str) -> ModelInfo:

@@ -146,13 +146,15 @@ class _ModelRuntime:
         mix = dispatch.batch.protocol_mix
         model_metrics = self.metrics
         model_metrics.batch_size.observe(len(items))
+        deadline = 0.0
         for item in items:
             item.attempts += 1
+            deadline = max(deadline, item.deadline)
             model_metrics.queue_wait.observe(now - item.enqueued_at)
             model_metrics.batch_item(item.protocol.value, mix).inc()
         self.in_flight[batch_id] = (dispatch, items)
         request = BatchRequest(batch_id, tuple(i.payload.item for i in items))
-        self.pool.submit(dispatch.worker_id, request)
+        self.pool.submit(dispatch.worker_id, request, deadline)
 
     def _publish(self) -> None:
         self.metrics.queue_depth.set(self.scheduler.depth)
@@ -192,6 +194,7 @@ class _ModelRuntime:
             workers=self.pool.statuses(),
             queue_depth=self.scheduler.depth,
             default_score_thr=self.cfg.default_score_thr,
+            max_per_img=self.cfg.test_cfg.max_per_img,
         )
 
 
@@ -246,6 +249,9 @@ class Engine:
             return False
         return all(self.model_ready(n) for n in self._configured if n in self._models)
 
+    def has_model(self, model: str) -> bool:
+        return model in self._models
+
     def model_ready(self, model: str) -> bool:
         runtime = self._models.get(model)
         return runtime is not None and runtime.accepting and runtime.pool.live_count() > 0
@@ -263,6 +269,10 @@ class Engine:
             raise errors.ModelNotReady(f"model {model!r} is not accepting requests: {reason}")
         if not images:
             raise errors.InvalidRequest("no images in the request")
+        if len(images) > runtime.batch.max_queue_size:
+            # Not 429: retrying can never succeed, the request does not fit even an empty queue.
+            raise errors.PayloadTooLarge(f"{len(images)} images in one request exceed the whole queue of {model!r} "
+                                         f"(max_queue_size {runtime.batch.max_queue_size})")
         timeout = runtime.batch.request_timeout_ms / 1000.0 if timeout_s is None else timeout_s
         if timeout <= 0:
             raise errors.InvalidRequest(f"request timeout must be positive, got {timeout} s")

@@ -33,6 +33,9 @@ from .worker import describe, load_predictor, run_batch
 log = logging.getLogger("detserve.engine")
 
 MAX_BACKOFF_S = 30.0
+# Heartbeats missed before a worker stops counting as live (readiness, dispatch); it is killed, and
+# its batch retried elsewhere, only at heartbeat_timeout_s, in case it was merely starved.
+HEARTBEAT_MISSES_UNTIL_SUSPECT = 2.5
 
 
 class PoolEvents(Protocol):
@@ -68,6 +71,8 @@ class _Seat:
     restarts: int = 0
     failures_in_a_row: int = 0
     batch: tuple[int, int, float] | None = None  # (batch_id, items, sent monotonic) while busy
+    batch_deadline: float = float("inf")  # monotonic: past it (plus heartbeat_timeout_s) the batch is hung
+    suspect: bool = False  # missed heartbeats: not live, gets no batch, until it beats again or is killed
     last_dispatch_at: float = float("-inf")
     retiring: bool = False
     handle: object | None = None  # WorkerProcess or _InlineHandle
@@ -97,11 +102,11 @@ class _PoolBase:
     def idle_workers(self) -> list[WorkerLoad]:
         return [
             WorkerLoad(s.worker_id, 0, s.last_dispatch_at)
-            for s in self._seats if s.state == "ready" and not s.retiring and s.batch is None
+            for s in self._seats if s.state == "ready" and not s.retiring and s.batch is None and not s.suspect
         ]
 
     def live_count(self) -> int:
-        return sum(1 for s in self._seats if s.state in ("ready", "busy") and not s.retiring)
+        return sum(1 for s in self._seats if s.state in ("ready", "busy") and not s.retiring and not s.suspect)
 
     def statuses(self) -> tuple[WorkerStatus, ...]:
         return tuple(s.status() for s in self._seats)
@@ -158,12 +163,15 @@ class _PoolBase:
             self._publish()
             raise errors.ConfigError(f"model {self.cfg.name!r}: {reason}")
 
-    def submit(self, worker_id: int, request: BatchRequest) -> None:
+    def submit(self, worker_id: int, request: BatchRequest, deadline: float = float("inf")) -> None:
+        """`deadline` (monotonic): when the batch's last request gives up; a batch still running well
+        after it is treated as hung even while heartbeats arrive (a predictor stuck in native code)."""
         seat = self._seat(worker_id)
         if seat is None or seat.state != "ready" or seat.batch is not None:
             raise RuntimeError(f"worker {worker_id} cannot take a batch now")
         now = time.monotonic()
         seat.batch = (request.batch_id, len(request.items), now)
+        seat.batch_deadline = deadline
         seat.last_dispatch_at = now
         seat.state = "busy"
         self._send(seat, request)
@@ -202,6 +210,7 @@ class _PoolBase:
         seat.batch = None
         seat.handle = None
         seat.pid = None
+        seat.suspect = False
         if lost is not None:
             self.events.batch_lost(seat.worker_id, lost[0], reason)
         if seat.retiring or self._stopping:
@@ -287,6 +296,10 @@ class ProcessPool(_PoolBase):
         if seat.handle is not handle:
             return  # from a process already replaced
         handle.last_heartbeat = time.monotonic()
+        if seat.suspect:
+            seat.suspect = False
+            log.warning("worker %d of %s answers again", seat.worker_id, self.cfg.name)
+            self._publish()
         if isinstance(message, BatchResult):
             self._on_result(seat, message)
         elif isinstance(message, WorkerReady):
@@ -304,10 +317,13 @@ class ProcessPool(_PoolBase):
             self._on_gone(seat, seat.load_error or reason)
 
     async def _supervise(self) -> None:
-        tick = min(1.0, self.settings.heartbeat_interval_s)
+        interval, timeout = self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s
+        suspect_after = min(interval * HEARTBEAT_MISSES_UNTIL_SUSPECT, timeout)
+        tick = min(0.25, interval / 2)  # a missed beat is noticed within a quarter second
         while not self._stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            changed = False
             for seat in list(self._seats):
                 handle = seat.handle
                 if handle is None or handle.kill_reason is not None:
@@ -317,10 +333,18 @@ class ProcessPool(_PoolBase):
                     # timeout applies until the worker says it is ready.
                     if now - handle.started_at > self.settings.worker_start_timeout_s:
                         handle.kill("did not start in time")
-                elif now - handle.last_heartbeat > self.settings.heartbeat_timeout_s:
-                    handle.kill("missed heartbeats")
-                elif seat.batch is not None and now - seat.batch[2] > self.settings.heartbeat_timeout_s:
-                    handle.kill("batch ran longer than heartbeat_timeout_s")
+                    continue
+                silent = now - handle.last_heartbeat
+                if silent > timeout:
+                    handle.kill(f"missed heartbeats for {silent:.1f} s")
+                elif seat.batch is not None and now > seat.batch_deadline + timeout:
+                    handle.kill("batch still running past its requests' deadline")
+                elif silent > suspect_after and not seat.suspect:
+                    seat.suspect = changed = True
+                    log.warning("worker %d of %s missed heartbeats for %.1f s: not live until it answers",
+                                seat.worker_id, self.cfg.name, silent)
+            if changed:
+                self._publish()
 
     async def _join_all(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

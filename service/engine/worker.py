@@ -194,7 +194,11 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A terminal Ctrl+C reaches the whole process group; the front process drains and then stops
     # us with a Shutdown message, so the worker must not die mid-batch on its own.
+    # The same for SIGTERM: systemd (KillMode=control-group) and `kill -- -PGID` signal every process;
+    # a worker dying then would fail its batch and make the pool restart it mid-shutdown. SIGKILL
+    # (the pool's own kill) and EOF on the request pipe (the front process gone) still end us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sender = _Sender(results)
     stop = threading.Event()
     device_box = ["cpu"]

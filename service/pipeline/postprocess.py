@@ -177,10 +177,14 @@ def postprocess_input_detections(
 
 
 def filter_for_request(
-    dets: ImageDetections, *, score_thr: float, max_dets: int | None, class_ids: Sequence[int] | None
+    dets: ImageDetections, *, score_thr: float, max_dets: int | None, class_ids: Sequence[int] | None,
+    above: float | None = None,
 ) -> ImageDetections:
-    """The per-request knobs on top of test_cfg: score >= score_thr, wanted classes, first max_dets."""
+    """The per-request knobs on top of test_cfg: score >= score_thr, wanted classes, first max_dets.
+    `above`: also require score > above (the pre-NMS floor, when a batch-mate lowered it)."""
     keep = dets.scores >= score_thr
+    if above is not None:
+        keep &= dets.scores > above
     if class_ids is not None:
         wanted = torch.as_tensor(list(class_ids), dtype=dets.labels.dtype, device=dets.labels.device)
         keep &= torch.isin(dets.labels, wanted)

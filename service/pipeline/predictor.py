@@ -20,7 +20,7 @@ import torch
 from ..backends import create_backend
 from ..backends.base import Backend, HeadOutputs, InputDetections, check_batch
 from ..errors import ConfigError, DetserveError, InternalError, InvalidRequest
-from ..settings import BackendKind, ModelConfig
+from ..settings import BackendKind, ModelConfig, TestConfig
 from ..types import Detection, DetectOptions, DetectResult, EncodedImage, ImageInput, RawImage, RLEMask, StageTimes
 from .decode import decode_image, raw_image_to_bgr
 from .draw import draw_detections, encode_image
@@ -240,11 +240,12 @@ class Predictor:
         inference_s = time.perf_counter() - start
 
         start = time.perf_counter()
+        test_cfg = self._pre_nms_cfg(pending)
         with torch.inference_mode():
             if isinstance(outputs, InputDetections):
-                per_image = postprocess_input_detections(outputs, metas, self.cfg.test_cfg)
+                per_image = postprocess_input_detections(outputs, metas, test_cfg)
             else:
-                per_image = postprocess_head_outputs(outputs, metas, self.cfg.test_cfg)
+                per_image = postprocess_head_outputs(outputs, metas, test_cfg)
         batch_post_s = (time.perf_counter() - start) / len(pending)
 
         for slot, (p, dets, meta) in enumerate(zip(pending, per_image, metas)):
@@ -264,11 +265,23 @@ class Predictor:
             if isinstance(results[p.index], DetectResult):
                 results[p.index].times = t
 
+    def _pre_nms_cfg(self, pending: list[_Pending]) -> TestConfig:
+        """test_cfg with the pre-NMS score floor lowered to the batch's lowest requested score_thr,
+        so `score_thr` below test_cfg.score_thr works instead of being silently floored. Greedy NMS
+        keeps a box only for higher-scoring ones, so extra low-scoring candidates never change what
+        the other requests of the batch get (their own floor is re-applied in `_finish_image`)."""
+        base = self.cfg.test_cfg
+        lowest = min(p.request.score_thr for p in pending)
+        return base if lowest >= base.score_thr else base.model_copy(update={"score_thr": lowest})
+
     def _finish_image(self, p: _Pending, dets: ImageDetections, meta: ImageMeta, outputs, slot: int) -> DetectResult:
         req = p.request
         if self.clip_to_image:
             dets = clip_to_image(dets, meta.ori_h, meta.ori_w)
-        dets = filter_for_request(dets, score_thr=req.score_thr, max_dets=req.max_dets, class_ids=req.class_ids)
+        # The pre-NMS floor this request would have had alone: its result must not depend on batch-mates.
+        above = min(self.cfg.test_cfg.score_thr, req.score_thr)
+        dets = filter_for_request(dets, score_thr=req.score_thr, max_dets=req.max_dets, class_ids=req.class_ids,
+                                  above=above)
         masks = self._masks(dets, meta, outputs, slot)
         boxes = dets.boxes_xyxy.cpu().tolist()
         scores = dets.scores.cpu().tolist()
@@ -315,8 +328,11 @@ class Predictor:
         score_thr = self.cfg.default_score_thr if options.score_thr is None else float(options.score_thr)
         if not 0.0 <= score_thr <= 1.0:
             raise InvalidRequest(f"score_thr must be between 0 and 1, got {score_thr}")
-        if options.max_dets is not None and options.max_dets < 0:
-            raise InvalidRequest(f"max_dets must be >= 0, got {options.max_dets}")
+        cap = self.cfg.test_cfg.max_per_img
+        if options.max_dets is not None and not 1 <= options.max_dets <= cap:
+            # The same bound and message as the data plane (service/engine/dataplane.py) gives every door.
+            raise InvalidRequest(f"max_dets must be within [1, {cap}] (this model's test_cfg.max_per_img), "
+                                 f"got {options.max_dets!r}")
         class_ids = None
         if options.classes:  # empty means no class filter
             unknown = [c for c in options.classes if c not in self._class_index]

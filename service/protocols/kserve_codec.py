@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidRequest, ModelNotFound
-from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
+from ..errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from ..types import DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
 
 SERVER_NAME = "detserve"
 EXTENSIONS = ("binary_tensor_data",)
@@ -40,6 +40,10 @@ DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
+# A coarse bound on the images one tensor may hold, checked from its shape before any per-image
+# object is built: a 4 MB body of empty BYTES elements would otherwise become a million objects.
+# The data plane's max_images_per_request (smaller) applies afterwards.
+MAX_TENSOR_IMAGES = 4096
 
 
 @dataclass(slots=True)
@@ -94,10 +98,18 @@ def _checked_datatype(name: str, datatype: str) -> str:
     return datatype
 
 
+def _check_image_count(name: str, datatype: str, shape: tuple[int, ...], count: int) -> None:
+    images = count if datatype == BYTES else (shape[0] if len(shape) == 4 else 1)
+    if images > MAX_TENSOR_IMAGES:
+        raise PayloadTooLarge(f"input '{name}': shape {list(shape)} holds {images} images; "
+                              f"at most {MAX_TENSOR_IMAGES} per tensor")
+
+
 def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters=None) -> Tensor:
     """A tensor from its binary form (HTTP binary extension, gRPC raw_input_contents)."""
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     count = _element_count(shape)
+    _check_image_count(name, datatype, shape, count)
     if datatype == BYTES:
         items = unpack_bytes_elements(raw)
         if len(items) != count:
@@ -138,8 +150,9 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     if not isinstance(values, (list, tuple)):
         raise InvalidRequest(f"input '{name}': 'data' must be a list, got {type(values).__name__}")
-    flat = _flatten(list(values))
     count = _element_count(shape)
+    _check_image_count(name, datatype, shape, count)
+    flat = _flatten(list(values))
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}")
     if datatype == BYTES:
@@ -236,25 +249,13 @@ def _raw_images(tensor: Tensor) -> list[ImageInput]:
     return [RawImage(np.ascontiguousarray(img).tobytes(), int(height), int(width), order) for img in pixels]
 
 
-def options_from_parameters(parameters: Mapping[str, Any]) -> DetectOptions:
-    """Request parameters `score_thr`, `max_dets` and `classes` (comma-separated or a list)."""
-    try:
-        score_thr = parameters.get("score_thr")
-        score_thr = None if score_thr is None else float(score_thr)
-        max_dets = parameters.get("max_dets")
-        max_dets = None if max_dets is None else int(max_dets)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequest(f"bad detection parameter: {exc}") from None
-    if score_thr is not None and not 0.0 <= score_thr <= 1.0:
-        raise InvalidRequest(f"score_thr must be within [0, 1], got {score_thr}")
-    if max_dets is not None and max_dets < 1:
-        raise InvalidRequest(f"max_dets must be >= 1, got {max_dets}")
-    classes = parameters.get("classes")
-    if isinstance(classes, str):
-        classes = tuple(c.strip() for c in classes.split(",") if c.strip())
-    elif classes is not None:
-        classes = tuple(str(c) for c in classes)
-    return DetectOptions(score_thr=score_thr, max_dets=max_dets, classes=classes or None)
+def parameters_object(value: Any, where: str) -> dict[str, Any]:
+    """A `parameters` member as a dict: absent or null is empty; anything but an object is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{where} 'parameters' must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def detection_outputs(results: Sequence[DetectResult], has_masks: bool) -> list[Tensor]:
@@ -307,7 +308,7 @@ class InferOutcome:
 
 
 async def infer(
-    engine,
+    dp,
     model: str,
     version: str | None,
     inputs: Sequence[Tensor],
@@ -318,16 +319,18 @@ async def infer(
     request_id: str | None = None,
     timeout_s: float | None = None,
 ) -> InferOutcome:
-    """Validate the request against the model, run it through the engine, build the outputs."""
-    info = engine.model_info(model)
+    """Validate the request against the model, run it through the data plane, build the outputs.
+    Request parameters `score_thr`, `max_dets` and `classes` are checked by the data plane."""
+    info = dp.resolve(model, None)
     check_version(info, version)
     images = images_from_inputs(inputs)
-    options = options_from_parameters(parameters)
+    options = dp.options(info, score_thr=parameters.get("score_thr"), max_dets=parameters.get("max_dets"),
+                         classes=parameters.get("classes"))
     outputs_for = output_specs(info.has_masks)
     unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
     if unknown:  # refuse before spending compute
         raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
-    results = await engine.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
+    results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
     outputs = select_outputs(detection_outputs(results, info.has_masks), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)
     return InferOutcome(info.name, served_version, outputs)

@@ -20,7 +20,7 @@ def settings(**auth) -> ServerSettings:
 
 def starting_app(s: ServerSettings):
     app = build_inference_app(None, s)
-    app.state.starting = True  # health answers without consulting the engine
+    app.state.dataplane.starting = True  # health answers without consulting the engine
     return app
 
 

@@ -130,7 +130,7 @@ def app_paths_that_answer(paths: set[str]) -> set[str]:
     except ModuleNotFoundError:
         return paths & DOCUMENTED_PATHS
     app = build_inference_app(None, ServerSettings())
-    app.state.starting = True  # the engine is never consulted while starting
+    app.state.dataplane.starting = True  # the engine is never consulted while starting
     with TestClient(app) as client:
         assert client.get("/no-such-probe-path").status_code == 404
         return {p for p in paths if client.get(p).status_code != 404}

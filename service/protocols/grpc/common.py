@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 
 from ...errors import DetserveError, InternalError, ModelNotFound, grpc_status
-from ...observability.metrics import record_request
+from ...engine.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,29 @@ def timeout_from(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else max(remaining, 0.0)
 
 
+class Call:
+    """What a handler learns while it runs: the model name once resolved (an empty name becomes
+    the default model), so the metric is labelled with it; unknown names fold into one label."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str):
+        self.model = model
+
+
 @asynccontextmanager
-async def recorded(model: str, protocol: str | None):
+async def recorded(dp: DataPlane, model: str, protocol: str | None):
     """Time one request and record its metric with the status it ends in; re-raise failures.
     `protocol=None` records nothing: metadata calls are not inference requests."""
     start = time.perf_counter()
+    call = Call(model)
 
     def record(code: str) -> None:
         if protocol is not None:
-            record_request(model, protocol, code, time.perf_counter() - start)
+            dp.record(call.model, protocol, code, time.perf_counter() - start)
 
     try:
-        yield
+        yield call
     except asyncio.CancelledError:
         record(grpc.StatusCode.CANCELLED.name)
         raise
@@ -67,11 +78,11 @@ async def recorded(model: str, protocol: str | None):
 
 
 @asynccontextmanager
-async def door(context: grpc.aio.ServicerContext, model: str, protocol: str | None):
+async def door(context: grpc.aio.ServicerContext, dp: DataPlane, model: str, protocol: str | None):
     """`recorded`, then any failure leaves as the error table's status (never a traceback)."""
     try:
-        async with recorded(model, protocol):
-            yield
+        async with recorded(dp, model, protocol) as call:
+            yield call
     except grpc.aio.AbortError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -134,13 +145,13 @@ def _drain(queue: asyncio.Queue) -> list[asyncio.Task]:
     return tasks
 
 
-def resolve_model(engine, default_model: str | None, name: str) -> str:
+def resolve_model(dp: DataPlane, default_model: str | None, name: str) -> str:
     """An empty model name means the configured default, or the only model served."""
     if name:
         return name
     if default_model:
         return default_model
-    names = [m.name for m in engine.models()]
+    names = [m.name for m in dp.engine.models()]
     if len(names) == 1:
         return names[0]
     raise ModelNotFound(f"no model given and no default model configured; models: {names}")

@@ -19,14 +19,11 @@ from .generated import grpc_service_pb2 as kpb
 
 # --- detserve.v1 -----------------------------------------------------------------------------
 
-def options_from_proto(msg: pb.DetectOptions) -> DetectOptions:
-    score_thr = msg.score_thr if msg.HasField("score_thr") else None
-    max_dets = msg.max_dets if msg.HasField("max_dets") else None
-    if score_thr is not None and not 0.0 <= score_thr <= 1.0:
-        raise InvalidRequest(f"score_thr must be within [0, 1], got {score_thr}")
-    if max_dets is not None and max_dets < 1:
-        raise InvalidRequest(f"max_dets must be >= 1, got {max_dets}")
-    return DetectOptions(score_thr=score_thr, max_dets=max_dets, classes=tuple(msg.classes) or None)
+def options_from_proto(msg: pb.DetectOptions) -> dict[str, Any]:
+    """The raw option values for the data plane, which checks them (one rule for every door)."""
+    return dict(score_thr=msg.score_thr if msg.HasField("score_thr") else None,
+                max_dets=msg.max_dets if msg.HasField("max_dets") else None,
+                classes=list(msg.classes) or None)
 
 
 def options_to_proto(options: DetectOptions) -> pb.DetectOptions:

@@ -1,13 +1,15 @@
-"""detserve.v1.Detector: thin handlers over the engine; conversions live in convert.py."""
+"""detserve.v1.Detector: thin handlers over the data plane; conversions live in convert.py."""
 from __future__ import annotations
 
 import grpc
 
-from ...engine.api import EngineAPI
+from ...engine.dataplane import DataPlane
 from ...errors import InvalidRequest
-from ...types import Protocol
+from ...types import ModelInfo, Protocol
 from . import convert
-from .common import abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from
+from .common import (
+    Call, abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from,
+)
 from .generated import detserve_pb2 as pb
 from .generated import detserve_pb2_grpc as pb_grpc
 
@@ -15,49 +17,45 @@ PROTOCOL = Protocol.GRPC
 
 
 class DetectorServicer(pb_grpc.DetectorServicer):
-    def __init__(self, engine: EngineAPI, default_model: str | None = None, max_batch_images: int = 256):
-        self._engine = engine
+    def __init__(self, dataplane: DataPlane, default_model: str | None = None):
+        self._dp = dataplane
         self._default_model = default_model
-        self._max_batch_images = max_batch_images
 
-    def _model(self, name: str) -> str:
-        return resolve_model(self._engine, self._default_model, name)
+    def _resolve(self, name: str, call: Call) -> ModelInfo:
+        call.model = resolve_model(self._dp, self._default_model, name)
+        return self._dp.resolve(call.model)
+
+    async def _detect(self, info: ModelInfo, images, options_msg: pb.DetectOptions, request_id: str, context):
+        options = self._dp.options(info, **convert.options_from_proto(options_msg))
+        return await self._dp.detect(info.name, images, options, protocol=PROTOCOL, request_id=request_id or None,
+                                     timeout_s=timeout_from(context))
 
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResult:
-        async with door(context, request.model or "-", PROTOCOL.value):
-            model = self._model(request.model)
+        async with door(context, self._dp, request.model, PROTOCOL.value) as call:
+            info = self._resolve(request.model, call)
             if not request.HasField("image"):
                 raise InvalidRequest("DetectRequest.image is required")
-            results = await self._engine.detect(
-                model, [convert.image_from_proto(request.image)], convert.options_from_proto(request.options),
-                protocol=PROTOCOL, request_id=request.request_id or None, timeout_s=timeout_from(context),
-            )
+            results = await self._detect(info, [convert.image_from_proto(request.image)], request.options,
+                                         request.request_id, context)
             return convert.result_to_proto(results[0])
 
     async def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:
-        async with door(context, request.model or "-", PROTOCOL.value):
-            model = self._model(request.model)
-            if not request.images:
-                raise InvalidRequest("DetectBatchRequest.images is empty")
-            if len(request.images) > self._max_batch_images:
-                raise InvalidRequest(f"at most {self._max_batch_images} images per DetectBatch call, got {len(request.images)}")
-            results = await self._engine.detect(
-                model, [convert.image_from_proto(img) for img in request.images],
-                convert.options_from_proto(request.options),
-                protocol=PROTOCOL, request_id=request.request_id or None, timeout_s=timeout_from(context),
-            )
+        async with door(context, self._dp, request.model, PROTOCOL.value) as call:
+            info = self._resolve(request.model, call)
+            self._dp.check_images(len(request.images))  # before converting any of them
+            results = await self._detect(info, [convert.image_from_proto(img) for img in request.images],
+                                         request.options, request.request_id, context)
             return pb.DetectBatchResponse(results=[convert.result_to_proto(r) for r in results])
 
     async def DetectStream(self, request_iterator, context):
         async def one_frame(frame: pb.StreamFrame) -> pb.StreamResult:
             try:
-                async with recorded(frame.model or "-", PROTOCOL.value):
+                async with recorded(self._dp, frame.model, PROTOCOL.value) as call:
+                    info = self._resolve(frame.model, call)
                     if not frame.HasField("image"):
                         raise InvalidRequest(f"frame {frame.frame_id}: image is required")
-                    results = await self._engine.detect(
-                        self._model(frame.model), [convert.image_from_proto(frame.image)],
-                        convert.options_from_proto(frame.options), protocol=PROTOCOL, timeout_s=timeout_from(context),
-                    )
+                    results = await self._detect(info, [convert.image_from_proto(frame.image)], frame.options, "",
+                                                 context)
             except Exception as exc:  # noqa: BLE001 - a bad frame is answered in-stream; the stream goes on
                 err = as_detserve_error(exc)
                 return pb.StreamResult(frame_id=frame.frame_id, error=convert.frame_error_to_proto(err, status_code(err).name))
@@ -72,8 +70,9 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             await abort(context, exc)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in self._engine.models()])
+        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in self._dp.engine.models()])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.Model:
-        async with door(context, request.model or "-", None):
-            return convert.model_to_proto(self._engine.model_info(self._model(request.model)))
+        async with door(context, self._dp, request.model, None):
+            name = resolve_model(self._dp, self._default_model, request.model)
+            return convert.model_to_proto(self._dp.engine.model_info(name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 
-from ...engine.api import EngineAPI
+from ...engine.dataplane import DataPlane
 from ...types import Protocol
 from .. import kserve_codec as codec
 from . import convert
@@ -18,32 +18,32 @@ PROTOCOL = Protocol.KSERVE_GRPC
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: EngineAPI):
-        self._engine = engine
+    def __init__(self, dataplane: DataPlane):
+        self._dp = dataplane
 
     async def ServerLive(self, request, context) -> kpb.ServerLiveResponse:
-        return kpb.ServerLiveResponse(live=self._engine.live())
+        return kpb.ServerLiveResponse(live=self._dp.live())
 
     async def ServerReady(self, request, context) -> kpb.ServerReadyResponse:
-        return kpb.ServerReadyResponse(ready=self._engine.ready())
+        return kpb.ServerReadyResponse(ready=self._dp.ready())
 
     async def ModelReady(self, request: kpb.ModelReadyRequest, context) -> kpb.ModelReadyResponse:
-        async with door(context, request.name, None):
-            codec.check_version(self._engine.model_info(request.name), request.version)
-            return kpb.ModelReadyResponse(ready=self._engine.model_ready(request.name))
+        async with door(context, self._dp, request.name, None):
+            codec.check_version(self._dp.engine.model_info(request.name), request.version)
+            return kpb.ModelReadyResponse(ready=self._dp.model_ready(request.name))
 
     async def ServerMetadata(self, request, context) -> kpb.ServerMetadataResponse:
         return kpb.ServerMetadataResponse(**codec.server_metadata(codec.server_version()))
 
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest, context) -> kpb.ModelMetadataResponse:
-        async with door(context, request.name, None):
-            info = self._engine.model_info(request.name)
+        async with door(context, self._dp, request.name, None):
+            info = self._dp.engine.model_info(request.name)
             codec.check_version(info, request.version)
             return convert.model_metadata_to_proto(info)
 
     async def _infer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
         outcome = await codec.infer(
-            self._engine, request.model_name, request.model_version,
+            self._dp, request.model_name, request.model_version,
             convert.input_tensors_from_request(request), convert.parameters_from_proto(request.parameters),
             convert.requested_outputs(request),
             protocol=PROTOCOL, request_id=request.id or None, timeout_s=timeout_from(context),
@@ -51,7 +51,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return convert.infer_response(outcome.model_name, outcome.model_version, request.id, outcome.outputs)
 
     async def ModelInfer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
-        async with door(context, request.model_name, PROTOCOL.value):
+        async with door(context, self._dp, request.model_name, PROTOCOL.value):
             return await self._infer(request, context)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -59,7 +59,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
         async def one(request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
             try:
-                async with recorded(request.model_name, PROTOCOL.value):
+                async with recorded(self._dp, request.model_name, PROTOCOL.value):
                     return kpb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except Exception as exc:  # noqa: BLE001
                 return kpb.ModelStreamInferResponse(

@@ -9,6 +9,8 @@ the KServe router runs (body limit, auth, a last-resort 500) the same way as the
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
 import math
@@ -21,7 +23,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...engine.api import EngineAPI
-from ...errors import DetserveError, InvalidRequest, Overloaded, PayloadTooLarge, Unauthenticated, http_status
+from ...engine.dataplane import DataPlane
+from ...errors import DetserveError, InvalidRequest, ModelNotReady, Overloaded, PayloadTooLarge, Unauthenticated, http_status
 from ...observability import metrics
 from ...observability.logging import clean_request_id, log_access, request_id_var
 from ...settings import ServerSettings
@@ -31,6 +34,8 @@ log = logging.getLogger("detserve.rest")
 OPTIONAL_ROUTERS = ("service.protocols.rest.kserve_v2", "service.protocols.rest.labelstudio")
 # Open unless settings.auth.protect_health: orchestrators probe these without credentials.
 HEALTH_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# The scope key under which rest/limits.py leaves an error for the next body receive() to raise.
+CUT_KEY = "detserve.cut"
 # Label Studio only speaks HTTP Basic to ML backends (no bearer option), so its router checks its
 # own credentials and bearer tokens are not asked of it.
 BEARER_EXEMPT_MODULES = frozenset({"service.protocols.rest.labelstudio"})
@@ -118,7 +123,15 @@ class RequestContextMiddleware:
             if too_large is not None:
                 return await detserve_error_response(too_large, request_id, scope.get("path", ""))(
                     scope, receive, send_with_id)
-            await self.app(scope, self._counting(receive), send_with_id)
+            await self.app(scope, self._counting(receive, scope), send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the drain timeout ends; its own answer
+            # would be a plain-text 500, so answer in the error table's shape first.
+            if not status["sent"]:
+                with contextlib.suppress(Exception):
+                    await error_response(503, ModelNotReady.code, "the server shut down before this request finished",
+                                         request_id, path=scope.get("path", ""))(scope, receive, send_with_id)
+            raise
         except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
             log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
             if not status["sent"]:
@@ -141,7 +154,7 @@ class RequestContextMiddleware:
             return PayloadTooLarge(f"request body of {int(declared)} bytes exceeds max_request_size ({self.max_body_bytes} bytes)")
         return None
 
-    def _counting(self, receive):
+    def _counting(self, receive, scope):
         if self.max_body_bytes is None:
             return receive
         limit, seen = self.max_body_bytes, 0
@@ -153,6 +166,9 @@ class RequestContextMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:  # chunked uploads declare no length: stop them mid-stream
                     raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
+                # A body timeout or the end of a drain (rest/limits.py) marks the scope and wakes us.
+                if message.get("more_body") and CUT_KEY in scope:
+                    raise scope[CUT_KEY]
             return message
 
         return counted
@@ -212,14 +228,15 @@ def _optional_router(module_name: str):
     return module.router
 
 
-def build_inference_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+def build_inference_app(engine: EngineAPI, settings: ServerSettings, dataplane: DataPlane | None = None) -> FastAPI:
+    """`dataplane` is shared with the gRPC server by run_server; its starting/draining flags are the
+    readiness every door reports."""
     from . import torchserve
 
     open_paths: set[str] = set() if settings.auth.protect_health else set(HEALTH_PATHS)
     app = _base_app("detserve inference", "inference", settings, _build_auth(settings), open_paths)
     app.state.engine = engine
-    app.state.starting = False  # run_server sets it while the engine loads its models
-    app.state.draining = False
+    app.state.dataplane = dataplane or DataPlane(engine, max_images_per_request=settings.max_images_per_request)
     app.include_router(torchserve.router)
     for module_name in OPTIONAL_ROUTERS:
         router = _optional_router(module_name)

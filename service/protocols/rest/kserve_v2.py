@@ -13,8 +13,8 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, http_status
-from ...observability import metrics
+from ...engine.dataplane import DataPlane, dataplane_for
+from ...errors import DetserveError, InvalidRequest, http_status
 from ...types import Protocol
 from .. import kserve_codec as codec
 
@@ -27,8 +27,8 @@ def _json(body: Any, status: int = 200, headers: dict | None = None) -> Response
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _engine(request: Request):
-    return request.app.state.engine
+def _dp(request: Request) -> DataPlane:
+    return dataplane_for(request.app.state)
 
 
 @router.get("/v2")
@@ -38,21 +38,20 @@ async def server_metadata() -> Response:
 
 @router.get("/v2/health/live")
 async def health_live(request: Request) -> Response:
-    live = _engine(request).live()
+    live = _dp(request).live()
     return _json({"live": live}, 200 if live else 503)
 
 
 @router.get("/v2/health/ready")
 async def health_ready(request: Request) -> Response:
-    state = request.app.state
-    ready = _engine(request).ready() and not (getattr(state, "starting", False) or getattr(state, "draining", False))
+    ready = _dp(request).ready()
     return _json({"ready": ready}, 200 if ready else 503)
 
 
 @router.get("/v2/models/{model}")
 @router.get("/v2/models/{model}/versions/{version}")
 async def model_metadata(request: Request, model: str, version: str | None = None) -> Response:
-    info = _engine(request).model_info(model)
+    info = _dp(request).engine.model_info(model)
     codec.check_version(info, version)
     return _json(codec.model_metadata(info))
 
@@ -60,9 +59,9 @@ async def model_metadata(request: Request, model: str, version: str | None = Non
 @router.get("/v2/models/{model}/ready")
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(request: Request, model: str, version: str | None = None) -> Response:
-    engine = _engine(request)
-    codec.check_version(engine.model_info(model), version)
-    ready = engine.model_ready(model)
+    dp = _dp(request)
+    codec.check_version(dp.engine.model_info(model), version)
+    ready = dp.model_ready(model)
     return _json({"name": model, "ready": ready}, 200 if ready else 503)
 
 
@@ -71,43 +70,53 @@ async def model_ready(request: Request, model: str, version: str | None = None) 
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
     code = 500
+    dp = _dp(request)
     try:
-        response = await _infer(request, model, version)
+        response = await _infer(dp, request, model, version)
         code = response.status_code
         return response
     except DetserveError as err:
         code = http_status(err)
         raise  # the app's one error table renders it, in the V2 shape under /v2/
     finally:
-        metrics.record_request(model, PROTOCOL.value, code, time.perf_counter() - started)
+        dp.record(model, PROTOCOL.value, code, time.perf_counter() - started)
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    engine = _engine(request)
-    if getattr(request.app.state, "starting", False) or not engine.live():
-        raise ModelNotReady("the server is starting or stopping; retry shortly")
-    engine.model_info(model)  # 404 before reading a large body
+async def _infer(dp: DataPlane, request: Request, model: str, version: str | None) -> Response:
+    dp.resolve(model)  # 503 while starting, 404 before reading a large body
     header, inputs = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    parameters = dict(header.get("parameters") or {})
-    binary_default = bool(parameters.pop("binary_data_output", False))
+    parameters = codec.parameters_object(header.get("parameters"), "request")
+    binary_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     requested = header.get("outputs") or []
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
         raise InvalidRequest("'outputs' must be a list of objects with a 'name'")
+    # Every output's parameters are checked here, before inference spends any compute.
+    binary_for = {o["name"]: _flag(codec.parameters_object(o.get("parameters"), f"output '{o['name']}'")
+                                   .get("binary_data", binary_default), "binary_data") for o in requested}
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, (str, int)):
+        raise InvalidRequest(f"'id' must be a string, got {type(request_id).__name__}")
     outcome = await codec.infer(
-        engine, model, version, inputs, parameters, [o["name"] for o in requested],
-        protocol=PROTOCOL, request_id=str(request_id) if request_id else None,
+        dp, model, version, inputs, parameters, [o["name"] for o in requested],
+        protocol=PROTOCOL, request_id=str(request_id)[:256] if request_id else None,
     )
-    binary_for = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_default)) for o in requested}
     return _render(outcome, request_id, lambda name: binary_for.get(name, binary_default))
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"parameter '{name}' must be true or false, got {type(value).__name__}")
+    return value
 
 
 def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, list[codec.Tensor]]:
     """The JSON header and the input tensors, from a JSON, binary-extension or raw body."""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise InvalidRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
-        split = int(header_length)
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+        digits = header_length.strip()
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 20 or int(digits) > len(body):
+            raise InvalidRequest(f"Inference-Header-Content-Length {header_length[:40]!r} does not fit a {len(body)}-byte body")
+        split = int(digits)
         if split == 0:  # raw mode: the whole body is one encoded image
             return {}, [codec.Tensor(codec.INPUT_NAME, codec.BYTES, (1,), [body])]
         header_bytes, binary = body[:split], memoryview(body)[split:]
@@ -131,10 +140,10 @@ def _parse_inputs(entries: list, binary: memoryview) -> list[codec.Tensor]:
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
                 or not all(isinstance(d, int) for d in shape):
             raise InvalidRequest("each input needs 'name' (string), 'datatype' (string) and 'shape' (list of ints)")
-        parameters = dict(entry.get("parameters") or {})
+        parameters = codec.parameters_object(entry.get("parameters"), f"input '{name}'")
         size = parameters.pop("binary_data_size", None)
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InvalidRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
             tensors.append(codec.tensor_from_raw(name, datatype, shape, bytes(binary[offset:offset + size]), parameters))
             offset += size

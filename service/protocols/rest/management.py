@@ -54,6 +54,7 @@ def describe(info: ModelInfo) -> dict:
         "inputSize": info.input_size,
         "hasMasks": info.has_masks,
         "defaultScoreThr": info.default_score_thr,
+        "maxPerImg": info.max_per_img,  # the cap on a request's max_dets
         "classes": list(info.classes),
         "devices": sorted({w.device for w in info.workers}),
         "liveWorkers": live,

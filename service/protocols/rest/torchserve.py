@@ -16,25 +16,16 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...engine.api import EngineAPI
-from ...errors import (
-    DetserveError,
-    InvalidImage,
-    InvalidRequest,
-    ModelNotFound,
-    ModelNotReady,
-    UnsupportedMediaType,
-    http_status,
-)
-from ...observability import metrics
-from ...types import DetectOptions, DetectResult, EncodedImage, RenderFormat
+from ...engine.dataplane import DataPlane, dataplane_for
+from ...errors import DetserveError, InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, http_status
+from ...types import DetectResult, EncodedImage, RenderFormat
 from ...types import Protocol as Door
 
 router = APIRouter()
 
 FORM_FIELDS = ("data", "body")  # the MMDetection handler reads row.get('data') or row.get('body')
-MAX_FILES_PER_REQUEST = 64
 _TEXT_TYPES = ("text/", "application/json")
 
 
@@ -44,10 +35,14 @@ def _json(payload, status: int = 200) -> Response:
 
 # ---- health ------------------------------------------------------------------------------------
 
+def _dp(request: Request) -> DataPlane:
+    return dataplane_for(request.app.state)
+
+
 @router.get("/ping")
 async def ping(request: Request) -> Response:
     """TorchServe's answer: 200 Healthy, or 500 Unhealthy while a model lacks a live worker."""
-    if _ready(request):
+    if _dp(request).ready():
         return _json({"status": "Healthy"})
     return _json({"status": "Unhealthy"}, 500)
 
@@ -55,35 +50,26 @@ async def ping(request: Request) -> Response:
 @router.get("/healthz")
 async def healthz(request: Request) -> Response:
     """Liveness: the process serves and the engine is up (or still loading its models)."""
-    engine: EngineAPI = request.app.state.engine
-    if request.app.state.starting:
+    dp = _dp(request)
+    if dp.starting:
         return _json({"status": "starting"})
-    if engine.live():
+    if dp.live():
         return _json({"status": "alive"})
     return _json({"status": "dead"}, 503)
 
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Readiness: every configured model has a live worker, and the server is not draining."""
-    state = request.app.state
-    if state.starting:
-        return _json({"status": "starting", "models": {}}, 503)
-    engine: EngineAPI = state.engine
-    models = {info.name: info.ready for info in engine.models()} if engine.live() else {}
-    if state.draining:
-        return _json({"status": "draining", "models": models}, 503)
-    if _ready(request):
-        return _json({"status": "ready", "models": models})
-    return _json({"status": "not ready", "models": models}, 503)
-
-
-def _ready(request: Request) -> bool:
-    state = request.app.state
-    return not (state.starting or state.draining) and state.engine.live() and state.engine.ready()
+    """Readiness: every configured model has a live worker, and the server is not starting or draining."""
+    dp = _dp(request)
+    state = dp.state()
+    models = {info.name: info.ready for info in dp.engine.models()} if state not in ("starting", "dead") else {}
+    return _json({"status": state, "models": models}, 200 if state == "ready" else 503)
 
 
 # ---- predictions -------------------------------------------------------------------------------
+# Options arrive as plain strings and are checked by the data plane, with the same bounds and
+# messages as every other door.
 
 @router.api_route("/predictions/{model}", methods=["PUT", "POST"])
 async def predictions(request: Request, model: str) -> Response:
@@ -97,10 +83,11 @@ async def predictions_version(request: Request, model: str, version: str) -> Res
 
 @dataclass(frozen=True, slots=True)
 class _Query:
-    """The query parameters of /predictions (unknown ones are ignored, as TorchServe does)."""
+    """The query parameters of /predictions (unknown ones are ignored, as TorchServe does).
+    Options stay the client's strings: the data plane checks them, as it does for every door."""
 
-    score_thr: float | None = None
-    max_dets: int | None = None
+    score_thr: str | None = None
+    max_dets: str | None = None
     classes: str | None = None
     render: RenderFormat | None = None
 
@@ -116,64 +103,40 @@ def _parse_query(raw: bytes) -> _Query:
     if not raw:
         return _NO_QUERY
     params = dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
-    score_thr = _number(params, "score_thr", float, 0.0, 1.0)
-    max_dets = _number(params, "max_dets", int, 1, 10_000)
     fmt = params.get("format", "json")
     if fmt not in _FORMATS:
-        raise InvalidRequest(f"format: must be one of {list(_FORMATS)}, got {fmt!r}")
+        raise InvalidRequest(f"format: must be one of {list(_FORMATS)}, got {fmt[:40]!r}")
     image_format = params.get("image_format", "jpeg")
     if image_format not in _IMAGE_FORMATS:
-        raise InvalidRequest(f"image_format: must be one of {list(_IMAGE_FORMATS)}, got {image_format!r}")
+        raise InvalidRequest(f"image_format: must be one of {list(_IMAGE_FORMATS)}, got {image_format[:40]!r}")
     render = _IMAGE_FORMATS[image_format] if fmt == "image" else None
-    return _Query(score_thr, max_dets, params.get("classes"), render)
-
-
-def _number(params: dict, name: str, kind: type, low: float, high: float):
-    raw = params.get(name)
-    if raw is None:
-        return None
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise InvalidRequest(f"{name}: must be {'an integer' if kind is int else 'a number'} "
-                             f"between {low:g} and {high:g}, got {raw!r}")
-    return value
+    return _Query(params.get("score_thr"), params.get("max_dets"), params.get("classes"), render)
 
 
 async def _predict(request: Request, model: str, version: str | None) -> Response:
     started = time.perf_counter()
     code: int = 500
+    dp = _dp(request)
     try:
-        response = await _predict_inner(request, model, version)
+        response = await _predict_inner(dp, request, model, version)
         code = response.status_code
         return response
     except DetserveError as err:
         code = http_status(err)
         raise
     finally:
-        metrics.record_request(model, Door.REST.value, code, time.perf_counter() - started)
+        dp.record(model, Door.REST.value, code, time.perf_counter() - started)
 
 
-async def _predict_inner(request: Request, model: str, version: str | None) -> Response:
-    engine: EngineAPI = request.app.state.engine
+async def _predict_inner(dp: DataPlane, request: Request, model: str, version: str | None) -> Response:
     query = _parse_query(request.scope["query_string"])
-    if request.app.state.starting or not engine.live():
-        raise ModelNotReady("the server is starting or stopping; retry shortly")
-    info = engine.model_info(model)  # ModelNotFound -> 404 before reading a large body
-    if version is not None and version != info.version:
-        raise ModelNotFound(f"model {model!r} has no version {version!r}; the loaded version is {info.version!r}")
-    options = DetectOptions(
-        score_thr=query.score_thr,
-        max_dets=query.max_dets,
-        classes=_parse_classes(query.classes, info.classes),
-        render=query.render,
-    )
-    images, many = await _read_images(request)
+    info = dp.resolve(model, version)  # 503 while starting, 404 before reading a large body
+    options = dp.options(info, score_thr=query.score_thr, max_dets=query.max_dets, classes=query.classes,
+                         render=query.render)
+    images, many = await _read_images(request, dp.max_images_per_request)
     if options.render is not None and many:
         raise InvalidRequest("format=image takes exactly one image per request")
-    results = await engine.detect(
+    results = await dp.detect(
         model, [EncodedImage(data) for data in images], options,
         protocol=Door.REST, request_id=request.state.request_id, timeout_s=_timeout_s(request),
     )
@@ -182,18 +145,6 @@ async def _predict_inner(request: Request, model: str, version: str | None) -> R
     if many:
         return _json([r.to_torchserve() for r in results])
     return _json(results[0].to_torchserve())
-
-
-def _parse_classes(raw: str | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
-    if raw is None:
-        return None
-    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
-    if not names:
-        raise InvalidRequest("classes: give one or more comma-separated class names")
-    unknown = [n for n in names if known and n not in known]
-    if unknown:
-        raise InvalidRequest(f"classes: unknown class name(s) {unknown}; this model knows {list(known)}")
-    return names
 
 
 def _timeout_s(request: Request) -> float | None:
@@ -209,11 +160,11 @@ def _timeout_s(request: Request) -> float | None:
     return ms / 1000.0
 
 
-async def _read_images(request: Request) -> tuple[list[bytes], bool]:
+async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], bool]:
     """The image payload(s) and whether the client sent several (which changes the response shape)."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        return await _read_multipart(request)
+        return await _read_multipart(request, max_images)
     if content_type.startswith(_TEXT_TYPES):
         raise UnsupportedMediaType(
             f"Content-Type {content_type.split(';')[0]!r} is not an image: send the image bytes "
@@ -225,9 +176,13 @@ async def _read_images(request: Request) -> tuple[list[bytes], bool]:
     return [body], False
 
 
-async def _read_multipart(request: Request) -> tuple[list[bytes], bool]:
+async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes], bool]:
     max_bytes = request.app.state.settings.max_request_size
-    form = await request.form(max_files=MAX_FILES_PER_REQUEST, max_fields=MAX_FILES_PER_REQUEST, max_part_size=max_bytes)
+    try:
+        # One more than allowed, so that too many parts reads as "too many images", not a parse error.
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 1, max_part_size=max_bytes)
+    except StarletteHTTPException as exc:  # starlette's MultiPartException: malformed or over the limits
+        raise InvalidRequest(f"multipart body: {exc.detail}") from None
     try:
         for name in FORM_FIELDS:
             values = form.getlist(name)
@@ -237,6 +192,8 @@ async def _read_multipart(request: Request) -> tuple[list[bytes], bool]:
             values = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not values:
             raise InvalidImage("multipart body has no image: send the file as field 'data' (-F data=@img.jpg)")
+        if len(values) > max_images:
+            raise PayloadTooLarge(f"more than max_images_per_request ({max_images}) images in one request")
         images = [await _part_bytes(v) for v in values]
     finally:
         await form.close()

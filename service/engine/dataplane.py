@@ -1,0 +1,193 @@
+"""The protocol-neutral data plane every door calls in front of the engine.
+
+One place for what used to be repeated per door with different rules:
+- request options (`score_thr`, `max_dets`, `classes`) parsed from whatever the wire carried (query
+  strings, JSON values, protobuf fields) and checked with one set of bounds and one message;
+- the per-request image cap and the model lookup;
+- readiness: start-up, draining and the engine's own view (models loaded, live workers, which
+  excludes hung ones), used by /ping, /readyz, KServe ready, gRPC ServerReady and grpc.health;
+- request metrics, whose model label is the model's name only once the model is known: a
+  client-chosen name must never create a Prometheus series.
+
+Doors stay thin adapters: frame the wire, call `resolve`, `options`, `detect`, `record`, render.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from .. import errors
+from ..observability import metrics
+from ..types import DetectOptions, DetectResult, ImageInput, ModelInfo, RenderFormat
+from ..types import Protocol as Door
+
+UNKNOWN_MODEL = metrics.UNKNOWN_MODEL
+MAX_DETS_LIMIT = 10_000  # the bound when a model reports no max_per_img (fakes, older engines)
+MAX_CLASS_NAMES = 1024
+DEFAULT_MAX_IMAGES = 64
+
+
+class DataPlane:
+    """Wraps an EngineAPI; `starting` and `draining` are set by the server (service/server.py)."""
+
+    def __init__(self, engine, *, max_images_per_request: int = DEFAULT_MAX_IMAGES):
+        self.engine = engine
+        self.max_images_per_request = max_images_per_request
+        self.starting = False
+        self.draining = False
+
+    # -- readiness: the one source ------------------------------------------------------------
+    def live(self) -> bool:
+        return self.starting or self.engine.live()
+
+    def ready(self) -> bool:
+        return not (self.starting or self.draining) and self.engine.live() and self.engine.ready()
+
+    def model_ready(self, model: str) -> bool:
+        return not (self.starting or self.draining) and self.engine.live() and self.engine.model_ready(model)
+
+    def state(self) -> str:
+        """"starting" | "draining" | "ready" | "not ready" | "dead" for /readyz and logs."""
+        if self.starting:
+            return "starting"
+        if not self.engine.live():
+            return "dead"
+        if self.draining:
+            return "draining"
+        return "ready" if self.engine.ready() else "not ready"
+
+    # -- validation -------------------------------------------------------------------------
+    def resolve(self, model: str, version: str | None = None) -> ModelInfo:
+        """The model's info, or the error a client should see (503 while starting, 404 unknown)."""
+        if self.starting or not self.engine.live():
+            raise errors.ModelNotReady("the server is starting or stopping; retry shortly")
+        info = self.engine.model_info(model)
+        if version and version != info.version:
+            raise errors.ModelNotFound(f"model {model!r} has no version {version!r}; the loaded version is {info.version!r}")
+        return info
+
+    def options(self, info: ModelInfo, *, score_thr: Any = None, max_dets: Any = None, classes: Any = None,
+                render: RenderFormat | None = None) -> DetectOptions:
+        """Options from raw wire values (str, int, float, list...); InvalidRequest names the field."""
+        return DetectOptions(
+            score_thr=_score_thr(score_thr),
+            max_dets=_max_dets(max_dets, info.max_per_img),
+            classes=_classes(classes, info.classes),
+            render=render,
+        )
+
+    def check_images(self, count: int) -> None:
+        if count == 0:
+            raise errors.InvalidRequest("no images in the request")
+        if count > self.max_images_per_request:
+            raise errors.PayloadTooLarge(
+                f"{count} images in one request; at most max_images_per_request ({self.max_images_per_request}) are accepted")
+
+    def detect(self, model: str, images: Sequence[ImageInput], options: DetectOptions, *,
+               protocol: Door, request_id: str | None = None,
+               timeout_s: float | None = None) -> Awaitable[list[DetectResult]]:
+        """The engine's awaitable, returned rather than awaited here: no extra coroutine per request.
+        Draining does not refuse: a request accepted before the drain (still uploading, say)
+        completes; the listeners stop taking new connections and the engine refuses once it stops."""
+        self.check_images(len(images))
+        return self.engine.detect(model, images, options, protocol=protocol, request_id=request_id,
+                                  timeout_s=timeout_s)
+
+    # -- metrics ----------------------------------------------------------------------------
+    def metric_label(self, model: str | None) -> str:
+        if not model:
+            return UNKNOWN_MODEL
+        has_model = getattr(self.engine, "has_model", None)
+        if has_model is not None:
+            return model if has_model(model) else UNKNOWN_MODEL
+        try:  # engines without has_model (test fakes): ask for the info
+            self.engine.model_info(model)
+        except Exception:  # noqa: BLE001 - unknown, or an engine that cannot tell
+            return UNKNOWN_MODEL
+        return model
+
+    def record(self, model: str | None, protocol: str, code: int | str, seconds: float | None) -> None:
+        metrics.record_request(self.metric_label(model), protocol, code, seconds)
+
+
+def dataplane_for(state) -> DataPlane:
+    """The app's (or servicer's) data plane, made on first use around `state.engine` when the
+    builder did not install one (tests that mount a single router)."""
+    dp = getattr(state, "dataplane", None)
+    if dp is None:
+        dp = state.dataplane = DataPlane(state.engine)
+    return dp
+
+
+# ---- option parsers: one rule and one message per field ------------------------------------
+
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise errors.InvalidRequest(f"{field} must be a number, got a boolean")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, (str, bytes)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise errors.InvalidRequest(f"{field} must be a number, got {_show(value)}") from None
+    else:
+        raise errors.InvalidRequest(f"{field} must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise errors.InvalidRequest(f"{field} must be a finite number, got {_show(value)}")
+    return number
+
+
+def _score_thr(value: Any) -> float | None:
+    if value is None:
+        return None
+    score_thr = _number("score_thr", value)
+    if not 0.0 <= score_thr <= 1.0:
+        raise errors.InvalidRequest(f"score_thr must be within [0, 1], got {_show(value)}")
+    return score_thr
+
+
+def _max_dets(value: Any, cap: int | None) -> int | None:
+    if value is None:
+        return None
+    number = _number("max_dets", value)
+    if number != int(number):
+        raise errors.InvalidRequest(f"max_dets must be a whole number, got {_show(value)}")
+    limit = cap or MAX_DETS_LIMIT
+    if not 1 <= number <= limit:
+        where = "this model's test_cfg.max_per_img" if cap else "the limit"
+        raise errors.InvalidRequest(f"max_dets must be within [1, {limit}] ({where}), got {_show(value)}")
+    return int(number)
+
+
+def _classes(value: Any, known: Sequence[str]) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        if not all(isinstance(n, str) for n in value):
+            raise errors.InvalidRequest("classes must be a comma-separated string or a list of class-name strings")
+        names = [n.strip() for n in value]
+    else:
+        raise errors.InvalidRequest(
+            f"classes must be a comma-separated string or a list of class-name strings, got {type(value).__name__}")
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        raise errors.InvalidRequest("classes: give one or more class names")
+    if len(names) > MAX_CLASS_NAMES:
+        raise errors.InvalidRequest(f"classes: at most {MAX_CLASS_NAMES} names, got {len(names)}")
+    unknown = [n for n in names if known and n not in known]
+    if unknown:
+        shown = list(known[:20]) + (["..."] if len(known) > 20 else [])
+        raise errors.InvalidRequest(f"classes: unknown class name(s) {_show(unknown)}; this model knows {shown}")
+    return tuple(names)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A client value for an error message, cut short: messages must stay bounded too."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,167 @@
+"""Per-connection bounds uvicorn lacks: header size and count, a header read timeout and a body
+read timeout, plus cutting unfinished uploads at the end of a drain.
+
+uvicorn (httptools) accumulates an unfinished request line and headers without limit, and once a
+byte has arrived its keep-alive timer is off, so a client that sends headers or a body slowly holds
+the connection (and the memory) forever. The bounds live in a small subclass of uvicorn's httptools
+protocol, cheap on the hot path: a phase flag flipped by parser callbacks it already makes, and a
+byte count only while headers are incomplete. Timeouts need no per-request timer: one sweeper task
+per listener looks at each connection's phase once per tick, stamps when it first saw that phase,
+and acts when it lasts too long.
+
+What a client gets: 431 (JSON) for headers over the limits, 408 (JSON) for headers not received in
+time and, through the app's error table, 408 for a body not received in time and 503 for a body
+still uploading when the drain ends. The body cases go through the app because the request is
+already running there: the sweeper marks the request's scope and wakes its receive(), and
+RequestContextMiddleware raises the marked error on the next body message.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ...errors import DetserveError, ModelNotReady, RequestTimeout
+from ...settings import ServerLimits
+from .app import CUT_KEY
+
+log = logging.getLogger("detserve.rest")
+
+SWEEP_TICK_S = 0.5
+
+_IDLE, _HEADERS, _BODY, _REFUSED = 0, 1, 2, 3
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop httptools mid-chunk once the connection is refused."""
+
+
+def _raw_json_response(status: int, reason: str, code: str, message: str) -> bytes:
+    body = orjson.dumps({"code": code, "message": message, "request_id": ""})
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii")
+    return head + body
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header bounds and the phase the sweeper reads."""
+
+    limits: ServerLimits = ServerLimits()  # set per listener by `bounded_protocol`
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A fresh connection that sends nothing is a header read that has not finished.
+        self.phase, self.phase_seen_at, self.header_bytes = _HEADERS, None, 0
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase != _HEADERS:
+            if phase != _REFUSED:
+                super().data_received(data)
+            return
+        self.header_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing: a chunk that completes the headers may carry body bytes too.
+        if self.phase == _HEADERS and self.header_bytes > self.limits.max_header_bytes:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # header_bytes was reset when the previous message ended: this chunk is already counted.
+        self.phase, self.phase_seen_at = _HEADERS, None
+
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > self.limits.max_headers:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"{len(self.headers)} headers; at most {self.limits.max_headers} are accepted")
+            raise _Refused  # uvicorn reports it as a parser error, whose 400 send_400_response skips
+        self.phase, self.phase_seen_at = _BODY, None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.phase, self.header_bytes = _IDLE, 0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self.phase != _REFUSED:
+            super().send_400_response(msg)
+
+    def refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        """Answer before any request exists (so not through the app) and close."""
+        self.phase = _REFUSED
+        if not self.transport.is_closing():
+            self.transport.write(_raw_json_response(status, reason, code, message))
+            self.transport.close()
+
+    def cut_body(self, error: DetserveError) -> bool:
+        """Make the running request's next receive() raise `error`; False when it is past that."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_started or cycle.response_complete or not cycle.more_body:
+            return False
+        cycle.scope[CUT_KEY] = error
+        cycle.keep_alive = False  # the rest of the body is never read: close after the answer
+        cycle.message_event.set()
+        return True
+
+    def sweep(self, now: float) -> None:
+        phase = self.phase
+        if phase in (_IDLE, _REFUSED) or self.transport is None or self.transport.is_closing():
+            return
+        if self.phase_seen_at is None:
+            self.phase_seen_at = now
+            return
+        waited = now - self.phase_seen_at
+        if phase == _HEADERS and waited > self.limits.header_timeout_s:
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a pipelined request behind one still running: its own time has not begun
+            if self.header_bytes == 0:
+                # Nothing sent yet (a pooled connection never used): close quietly, like keep-alive
+                # expiry, so a client racing a first request never reads an answer it did not ask for.
+                self.phase = _REFUSED
+                self.transport.close()
+                return
+            self.refuse(408, "Request Timeout", "request_timeout",
+                        f"request headers not received within header_timeout_s ({self.limits.header_timeout_s:g} s)")
+        elif phase == _BODY and waited > self.limits.body_timeout_s:
+            cut = self.cut_body(RequestTimeout(
+                f"request body not received within body_timeout_s ({self.limits.body_timeout_s:g} s)"))
+            if not cut:
+                self.transport.close()
+            self.phase = _IDLE
+
+
+def bounded_protocol(limits: ServerLimits) -> type[BoundedHttpToolsProtocol]:
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
+
+
+async def sweep_forever(servers, tick_s: float = SWEEP_TICK_S) -> None:
+    """Run the timeouts of every connection of `servers` (uvicorn.Server objects) until cancelled."""
+    while True:
+        await asyncio.sleep(tick_s)
+        now = time.monotonic()
+        for server in servers:
+            for connection in list(server.server_state.connections):
+                sweep = getattr(connection, "sweep", None)
+                if sweep is not None:
+                    with contextlib.suppress(Exception):  # one odd connection must not stop the sweeper
+                        sweep(now)
+
+
+def cut_unfinished_uploads(servers) -> int:
+    """At the end of the drain: every request still receiving its body is answered 503 (JSON)
+    instead of being cancelled by uvicorn into a plain-text 500. Returns how many were cut."""
+    cut = 0
+    for server in servers:
+        for connection in list(server.server_state.connections):
+            cut_body = getattr(connection, "cut_body", None)
+            if cut_body is not None and cut_body(ModelNotReady(
+                    "the server is shutting down and the request body did not arrive before the drain timeout")):
+                cut += 1
+    if cut:
+        log.warning("drain timeout: answered 503 to %d request(s) still uploading", cut)
+    return cut

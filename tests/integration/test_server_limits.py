@@ -1,0 +1,197 @@
+"""Server-wide bounds on a real `detserve serve`: header size and count, header and body read
+timeouts (slowloris), an endless chunked body, and the drain edges (a slow upload gets a JSON 503;
+SIGTERM to the whole process group restarts no worker and accepted requests complete)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from fakes import write_model
+from serve_process import ServeProcess
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+max_request_size = 65536
+drain_timeout_s = 2.0
+[limits]
+max_header_bytes = 8192
+max_headers = 40
+header_timeout_s = 1.0
+body_timeout_s = 2.0
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    write_model(store, "m", workers=1)
+    proc = ServeProcess(store, tmp_path_factory.mktemp("run"), config=CONFIG)
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+def _connect(proc: ServeProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proc.ports["inference"]), timeout=10)
+
+
+def _read_all(sock: socket.socket, timeout_s: float) -> bytes:
+    sock.settimeout(timeout_s)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def _status_and_json(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body.strip() else {}
+
+
+def test_200_slowloris_connections_are_closed_after_the_header_timeout(server):
+    socks = []
+    for _ in range(200):
+        s = _connect(server)
+        s.sendall(b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        socks.append(s)
+    started = time.monotonic()
+    try:
+        answers = [_read_all(s, 6.0) for s in socks]
+        elapsed = time.monotonic() - started
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:40] for a in answers}
+        assert _status_and_json(answers[0])[1]["code"] == "request_timeout"
+        assert elapsed < 6.0  # 1 s timeout + sweeper ticks, not the 40 s seen on main
+        assert httpx.get(f"{server.url}/ping", timeout=5).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_headers_over_the_size_or_count_limit_get_431(server):
+    big = _connect(server)
+    big.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)  # never finished: no \r\n\r\n
+    status, body = _status_and_json(_read_all(big, 5))
+    assert status == 431 and body["code"] == "headers_too_large" and "8192" in body["message"]
+    many = _connect(server)
+    many.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(60)) + b"\r\n")
+    status, body = _status_and_json(_read_all(many, 5))
+    assert status == 431 and "at most 40" in body["message"]
+    # Headers within the limits still work.
+    assert httpx.get(f"{server.url}/ping", headers={f"x-{i}": "v" for i in range(20)}, timeout=5).status_code == 200
+
+
+def test_an_endless_chunked_body_is_cut_by_size_and_by_time(server):
+    fast = _connect(server)
+    fast.sendall(b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (8192, b"x" * 8192)
+    try:
+        for _ in range(20):  # 160 KB against a 64 KB max_request_size
+            fast.sendall(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, body = _status_and_json(_read_all(fast, 5))
+    assert status == 413 and body["code"] == "payload_too_large"
+
+    slow = _connect(server)
+    slow.sendall(b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    started = time.monotonic()
+    answer = b""
+    while time.monotonic() - started < 8 and not answer:
+        try:
+            slow.sendall(b"1\r\nx\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        slow.settimeout(0.3)
+        try:
+            answer = slow.recv(65536)
+        except TimeoutError:
+            pass
+    answer += _read_all(slow, 2)
+    status, body = _status_and_json(answer)
+    assert status == 408 and body["code"] == "request_timeout" and "body_timeout_s" in body["message"]
+    assert 1.5 < time.monotonic() - started < 6
+
+
+def test_drain_answers_a_slow_upload_with_json_503_and_sigterm_to_the_group_restarts_nothing(tmp_path):
+    store = tmp_path / "store"
+    write_model(store, "d", workers=2, batch={"max_batch_size": 1})
+    proc = ServeProcess(store, tmp_path, config=CONFIG.replace("body_timeout_s = 2.0", "body_timeout_s = 60.0"))
+    proc.wait_ready()
+    try:
+        upload = _connect(proc)
+        upload.sendall(b"PUT /predictions/d HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\nok")
+        results: list[int] = []
+
+        def accepted():
+            results.append(httpx.put(f"{proc.url}/predictions/d", content=b"SLEEP:1.0", timeout=20).status_code)
+
+        threads = [threading.Thread(target=accepted) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        os.killpg(proc.proc.pid, signal.SIGTERM)  # systemd's default: the whole group, workers included
+        keep_sending = time.monotonic() + 6
+        answer = b""
+        upload.settimeout(0.25)
+        while time.monotonic() < keep_sending and not answer:
+            try:
+                upload.sendall(b"x")
+                answer = upload.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        answer += _read_all(upload, 2)
+        for t in threads:
+            t.join(20)
+        code = proc.proc.wait(30)
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+    status, body = _status_and_json(answer)
+    assert status == 503 and body["code"] == "model_not_ready", answer[:300]
+    assert results == [200, 200, 200]  # accepted before the signal: completed
+    assert code == 0
+    log = proc.log()
+    assert "restarting in" not in log and "gone (" not in log, log
+
+
+def test_a_request_still_running_when_the_drain_ends_gets_json_503_not_plain_500(tmp_path):
+    store = tmp_path / "store"
+    write_model(store, "late", workers=1)
+    proc = ServeProcess(store, tmp_path, config="drain_timeout_s = 1.5\n")
+    proc.wait_ready()
+    try:
+        answers: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: answers.append(
+            httpx.put(f"{proc.url}/predictions/late", content=b"SLEEP:3", timeout=30)))
+        t.start()
+        time.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert proc.proc.wait(30) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+    (r,) = answers
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["code"] == "model_not_ready"
+
+
+def test_a_connection_that_sends_nothing_is_closed_quietly(server):
+    idle = _connect(server)
+    started = time.monotonic()
+    assert _read_all(idle, 5) == b""  # closed, with no unsolicited answer
+    assert 0.9 < time.monotonic() - started < 4

@@ -1,0 +1,117 @@
+"""The data plane: one set of option bounds for every door, one readiness, bounded metric labels,
+and the request-size rules (too many images is 413, never a retryable 429)."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from fakes import image, running_engine, write_model
+from service import errors
+from service.engine.dataplane import DataPlane
+from service.observability import metrics
+from service.types import BatchSettings, ModelInfo
+from service.types import Protocol as Door
+
+
+def _info(max_per_img: int | None = 100) -> ModelInfo:
+    return ModelInfo("m", "m-1", "null", "eager", ("cat", "dog"), 64, False, True, BatchSettings(),
+                     max_per_img=max_per_img)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("score_thr", "nan", "finite"),
+    ("score_thr", float("inf"), "finite"),
+    ("score_thr", -0.1, "within [0, 1]"),
+    ("score_thr", 1.5, "within [0, 1]"),
+    ("score_thr", True, "boolean"),
+    ("score_thr", [0.1], "list"),
+    ("score_thr", {"a": 1}, "dict"),
+    ("score_thr", "x", "must be a number"),
+    ("max_dets", math.inf, "finite"),
+    ("max_dets", "1e400", "finite"),
+    ("max_dets", 0, "within [1, 100]"),
+    ("max_dets", 101, "max_per_img"),
+    ("max_dets", 2.5, "whole number"),
+    ("max_dets", False, "boolean"),
+    ("classes", 7, "int"),
+    ("classes", [1, 2], "list of class-name strings"),
+    ("classes", "", "one or more"),
+    ("classes", "unicorn", "unknown class"),
+])
+def test_every_bad_option_is_one_invalid_request_naming_the_field(field, value, fragment):
+    with pytest.raises(errors.InvalidRequest) as caught:
+        DataPlane(object()).options(_info(), **{field: value})
+    assert field in caught.value.message and fragment in caught.value.message
+
+
+def test_options_from_any_wire_type_agree():
+    dp = DataPlane(object())
+    from_query = dp.options(_info(), score_thr="0.25", max_dets="7", classes="dog, cat")
+    from_json = dp.options(_info(), score_thr=0.25, max_dets=7.0, classes=["dog", "cat"])
+    assert from_query == from_json
+    assert from_query.score_thr == 0.25 and from_query.max_dets == 7 and from_query.classes == ("dog", "cat")
+    assert dp.options(_info(None), max_dets=10_000).max_dets == 10_000  # no cap reported: the global bound
+
+
+def test_too_many_images_for_the_queue_is_413_naming_the_limit(tmp_path):
+    write_model(tmp_path, "q16", batch={"max_queue_size": 16, "max_batch_size": 4})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            with pytest.raises(errors.PayloadTooLarge, match=r"max_queue_size 16"):
+                await engine.detect("q16", [image(b"ok")] * 20)
+            assert len(await engine.detect("q16", [image(b"ok")] * 16)) == 16  # a full queue's worth fits
+            dp = DataPlane(engine, max_images_per_request=8)
+            with pytest.raises(errors.PayloadTooLarge, match=r"max_images_per_request \(8\)"):
+                await dp.detect("q16", [image(b"ok")] * 9, dp.options(engine.model_info("q16")), protocol=Door.REST)
+
+    asyncio.run(scenario())
+    assert errors.http_status(errors.PayloadTooLarge("x")) == 413
+
+
+def test_readiness_follows_start_up_and_draining(tmp_path):
+    write_model(tmp_path, "r")
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            dp = DataPlane(engine)
+            assert dp.ready() and dp.model_ready("r") and dp.state() == "ready"
+            dp.starting = True
+            assert not dp.ready() and not dp.model_ready("r") and dp.state() == "starting" and dp.live()
+            dp.starting, dp.draining = False, True
+            assert not dp.ready() and not dp.model_ready("r") and dp.state() == "draining"
+            # Accepted work still completes while draining.
+            assert len(await dp.detect("r", [image(b"ok")], dp.options(engine.model_info("r")), protocol=Door.REST)) == 1
+
+    asyncio.run(scenario())
+
+
+def test_random_model_names_make_one_series(tmp_path):
+    write_model(tmp_path, "known")
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            dp = DataPlane(engine)
+            before = _series()
+            for i in range(3000):
+                dp.record(f"random-{i}", "grpc", "INVALID_ARGUMENT", 0.001)
+                dp.record(f"random-{i}", "kserve_rest", 400, 0.001)
+            dp.record("known", "grpc", "OK", 0.001)
+            return before, _series()
+
+    before, after = asyncio.run(scenario())
+    new = after - before
+    assert {labels["model"] for labels in map(dict, new)} <= {metrics.UNKNOWN_MODEL, "known"}
+    # O(1): a counter per (label, protocol, code) and a histogram per (label, protocol), not per name.
+    assert len(new) < 100
+
+
+def _series() -> set[tuple]:
+    out = set()
+    for family in metrics.REGISTRY.collect():
+        for s in family.samples:
+            if "model" in s.labels:
+                out.add(tuple(sorted(s.labels.items())))
+    return out
