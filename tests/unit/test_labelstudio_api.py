@@ -390,3 +390,16 @@ def test_security_settings_validated_with_the_field_named(monkeypatch):
     monkeypatch.setenv("DETSERVE_LABELSTUDIO__MAX_CALL_BYTES", "1000")
     with pytest.raises(ConfigError, match="max_call_bytes .* must be >= max_image_bytes"):
         load_server_settings()
+
+
+def test_label_studio_routes_follow_the_data_plane_readiness():
+    """Starting and draining come from the one readiness source every door uses."""
+    client = client_for(BlobEngine())
+    task = [{"id": 1, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}}]
+    dataplane = client.app.state.dataplane
+    for flag in ("starting", "draining"):
+        setattr(dataplane, flag, True)
+        assert client.get("/labelstudio/blobs/health").status_code == 503
+        assert client.post("/labelstudio/blobs/predict", json=predict_body(task)).status_code == 503
+        setattr(dataplane, flag, False)
+    assert client.post("/labelstudio/blobs/predict", json=predict_body(task)).status_code == 200

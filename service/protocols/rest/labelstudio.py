@@ -21,8 +21,8 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from ...errors import DetserveError, InvalidRequest, ModelNotFound, Unauthenticated, http_status
-from ...observability import metrics as prometheus
+from ...engine.dataplane import dataplane_for
+from ...errors import DetserveError, InvalidRequest, ModelNotReady, Unauthenticated, http_status
 from ...types import Protocol as Door
 from ..labelstudio.backend import LabelStudioBackend, basic_auth_credentials
 
@@ -102,12 +102,12 @@ router = APIRouter(prefix="/labelstudio/{model}", tags=["labelstudio"], dependen
 @router.get("/health")
 @router.get("/")
 async def health(model: str, request: Request) -> dict:
-    return _backend(request).health(request.app.state.engine, model)
+    return _backend(request).health(_engine(request), model)
 
 
 @router.post("/setup")
 async def setup(model: str, request: Request) -> dict:
-    return _backend(request).setup(request.app.state.engine, model, await _json_body(request))
+    return _backend(request).setup(_engine(request), model, await _json_body(request))
 
 
 @router.post("/predict")
@@ -116,29 +116,28 @@ async def predict(model: str, request: Request) -> dict:
     code = 500
     try:
         body = await _json_body(request)
-        result = await _backend(request).predict(request.app.state.engine, request.app.state.settings, model, body)
+        result = await _backend(request).predict(_engine(request), request.app.state.settings, model, body)
         code = 200
         return result
     except DetserveError as err:
         code = http_status(err)
         raise
     finally:
-        prometheus.record_request(_metric_model(request, model), Door.LABELSTUDIO.value, code,
-                               time.perf_counter() - started)
+        dataplane_for(request.app.state).record(model, Door.LABELSTUDIO.value, code, time.perf_counter() - started)
 
 
-def _metric_model(request: Request, model: str) -> str:
-    """The model's name when it is served; one shared label otherwise (names are client-chosen)."""
-    try:
-        request.app.state.engine.model_info(model)
-    except ModelNotFound:
-        return prometheus.UNKNOWN_MODEL
-    return model
+def _engine(request: Request):
+    """The engine, once the data plane (the one readiness source) says the server is neither
+    starting nor draining; per-model readiness (live workers) is checked by the backend."""
+    dp = dataplane_for(request.app.state)
+    if dp.starting or dp.draining or not dp.live():
+        raise ModelNotReady("the server is starting or stopping; retry shortly")
+    return dp.engine
 
 
 @router.post("/webhook")
 async def webhook(model: str, request: Request) -> JSONResponse:
-    request.app.state.engine.model_info(model)  # 404 for an unknown model
+    _engine(request).model_info(model)  # 404 for an unknown model
     status, body = LabelStudioBackend.webhook(await _json_body(request))
     return JSONResponse(body, status_code=status)
 
@@ -146,7 +145,7 @@ async def webhook(model: str, request: Request) -> JSONResponse:
 @router.get("/versions")
 @router.post("/versions")  # label-studio-ml 1.0.9 served POST
 async def versions(model: str, request: Request) -> dict:
-    return _backend(request).versions(request.app.state.engine, model)
+    return _backend(request).versions(_engine(request), model)
 
 
 @router.get("/metrics")
