@@ -149,3 +149,4 @@ class ModelInfo:
     workers: tuple[WorkerStatus, ...] = ()
     queue_depth: int = 0
     default_score_thr: float = 0.3
+    backend_reason: str = ""  # why `backend` runs (backend = "auto" explains its choice or its fallback)

@@ -184,6 +184,7 @@ class _ModelRuntime:
             workers=self.pool.statuses(),
             queue_depth=self.scheduler.depth,
             default_score_thr=self.cfg.default_score_thr,
+            backend_reason=facts.backend_reason if facts else "",
         )
 
 
