@@ -164,6 +164,7 @@ def entry_lock(entry: Path) -> Iterator[None]:
 def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # a cache shared by several users or containers stays readable
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -35,7 +35,8 @@ def make_model(root: Path, arch: str, input_size: int = 320, seed: int = 0) -> P
         if cfg.arch == arch and cfg.weights and cfg.path(cfg.weights).is_file() and is_trained(cfg.path(cfg.weights)):
             folder = root / bundled.name
             shutil.copytree(bundled, folder, ignore=shutil.ignore_patterns("*.onnx", "trt_cache"))
-            (folder / "model.toml").write_text((folder / "model.toml").read_text().replace('device = "cuda"', 'device = "cpu"'))
+            text = (folder / "model.toml").read_text().replace('device = "cuda"', 'device = "cpu"')
+            (folder / "model.toml").write_text('backend = "eager"\n' + text)  # the reference side of parity
             return folder
     torch.manual_seed(seed)
     model = build_detector(arch, len(CLASSES))
@@ -44,7 +45,7 @@ def make_model(root: Path, arch: str, input_size: int = 320, seed: int = 0) -> P
     folder.mkdir(parents=True)
     save_checkpoint(folder / "weights.pth", model.state_dict(), CLASSES)
     (folder / "model.toml").write_text(
-        f'arch = "{arch}"\nweights = "weights.pth"\ninput_size = {input_size}\ndevice = "cpu"\n'
+        f'backend = "eager"\narch = "{arch}"\nweights = "weights.pth"\ninput_size = {input_size}\ndevice = "cpu"\n'
     )
     return folder
 
