@@ -55,7 +55,9 @@ class WorkerConfig(_Strict):
 
 class EagerConfig(_Strict):
     fp16: bool = False  # CUDA only
-    channels_last: bool = False
+    # None: on where it measured faster (CPU; see service/backends/eager.py), off on CUDA until measured there.
+    channels_last: bool | None = None
+    fold_batchnorm: bool = True  # fold each conv's BatchNorm into its weights at load (service/backends/fold.py)
     compile: bool = False  # torch.compile with fixed batch buckets
     cuda_graphs: bool = False
 
