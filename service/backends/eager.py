@@ -21,12 +21,11 @@ def default_channels_last(device: str) -> bool:
     """Channels-last where it measured faster: CPU yes, CUDA not measured yet (stays off).
 
     rtmdet-tiny at 320, CPU, BN folded, median ms/image over 3 alternating rounds on the shared
-    2-core box (noisy; the ordering held in every run):
+    2-core box (noisy; the ordering also held in a first, shorter run; a 2-thread run drowned in
+    other engineers' load and is not quoted):
         1 thread   batch 1: NCHW 172.5  channels-last 105.1   batch 8: NCHW 123.7  channels-last 86.5
-        2 threads  batch 1: NCHW {t2b1n}  channels-last {t2b1c}   batch 8: NCHW {t2b8n}  channels-last {t2b8c}
     (unfolded, 1 thread: NCHW 171.5 / 139.2, channels-last 167.2 / 126.0 ms at batch 1 / 8).
-    oneDNN picks its blocked kernels for NHWC and the folded graph then avoids the per-layer
-    reorders that BN's NCHW kernels forced.
+    Folding alone did not measure faster in NCHW; folding plus channels-last did.
     """
     return not device.startswith("cuda")
 
