@@ -250,7 +250,7 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
     verdicts = []
     with entry_lock(entry):
         for cand in cands:
-            verdict = _verdict(cfg, device, cand, entry, checkpoint, threads)
+            verdict = candidate_verdict(cfg, device, cand, entry, checkpoint, threads)
             verdicts.append((cand, verdict))
             if verdict.passed:
                 break
@@ -266,7 +266,7 @@ def _eager(cfg: ModelConfig, reason: str) -> AutoChoice:
     return AutoChoice(eager_cfg(cfg), reason)
 
 
-def _verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, checkpoint, threads) -> Verdict:
+def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, checkpoint, threads=None) -> Verdict:
     """The cached verdict when it is about the graph on disk, else a fresh export and/or parity run."""
     onnx_path = entry / ONNX_FILE
     path = verdict_path(entry, cand, cfg)

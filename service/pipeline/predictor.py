@@ -340,14 +340,20 @@ class Predictor:
 def _load_auto(cfg: ModelConfig, device: str, checkpoint, threads: int | None) -> tuple[ModelConfig, str, Backend]:
     """Resolve backend = "auto" (service/backends/auto.py) and load what it chose; eager if that fails."""
     from ..backends.auto import eager_cfg, resolve_auto
+    from ..backends.onnxrt import PROVIDER_NAMES
 
     choice = resolve_auto(cfg, device, checkpoint=checkpoint, threads=threads)
     if choice.backend == BackendKind.ONNXRUNTIME:
         backend = create_backend(choice.cfg, device, threads=threads)
         try:
             backend.load()
+            wanted = PROVIDER_NAMES[choice.cfg.onnxruntime.providers[0]]
+            if backend.providers[:1] != [wanted]:
+                # ONNX Runtime fell back to another provider: not what the verdict was about.
+                raise ConfigError(f"ONNX Runtime runs {backend.providers[:1]} instead of {wanted}")
             return choice.cfg, choice.reason, backend
         except Exception as exc:  # noqa: BLE001 - the graph passed parity but will not load now: serve eager
+            backend.close()
             reason = f"auto: eager, because the cached ONNX graph failed to load: {type(exc).__name__}: {exc}"
             log.warning("model %s: %s", cfg.name, reason)
             choice = choice.__class__(eager_cfg(cfg), reason)
