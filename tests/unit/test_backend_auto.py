@@ -241,3 +241,59 @@ def auto_management_app(engine):
     from service.protocols.rest.app import build_management_app
 
     return build_management_app(engine, ServerSettings())
+
+
+def test_entry_lock_makes_a_second_holder_wait(tmp_path):
+    import threading
+    import time
+
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first():
+        with auto.entry_lock(tmp_path / "entry"):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with auto.entry_lock(tmp_path / "entry"):  # flock: a separate open file waits, even in-process
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "verdict.json"
+    auto.write_atomic(target, '{"passed": true}')
+    auto.write_atomic(target, '{"passed": false}')
+    assert json.loads(target.read_text()) == {"passed": False}
+    assert [p.name for p in tmp_path.iterdir()] == ["verdict.json"]
+
+
+@pytest.mark.slow
+@pytestmark_real
+def test_two_workers_of_one_model_export_once(store, tmp_path, monkeypatch, capfd):
+    """Real worker processes on a fresh cache: one exports, the other waits on the lock and reuses."""
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copytree(store / "rtmdet", tmp_path / "store" / "rtmdet")
+    (tmp_path / "store" / "rtmdet").chmod(0o755)
+    (tmp_path / "store" / "rtmdet" / "model.toml").chmod(0o644)
+    with open(tmp_path / "store" / "rtmdet" / "model.toml", "a") as f:
+        f.write("\n[workers]\ncount = 2\nthreads = 1\n")
+
+    async def scenario():
+        async with running_engine(tmp_path / "store", inline=False, factory=None, worker_start_timeout_s=240) as engine:
+            info = engine.model_info("rtmdet")
+            return info.backend, info.backend_reason, len(info.workers)
+
+    backend, reason, workers = asyncio.run(asyncio.wait_for(scenario(), 300))
+    worker_logs = capfd.readouterr().err  # the spawned workers inherit this stderr
+    assert worker_logs.count("exporting ONNX for backend auto") == 1, worker_logs[-3000:]
+    assert worker_logs.count("parity PASS") == 1  # the second worker reused the verdict
+    assert (backend, workers) == ("onnxruntime", 2) and reason.startswith("auto: onnxruntime cpu (PASS")
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and len(list(entries[0].glob("verdict-cpu-*.json"))) == 1
+    assert not list(entries[0].glob(".*.tmp"))
