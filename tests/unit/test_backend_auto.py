@@ -297,3 +297,14 @@ def test_two_workers_of_one_model_export_once(store, tmp_path, monkeypatch, capf
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and len(list(entries[0].glob("verdict-cpu-*.json"))) == 1
     assert not list(entries[0].glob(".*.tmp"))
+
+
+@pytestmark_real
+def test_a_session_on_another_provider_than_the_verdict_serves_eager(first_load, store, cache, monkeypatch, caplog):
+    # A verdict for the CUDA provider, but ONNX Runtime here can only run the CPU one: not what passed.
+    entry = next(cache.iterdir())
+    cuda = auto.onnx_cfg(load_model_config(store / "rtmdet"), entry / "model.onnx", Candidate("cuda", "cuda"), entry)
+    monkeypatch.setattr(auto, "resolve_auto", lambda cfg, device, **_: auto.AutoChoice(cuda, "auto: onnxruntime cuda (PASS)"))
+    predictor = load(store, cache, monkeypatch, caplog)
+    assert predictor.backend_name == "eager"
+    assert "instead of CUDAExecutionProvider" in predictor.backend_reason
