@@ -77,7 +77,7 @@ def auto_summary(cfg, cpu_parity_passed: bool | None) -> str:
     if plan.startswith("not decided yet") and not device.startswith("cuda") and cpu_parity_passed is not None:
         verdict = "onnxruntime cpu (this graph passed parity)" if cpu_parity_passed else "eager (this graph failed parity)"
         plan = f"{verdict}; its own export and check run on the first load ({plan})"
-    return f'backend = "auto" on {device}: {plan}'
+    return f'backend = "auto" on {device}: {plan.removeprefix("auto: ")}'
 
 
 def _relative_to(path: Path, root: Path) -> str:

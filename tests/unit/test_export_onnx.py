@@ -107,7 +107,7 @@ def test_export_command_writes_next_to_config_and_sets_default(tiny, tmp_path, c
     assert "opset 17" in out and "parity vs eager" in out and "PASS" in out
     auto_line = next(line for line in out.splitlines() if line.startswith('backend = "auto" on cpu: '))
     # this graph's parity, or auto's own cached verdict when an earlier load already decided
-    assert "onnxruntime cpu (this graph passed parity)" in auto_line or "auto: onnxruntime cpu (PASS" in auto_line
+    assert "onnxruntime cpu (this graph passed parity)" in auto_line or "on cpu: onnxruntime cpu (PASS" in auto_line
     cfg = load_model_config(folder)
     assert cfg.backend.value == "onnxruntime" and cfg.onnxruntime.model == "model.onnx"
     assert not cfg.onnxruntime.end2end
