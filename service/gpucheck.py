@@ -231,8 +231,13 @@ def run_inprocess_bench(budget: Budget, rows: list[Row], cache: Path, passed: di
     image = (folder / "demo.jpg").read_bytes()
     checkpoint = load_checkpoint(cfg.path(cfg.weights))
     entry = auto.entry_dir(cfg, auto.cache_key(cfg, num_classes_in(checkpoint.state_dict) or len(cfg.classes or ())), cache)
-    variants = [("eager fp32", auto.eager_cfg(cfg)),
-                ("eager fp16", auto.eager_cfg(cfg).model_copy(update={"eager": cfg.eager.model_copy(update={"fp16": True})}))]
+    def eager(**options):
+        return auto.eager_cfg(cfg).model_copy(update={"eager": cfg.eager.model_copy(update=options)})
+
+    # channels-last is off by default on CUDA until these rows say it is faster (backends/eager.py)
+    variants = [("eager fp32", eager(channels_last=False)), ("eager fp16", eager(fp16=True, channels_last=False)),
+                ("eager fp32 channels-last", eager(channels_last=True)),
+                ("eager fp16 channels-last", eager(fp16=True, channels_last=True))]
     for cand in passed.get(name, []):
         variants.append((f"ort {cand.label}", auto.onnx_cfg(cfg, entry / auto.ONNX_FILE, cand, entry)))
     for variant, vcfg in variants:
