@@ -21,10 +21,13 @@ def default_channels_last(device: str) -> bool:
     """Channels-last where it measured faster: CPU yes, CUDA not measured yet (stays off).
 
     rtmdet-tiny at 320, CPU, BN folded, median ms/image over 3 alternating rounds on the shared
-    2-core box (noisy; the ordering also held in a first, shorter run; a 2-thread run drowned in
-    other engineers' load and is not quoted):
+    2-core box (noisy: other engineers' jobs ran too; the ordering held in every run, including a
+    first shorter one):
         1 thread   batch 1: NCHW 172.5  channels-last 105.1   batch 8: NCHW 123.7  channels-last 86.5
-    (unfolded, 1 thread: NCHW 171.5 / 139.2, channels-last 167.2 / 126.0 ms at batch 1 / 8).
+        2 threads  batch 1: NCHW 246.4  channels-last 181.7   batch 8: NCHW 184.9  channels-last 147.4
+                   (2 threads ran on a box at load ~3.5, hence slower than 1 thread)
+    Unfolded: 1 thread NCHW 171.5 / 139.2, channels-last 167.2 / 126.0 ms at batch 1 / 8;
+              2 threads NCHW 357.1 / 182.9, channels-last 199.5 / 155.9.
     Folding alone did not measure faster in NCHW; folding plus channels-last did.
     """
     return not device.startswith("cuda")
