@@ -28,6 +28,18 @@ from ..settings import BackendKind, ModelConfig
 
 log = logging.getLogger(__name__)
 
+
+def _visible_progress() -> None:
+    """Worker processes configure no logging (only warnings would reach stderr): give auto's
+    progress lines (export, verdict, reuse) a stderr handler of their own there."""
+    if logging.getLogger().handlers or log.handlers:
+        return  # the server, the CLI or pytest routes records already
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s detserve worker %(process)d: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
 CACHE_ENV = "DETSERVE_CACHE_DIR"
 # Bump when the cached layout or what the export writes changes, so old entries are not reused.
 CACHE_FORMAT = 1
@@ -235,6 +247,7 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
     from ..detectors.checkpoint import num_classes_in
     from .onnxrt import provider_problem
 
+    _visible_progress()
     cands, skipped = candidates_for(device, ort.get_available_providers(), provider_problem)
     if not cands:
         return _eager(cfg, choose([], skipped)[1])
@@ -279,7 +292,7 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
     export_s = 0.0
     if cached is not None or not current:
         # First start, or the cached graph changed under a passing verdict: export (again).
-        log.warning("model %s: exporting ONNX for backend auto (first start; cached in %s)", cfg.name, entry)
+        log.info("model %s: exporting ONNX for backend auto (first start; cached in %s)", cfg.name, entry)
         start = time.perf_counter()
         try:
             _export(cfg, checkpoint, onnx_path)
@@ -293,8 +306,9 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
     start = time.perf_counter()
     summary, passed = _parity(cfg, device, cand, entry, onnx_path, threads)
     verdict = Verdict(cand.label, passed, summary, current, round(export_s, 2), round(time.perf_counter() - start, 2))
-    log.warning("model %s: backend auto %s parity %s (export %.1f s, parity %.1f s)", cfg.name, cand.label,
-                summary, verdict.export_s, verdict.parity_s)
+    # info even on FAIL: the fallback to eager is the one warning that says why
+    log.info("model %s: backend auto %s parity %s (export %.1f s, parity %.1f s)",
+             cfg.name, cand.label, summary, verdict.export_s, verdict.parity_s)
     write_atomic(path, verdict.to_json())
     return verdict
 

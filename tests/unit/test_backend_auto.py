@@ -129,13 +129,17 @@ def cache(tmp_path_factory) -> Path:
 def first_load(store, cache):
     """The first load: exports and checks parity (once for the module; later tests reuse the cache)."""
     handler = _Capture()
-    logging.getLogger("service.backends.auto").addHandler(handler)
+    logger = logging.getLogger("service.backends.auto")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("DETSERVE_CACHE_DIR", str(cache))
             predictor = Predictor.from_config(load_model_config(store / "rtmdet"), device="cpu", threads=1)
     finally:
-        logging.getLogger("service.backends.auto").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     predictor.close()
     return predictor, handler.text()
 
@@ -292,7 +296,7 @@ def test_two_workers_of_one_model_export_once(store, tmp_path, monkeypatch, capf
     backend, reason, workers = asyncio.run(asyncio.wait_for(scenario(), 300))
     worker_logs = capfd.readouterr().err  # the spawned workers inherit this stderr
     assert worker_logs.count("exporting ONNX for backend auto") == 1, worker_logs[-3000:]
-    assert worker_logs.count("parity PASS") == 1  # the second worker reused the verdict
+    assert worker_logs.count("parity PASS") == 1 and "reuses the cached cpu verdict" in worker_logs
     assert (backend, workers) == ("onnxruntime", 2) and reason.startswith("auto: onnxruntime cpu (PASS")
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and len(list(entries[0].glob("verdict-cpu-*.json"))) == 1
