@@ -91,15 +91,17 @@ def no_gpu_reason() -> str | None:
 # --- stage 1: tests -------------------------------------------------------------------------------
 
 
-def run_gpu_tests(budget: Budget, rows: list[Row]) -> None:
-    timeout = min(150.0, budget.left() - 300)  # leave most of the budget to parity and the benchmark
+def run_gpu_tests(budget: Budget, rows: list[Row], cache: Path) -> None:
+    timeout = min(180.0, budget.left() - 270)  # leave most of the budget to parity and the benchmark
     if timeout < 30:
         rows.append(Row("tests", "-", "pytest -m gpu", "SKIP", "no time left"))
         return
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        # the tests' auto loads share the check's cache, so the parity stage reuses their TensorRT builds
+        env = {**os.environ, "DETSERVE_CACHE_DIR": str(cache)}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
         summary = parse_pytest_summary(proc.stdout + proc.stderr)
         failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
         rows.append(Row("tests", "-", "pytest -m gpu", "PASS" if proc.returncode == 0 else "FAIL",
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="detserve-gpucheck-") as tmp:
         workdir = Path(tmp)
         cache = workdir / "cache"
-        stages = [("tests", lambda: None if args.skip_tests else run_gpu_tests(budget, rows))]
+        stages = [("tests", lambda: None if args.skip_tests else run_gpu_tests(budget, rows, cache))]
         passed: dict[str, list] = {}
 
         def parity():
