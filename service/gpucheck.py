@@ -129,7 +129,7 @@ def _predict_all(cfg, device: str, images):
     return out
 
 
-def run_parity(budget: Budget, rows: list[Row], cache: Path) -> dict[str, list]:
+def run_parity(budget: Budget, rows: list[Row], cache: Path, device: str = "cuda:0") -> dict[str, list]:
     """Parity rows per model and candidate; returns the ORT candidates that passed, per model."""
     from .backends import auto
     from .detectors.checkpoint import load_checkpoint, num_classes_in
@@ -151,7 +151,7 @@ def run_parity(budget: Budget, rows: list[Row], cache: Path) -> dict[str, list]:
 
         from .backends.onnxrt import provider_problem
 
-        runnable, skipped = auto.candidates_for("cuda:0", ort.get_available_providers(), provider_problem)
+        runnable, skipped = auto.candidates_for(device, ort.get_available_providers(), provider_problem)
         for why in skipped:
             rows.append(Row("parity", name, f"ort {why.split(':')[0]}", "SKIP", why))
         for cand in runnable:
@@ -161,7 +161,7 @@ def run_parity(budget: Budget, rows: list[Row], cache: Path) -> dict[str, list]:
             start = time.monotonic()
             try:
                 with auto.entry_lock(entry):
-                    verdict = auto.candidate_verdict(cfg, "cuda:0", cand, entry, checkpoint)
+                    verdict = auto.candidate_verdict(cfg, device, cand, entry, checkpoint)
                 rows.append(Row("parity", name, f"ort {cand.label}", "PASS" if verdict.passed else "FAIL",
                                 f"{verdict.summary} ({time.monotonic() - start:.0f} s)"))
                 if verdict.passed:
@@ -175,13 +175,13 @@ def run_parity(budget: Budget, rows: list[Row], cache: Path) -> dict[str, list]:
             rows.append(Row("parity", name, "eager cpu (reference)", "ERROR", f"{type(exc).__name__}: {exc}"))
             continue
         for fp16 in (False, True):
-            variant = f"eager cuda {'fp16' if fp16 else 'fp32'}"
+            variant = f"eager {device.split(':')[0]} {'fp16' if fp16 else 'fp32'}"
             if not budget.allows(140):
                 rows.append(Row("parity", name, variant, "SKIP", "no time left"))
                 continue
             try:
                 eager = auto.eager_cfg(cfg).model_copy(update={"eager": cfg.eager.model_copy(update={"fp16": fp16})})
-                report = compare_results(reference, _predict_all(eager, "cuda:0", images), auto.PARITY_SCORE_THR)
+                report = compare_results(reference, _predict_all(eager, device, images), auto.PARITY_SCORE_THR)
                 ok = report.reference > 0 and report.ok(auto.PARITY_MAX_BOX_PX, auto.PARITY_MAX_SCORE)
                 rows.append(Row("parity", name, variant, "PASS" if ok else "FAIL",
                                 f"{report.matched}/{report.reference} matched, box max {report.max_box_diff:.3f} px, "
@@ -194,19 +194,20 @@ def run_parity(budget: Budget, rows: list[Row], cache: Path) -> dict[str, list]:
 # --- stage 3: benchmark -----------------------------------------------------------------------------
 
 
-def _inprocess_ips(cfg, image: bytes, batch: int, seconds: float) -> tuple[float, float]:
+def _inprocess_ips(cfg, image: bytes, batch: int, seconds: float, device: str = "cuda:0") -> tuple[float, float]:
     """(images/s, ms per batch, median) for Predictor.predict on `batch` copies of `image`."""
     import torch
 
     from .pipeline.predictor import Predictor
     from .types import DetectOptions, EncodedImage
 
-    predictor = Predictor.from_config(cfg, device="cuda:0")
+    predictor = Predictor.from_config(cfg, device=device)
     try:
         images, options = [EncodedImage(image)] * batch, [DetectOptions()] * batch
         for _ in range(3):
             predictor.predict(images, options)
-        torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         times, end = [], time.monotonic() + seconds
         while time.monotonic() < end or len(times) < 5:
             start = time.perf_counter()
@@ -219,7 +220,8 @@ def _inprocess_ips(cfg, image: bytes, batch: int, seconds: float) -> tuple[float
     return batch / median, median * 1000
 
 
-def run_inprocess_bench(budget: Budget, rows: list[Row], cache: Path, passed: dict[str, list]) -> None:
+def run_inprocess_bench(budget: Budget, rows: list[Row], cache: Path, passed: dict[str, list],
+                        device: str = "cuda:0", seconds: float = 3.0) -> None:
     from .backends import auto
     from .detectors.checkpoint import load_checkpoint, num_classes_in
     from .settings import load_model_config
@@ -248,7 +250,7 @@ def run_inprocess_bench(budget: Budget, rows: list[Row], cache: Path, passed: di
                 rows.append(Row("bench-inproc", name, f"{variant} b{batch}", "SKIP", "no time left"))
                 continue
             try:
-                ips, ms = _inprocess_ips(vcfg, image, batch, seconds=3.0)
+                ips, ms = _inprocess_ips(vcfg, image, batch, seconds=seconds, device=device)
                 rows.append(Row("bench-inproc", name, f"{variant} b{batch}", f"{ips:.1f} img/s", f"{ms:.2f} ms/batch (median)"))
             except Exception as exc:  # noqa: BLE001
                 rows.append(Row("bench-inproc", name, f"{variant} b{batch}", "ERROR", f"{type(exc).__name__}: {exc}"))
@@ -289,7 +291,7 @@ def closed_loop(url: str, body: bytes, concurrency: int, seconds: float) -> tupl
     return len(latencies) / elapsed, p50, errors[0]
 
 
-def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path) -> None:
+def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path, seconds: float = 5.0) -> None:
     import httpx
 
     from .bench.servers import free_port, stop_process, wait_http
@@ -323,7 +325,7 @@ def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path
                 rows.append(Row("bench-served", "rtmdet", f"c{concurrency}", "SKIP", "no time left"))
                 continue
             closed_loop(f"{base}/predictions/rtmdet", body, concurrency, 1.0)  # warm-up
-            rps, p50, errors = closed_loop(f"{base}/predictions/rtmdet", body, concurrency, 5.0)
+            rps, p50, errors = closed_loop(f"{base}/predictions/rtmdet", body, concurrency, seconds)
             rows.append(Row("bench-served", "rtmdet", f"{info.get('backend', '?')} c{concurrency}", f"{rps:.1f} img/s",
                             f"p50 {p50:.1f} ms, {errors} errors (HTTP PUT of demo.jpg, closed loop)"))
     except Exception as exc:  # noqa: BLE001
@@ -341,17 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=450.0, help="total time for every stage (default 450)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--skip-tests", action="store_true", help="skip the pytest -m gpu stage")
+    parser.add_argument("--dry-run-cpu", action="store_true",
+                        help="run every stage but the tests on the CPU (short timings): checks this script without a GPU")
     args = parser.parse_args(argv)
 
-    reason = no_gpu_reason()
-    if reason is not None:
-        print(f"gpu-check: no GPU here, nothing was run: {reason}", file=sys.stderr)
-        return NO_GPU_EXIT
+    device, seconds = ("cpu", 0.5) if args.dry_run_cpu else ("cuda:0", None)
+    if not args.dry_run_cpu:
+        reason = no_gpu_reason()
+        if reason is not None:
+            print(f"gpu-check: no GPU here, nothing was run: {reason}", file=sys.stderr)
+            return NO_GPU_EXIT
     import torch
 
     budget = Budget(args.budget_s)
-    rows = [Row("info", "-", "device", torch.cuda.get_device_name(0),
-                f"torch {torch.__version__}, CUDA {torch.version.cuda}")]
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu (dry run)"
+    rows = [Row("info", "-", "device", name, f"torch {torch.__version__}, CUDA {torch.version.cuda}")]
     try:
         import onnxruntime as ort
 
@@ -362,14 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="detserve-gpucheck-") as tmp:
         workdir = Path(tmp)
         cache = workdir / "cache"
-        stages = [("tests", lambda: None if args.skip_tests else run_gpu_tests(budget, rows, cache))]
+        skip_tests = args.skip_tests or args.dry_run_cpu
+        stages = [("tests", lambda: None if skip_tests else run_gpu_tests(budget, rows, cache))]
         passed: dict[str, list] = {}
 
         def parity():
-            passed.update(run_parity(budget, rows, cache))
+            passed.update(run_parity(budget, rows, cache, device))
 
-        stages += [("parity", parity), ("bench-inproc", lambda: run_inprocess_bench(budget, rows, cache, passed)),
-                   ("bench-served", lambda: run_served_bench(budget, rows, cache, workdir))]
+        stages += [("parity", parity),
+                   ("bench-inproc", lambda: run_inprocess_bench(budget, rows, cache, passed, device, seconds or 3.0)),
+                   ("bench-served", lambda: run_served_bench(budget, rows, cache, workdir, seconds or 5.0))]
         for name, stage in stages:
             try:
                 stage()

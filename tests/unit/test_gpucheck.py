@@ -43,3 +43,18 @@ def test_without_a_gpu_it_exits_2_with_a_clear_message_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "service.gpucheck"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == NO_GPU_EXIT
     assert "gpu-check: no GPU here, nothing was run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_goes_through_every_stage_and_prints_one_table(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "service.gpucheck", "--dry-run-cpu", "--budget-s", "300", "--json", str(out)],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    stages = {r["stage"] for r in rows}
+    assert {"parity", "bench-inproc", "bench-served"} <= stages
+    assert not [r for r in rows if r["result"] in ("ERROR", "FAIL")], rows
+    assert proc.stdout.count("\nstage ") + proc.stdout.startswith("stage ") == 1  # one table
