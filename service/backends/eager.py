@@ -18,17 +18,18 @@ log = logging.getLogger(__name__)
 
 
 def default_channels_last(device: str) -> bool:
-    """Channels-last where it measured faster: CPU yes, CUDA not measured yet (stays off).
+    """Channels-last where it measured faster: CPU yes, CUDA not measured yet (stays off; `make
+    gpu-check` prints the eager channels-last rows that would decide it).
 
-    rtmdet-tiny at 320, CPU, BN folded, median ms/image over 3 alternating rounds on the shared
-    2-core box (noisy: other engineers' jobs ran too; the ordering held in every run, including a
-    first shorter one):
-        1 thread   batch 1: NCHW 172.5  channels-last 105.1   batch 8: NCHW 123.7  channels-last 86.5
-        2 threads  batch 1: NCHW 246.4  channels-last 181.7   batch 8: NCHW 184.9  channels-last 147.4
-                   (2 threads ran on a box at load ~3.5, hence slower than 1 thread)
-    Unfolded: 1 thread NCHW 171.5 / 139.2, channels-last 167.2 / 126.0 ms at batch 1 / 8;
-              2 threads NCHW 357.1 / 182.9, channels-last 199.5 / 155.9.
-    Folding alone did not measure faster in NCHW; folding plus channels-last did.
+    rtmdet-tiny network at 320 on the shared 2-core box, median ms/image over 3 alternating rounds
+    (other engineers' jobs ran too, so +-10% noise; channels-last won in every one of 5 runs):
+                               batch 1: NCHW  channels-last    batch 8: NCHW  channels-last
+        1 thread, BN folded            110.4  101.7                     115.4  95.9
+        1 thread, BN kept              118.9   92.9                     114.6  98.9
+        2 threads, BN folded            78.1   64.9                     155.1  51.8  (155: an outlier)
+        2 threads, BN kept              88.9   75.4                      73.0  60.8
+    Folding BN alone is within that noise on CPU (one kernel fewer per layer matters more on GPUs);
+    it changes no output beyond float32 rounding, so it stays on everywhere.
     """
     return not device.startswith("cuda")
 
