@@ -28,8 +28,8 @@ def default_channels_last(device: str) -> bool:
         1 thread, BN kept              118.9   92.9                     114.6  98.9
         2 threads, BN folded            78.1   64.9                     155.1  51.8  (155: an outlier)
         2 threads, BN kept              88.9   75.4                      73.0  60.8
-    Folding BN alone is within that noise on CPU (one kernel fewer per layer matters more on GPUs);
-    it changes no output beyond float32 rounding, so it stays on everywhere.
+    Folding BN alone is within that noise on CPU; it removes one pass over the activations per layer
+    and changes no output beyond float32 rounding, so it stays on everywhere (GPU: see gpu-check).
     """
     return not device.startswith("cuda")
 
