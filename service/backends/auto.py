@@ -51,6 +51,7 @@ PARITY_MAX_BOX_PX = 0.5
 PARITY_MAX_SCORE = 1e-3
 PARITY_SCORE_THR = 0.3
 PARITY_IMAGES = 8
+EXPORT_FAILED = "ONNX export failed"
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,8 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
         for cand in cands:
             verdict = candidate_verdict(cfg, device, cand, entry, checkpoint, threads)
             verdicts.append((cand, verdict))
-            if verdict.passed:
-                break
+            if verdict.passed or verdict.summary.startswith(EXPORT_FAILED):
+                break  # a failed export fails every candidate: do not export again for the next one
     cand, reason = choose(verdicts, skipped)
     if cand is None:
         return _eager(cfg, reason)
@@ -297,7 +298,7 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
         try:
             _export(cfg, checkpoint, onnx_path)
         except Exception as exc:  # noqa: BLE001 - any exporter failure means "serve eager"
-            verdict = Verdict(cand.label, False, f"ONNX export failed: {type(exc).__name__}: {exc}",
+            verdict = Verdict(cand.label, False, f"{EXPORT_FAILED}: {type(exc).__name__}: {exc}",
                               export_s=time.perf_counter() - start)
             write_atomic(path, verdict.to_json())
             return verdict

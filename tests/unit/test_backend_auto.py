@@ -312,3 +312,22 @@ def test_a_session_on_another_provider_than_the_verdict_serves_eager(first_load,
     predictor = load(store, cache, monkeypatch, caplog)
     assert predictor.backend_name == "eager"
     assert "instead of CUDAExecutionProvider" in predictor.backend_reason
+
+
+def test_a_failing_export_is_recorded_and_not_retried(tmp_path, monkeypatch):
+    from service.detectors.checkpoint import Checkpoint
+
+    calls = []
+
+    def broken_export(cfg, checkpoint, onnx_path):
+        calls.append(onnx_path)
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(auto, "_export", broken_export)
+    monkeypatch.setattr(auto, "cache_key", lambda cfg, n: "k" * 64)
+    checkpoint = Checkpoint({}, ("a", "b"))
+    for _ in range(2):
+        choice = auto.resolve_auto(cfg(root=tmp_path), "cpu", checkpoint=checkpoint, root=tmp_path / "cache")
+        assert choice.backend == BackendKind.EAGER
+        assert choice.reason == "auto: eager, because cpu: ONNX export failed: RuntimeError: unsupported operator"
+    assert len(calls) == 1  # the second start read the stored verdict
