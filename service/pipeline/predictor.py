@@ -339,7 +339,7 @@ class Predictor:
 
 def _load_auto(cfg: ModelConfig, device: str, checkpoint, threads: int | None) -> tuple[ModelConfig, str, Backend]:
     """Resolve backend = "auto" (service/backends/auto.py) and load what it chose; eager if that fails."""
-    from ..backends.auto import eager_cfg, resolve_auto
+    from ..backends.auto import AutoChoice, eager_cfg, resolve_auto
     from ..backends.onnxrt import PROVIDER_NAMES
 
     choice = resolve_auto(cfg, device, checkpoint=checkpoint, threads=threads)
@@ -356,7 +356,7 @@ def _load_auto(cfg: ModelConfig, device: str, checkpoint, threads: int | None) -
             backend.close()
             reason = f"auto: eager, because the cached ONNX graph failed to load: {type(exc).__name__}: {exc}"
             log.warning("model %s: %s", cfg.name, reason)
-            choice = choice.__class__(eager_cfg(cfg), reason)
+            choice = AutoChoice(eager_cfg(cfg), reason)
     backend = create_backend(choice.cfg, device, checkpoint=checkpoint)
     backend.load()
     return choice.cfg, choice.reason, backend
