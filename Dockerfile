@@ -53,9 +53,13 @@ LABEL org.opencontainers.image.title="detserve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.detserve.variant="${VARIANT}"
 
+# /var/cache/detserve: backend = "auto" writes its ONNX exports and parity verdicts there, never into
+# the (read-only) model store. Mount a volume or an emptyDir over it to keep exports across restarts.
 RUN groupadd --system --gid 10001 detserve \
  && useradd --system --uid 10001 --gid detserve --home-dir /home/detserve --create-home \
-      --shell /usr/sbin/nologin detserve
+      --shell /usr/sbin/nologin detserve \
+ && mkdir -p /var/cache/detserve \
+ && chown 10001:10001 /var/cache/detserve
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /opt/detserve
@@ -67,7 +71,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=1 \
-    DETSERVE_MODEL_STORE=/opt/detserve/models
+    DETSERVE_MODEL_STORE=/opt/detserve/models \
+    DETSERVE_CACHE_DIR=/var/cache/detserve
 
 USER 10001:10001
 # 8080 inference REST (TorchServe, KServe V2, Label Studio), 8081 management (bound to 127.0.0.1

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: install serve test test-all test-integration bench proto clean
+.PHONY: install serve test test-all test-integration bench gpu-check proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/detserve bench report --out docs/benchmarks.md
+
+# On a GPU machine, in under 8 minutes: gpu tests, TensorRT/CUDA/eager-CUDA parity, a short benchmark; one table.
+gpu-check: $(STAMP)
+	$(BIN)/python -m service.gpucheck
 
 proto: $(STAMP)
 	$(BIN)/python -m service.protocols.grpc.generate

@@ -302,7 +302,10 @@ def check_model(cfg) -> Finding:
         providers = getattr(backend, "providers", None)
         if providers:
             detail += f", running on {providers[0]}"
-        return Finding(OK, cfg.name, f"runs ({detail}, {len(predictor.classes)} classes)")
+        message = f"runs ({detail}, {len(predictor.classes)} classes)"
+        if cfg.backend.value == "auto" and predictor.backend_reason:  # the load above made (or reused) auto's choice: say which and why
+            message += f"; {predictor.backend_reason}"
+        return Finding(OK, cfg.name, message)
     finally:
         predictor.close()
 
@@ -315,6 +318,9 @@ def diagnose(model_store: Path | None = None) -> Report:
             probe(report)
         except Exception as exc:  # a probe must never take the doctor down
             report.add(WARN, probe.__name__, f"probe failed: {type(exc).__name__}: {exc}")
+    from .backends.auto import cache_root
+
+    report.facts["auto cache"] = f"{cache_root()} (backend = \"auto\" exports and parity verdicts; DETSERVE_CACHE_DIR)"
     if model_store is not None:
         check_models(report, model_store)
     return report

@@ -119,6 +119,9 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     """Run until `stop_event` is set (SIGTERM/SIGINT set it), then drain. Returns the exit code."""
     from .protocols.rest.app import build_inference_app, build_management_app, build_metrics_app
 
+    if settings.cache_dir is not None:
+        # Workers resolve backend = "auto" themselves and inherit the environment, not the settings.
+        os.environ["DETSERVE_CACHE_DIR"] = str(settings.cache_dir)
     if engine is None:
         from .engine.engine import Engine
 

@@ -21,6 +21,7 @@ class _Strict(BaseModel):
 
 
 class BackendKind(str, enum.Enum):
+    AUTO = "auto"  # resolved in the worker at load: ONNX Runtime (TensorRT/CUDA/CPU EP) when parity holds, else eager
     EAGER = "eager"
     ONNXRUNTIME = "onnxruntime"
 
@@ -54,7 +55,9 @@ class WorkerConfig(_Strict):
 
 class EagerConfig(_Strict):
     fp16: bool = False  # CUDA only
-    channels_last: bool = False
+    # None: on where it measured faster (CPU; see service/backends/eager.py), off on CUDA until measured there.
+    channels_last: bool | None = None
+    fold_batchnorm: bool = True  # fold each conv's BatchNorm into its weights at load (service/backends/fold.py)
     compile: bool = False  # torch.compile with fixed batch buckets
     cuda_graphs: bool = False
 
@@ -85,7 +88,7 @@ class ModelConfig(_Strict):
     classes: list[str] | None = None  # else from the checkpoint meta, else the 80 COCO names
     classes_file: str | None = None  # one class per line, alternative to `classes`
     input_size: int = Field(640, ge=32, le=4096)
-    backend: BackendKind = BackendKind.EAGER
+    backend: BackendKind = BackendKind.AUTO
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     default_score_thr: float = Field(0.3, ge=0, le=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -246,6 +249,9 @@ class ServerSettings(BaseSettings):
     worker_start_timeout_s: float = Field(120.0, gt=0)
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    # Where backend = "auto" keeps exported graphs and parity verdicts (never the model folder, which
+    # may be read-only). DETSERVE_CACHE_DIR; unset: $XDG_CACHE_HOME/detserve, else ~/.cache/detserve.
+    cache_dir: Path | None = None
 
     auth: AuthSettings = AuthSettings()
     labelstudio: LabelStudioSettings = LabelStudioSettings()

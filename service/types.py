@@ -150,3 +150,4 @@ class ModelInfo:
     queue_depth: int = 0
     default_score_thr: float = 0.3
     max_per_img: int | None = None  # test_cfg.max_per_img: the most detections one image returns
+    backend_reason: str = ""  # why `backend` runs (backend = "auto" explains its choice or its fallback)

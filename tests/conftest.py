@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Tests share 2 cores with each other and with spawned workers: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# backend = "auto" exports each model to ONNX on its first load. One cache for the whole session,
+# set in the environment so spawned servers and workers share it: the bundled models export once
+# per session, and never into the developer's ~/.cache.
+_SESSION_CACHE = None
+if not os.environ.get("DETSERVE_CACHE_DIR"):
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="detserve-test-cache-")
+    os.environ["DETSERVE_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,4 +31,8 @@ def create_backend(cfg: ModelConfig, device: str, **options: Any) -> "Backend":
                 raise ConfigError(f"model {cfg.name!r}: backend 'onnxruntime' is not available: {exc}") from None
             raise
         return OnnxRuntimeBackend(cfg, device, **options)
+    if cfg.backend == BackendKind.AUTO:
+        # Resolving "auto" needs the checkpoint and a cache (service/backends/auto.py): the Predictor does it.
+        raise ConfigError(f"model {cfg.name!r}: backend 'auto' is resolved by Predictor.from_config, "
+                          "not by create_backend; pass a config with backend 'eager' or 'onnxruntime'")
     raise ConfigError(f"model {cfg.name!r}: field 'backend': unknown backend {cfg.backend!r}")

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  unmatched eager detection: {line}")
         status = 0 if report.ok() else 1
 
+    print(auto_summary(cfg, None if args.parity_images <= 0 else status == 0))
+
     model_field = _relative_to(result.path, cfg.root)
     if args.set_default:
         # The ONNX worker never opens the PyTorch checkpoint, so its class names must be in model.toml.
@@ -63,6 +65,19 @@ def run(args: argparse.Namespace) -> int:
             hint += f"and, above [onnxruntime], the checkpoint's class names:\n  classes = {list(result.classes)}\n"
         print(hint + "(or rerun with --set-default)")
     return status
+
+
+def auto_summary(cfg, cpu_parity_passed: bool | None) -> str:
+    """What backend = "auto" picks for this model: from auto's cache when decided, else from this export's parity."""
+    from ..backends.auto import describe_plan
+    from ..pipeline.predictor import resolve_device
+
+    device = resolve_device(cfg.device)
+    plan = describe_plan(cfg, device)
+    if plan.startswith("not decided yet") and not device.startswith("cuda") and cpu_parity_passed is not None:
+        verdict = "onnxruntime cpu (this graph passed parity)" if cpu_parity_passed else "eager (this graph failed parity)"
+        plan = f"{verdict}; its own export and check run on the first load ({plan})"
+    return f'backend = "auto" on {device}: {plan.removeprefix("auto: ")}'
 
 
 def _relative_to(path: Path, root: Path) -> str:

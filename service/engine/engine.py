@@ -195,6 +195,7 @@ class _ModelRuntime:
             queue_depth=self.scheduler.depth,
             default_score_thr=self.cfg.default_score_thr,
             max_per_img=self.cfg.test_cfg.max_per_img,
+            backend_reason=facts.backend_reason if facts else "",
         )
 
 

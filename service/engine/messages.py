@@ -67,6 +67,7 @@ class ModelFacts:
     input_size: int
     device: str
     backend: str
+    backend_reason: str = ""  # why this backend runs, e.g. backend = "auto" falling back to eager
 
 
 @dataclass(frozen=True, slots=True)

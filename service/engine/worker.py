@@ -76,6 +76,7 @@ def describe(predictor) -> ModelFacts:
         input_size=int(predictor.input_size),
         device=str(predictor.device),
         backend=predictor.backend_name,
+        backend_reason=str(getattr(predictor, "backend_reason", "")),
     )
 
 

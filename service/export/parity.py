@@ -150,16 +150,23 @@ def compare_results(reference: Sequence[DetectResult], candidate: Sequence[Detec
 def run_parity(cfg: ModelConfig, onnx_path: Path, *, end2end: bool, images: Sequence[np.ndarray] | None = None,
                score_thr: float = 0.3, threads: int | None = None) -> ParityReport:
     """Eager Predictor vs ONNX Runtime (CPU) Predictor on the same images."""
-    from ..pipeline.predictor import Predictor
-
     images = list(images) if images is not None else shape_images(8)
-    inputs = [RawImage(pixels=img.tobytes(), height=img.shape[0], width=img.shape[1], channel_order="BGR") for img in images]
-    options = [DetectOptions(score_thr=0.0)] * len(inputs)
     eager_cfg = cfg.model_copy(update={"backend": BackendKind.EAGER, "device": "cpu"})
     onnx_cfg = onnx_config(cfg, onnx_path, end2end=end2end, providers=["cpu"])
+    reference, candidate = parity_results(eager_cfg, onnx_cfg, images, device="cpu", threads=threads)
+    return compare_results(reference, candidate, score_thr)
+
+
+def parity_results(reference_cfg: ModelConfig, candidate_cfg: ModelConfig, images: Sequence[np.ndarray], *,
+                   device: str = "cpu", threads: int | None = None) -> tuple[list[DetectResult], list[DetectResult]]:
+    """Every detection (score >= 0) of two Predictors on the same images, loaded one after the other."""
+    from ..pipeline.predictor import Predictor
+
+    inputs = [RawImage(pixels=img.tobytes(), height=img.shape[0], width=img.shape[1], channel_order="BGR") for img in images]
+    options = [DetectOptions(score_thr=0.0)] * len(inputs)
     results = []
-    for c in (eager_cfg, onnx_cfg):
-        predictor = Predictor.from_config(c, device="cpu", threads=threads)
+    for c in (reference_cfg, candidate_cfg):
+        predictor = Predictor.from_config(c, device=device, threads=threads)
         try:
             out = predictor.predict(inputs, options)
         finally:
@@ -168,7 +175,7 @@ def run_parity(cfg: ModelConfig, onnx_path: Path, *, end2end: bool, images: Sequ
         if errors:
             raise RuntimeError(f"{c.backend.value} predictor failed: {errors[0]}")
         results.append(out)
-    return compare_results(results[0], results[1], score_thr)
+    return results[0], results[1]
 
 
 def onnx_config(cfg: ModelConfig, onnx_path: Path, *, end2end: bool, providers: list[str] | None = None) -> ModelConfig:

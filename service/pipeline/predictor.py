@@ -146,6 +146,7 @@ class Predictor:
         self.input_size = cfg.input_size
         self.device = device
         self.backend_name = backend.name if backend is not None else NULL_ARCH
+        self.backend_reason = ""  # why this backend runs (backend = "auto" explains its choice)
         self._backend = backend
         self._class_index = {name: i for i, name in enumerate(classes)}
         # MMDetection parity leaves boxes reaching into the padding; a test_cfg.clip_to_image = false
@@ -172,20 +173,26 @@ class Predictor:
             raise ConfigError(f"model {cfg.name!r}: field 'arch': {exc.args[0]}") from None
         device = resolve_device(device or cfg.device)
         options: dict = {}
-        checkpoint_classes = None
-        if cfg.backend == BackendKind.EAGER:
+        checkpoint = None
+        if cfg.backend in (BackendKind.EAGER, BackendKind.AUTO):
             checkpoint = _read_checkpoint(cfg)
-            checkpoint_classes = checkpoint.classes
-            options["checkpoint"] = checkpoint
-        classes = resolve_classes(cfg, checkpoint_classes)
-        if cfg.backend == BackendKind.EAGER:
-            _check_num_classes(cfg, classes, options["checkpoint"])
-        backend = create_backend(cfg, device, **options)
-        backend.load()
-        return cls(
+        classes = resolve_classes(cfg, checkpoint.classes if checkpoint is not None else None)
+        if checkpoint is not None:
+            _check_num_classes(cfg, classes, checkpoint)
+        reason = f"configured: backend = {cfg.backend.value!r}"
+        if cfg.backend == BackendKind.AUTO:
+            cfg, reason, backend = _load_auto(cfg, device, checkpoint, threads)
+        else:
+            if cfg.backend == BackendKind.EAGER:
+                options["checkpoint"] = checkpoint
+            backend = create_backend(cfg, device, **options)
+            backend.load()
+        predictor = cls(
             cfg, backend=backend, classes=classes, has_masks=spec.has_masks, device=device,
             version=model_version(cfg),
         )
+        predictor.backend_reason = reason
+        return predictor
 
     def close(self) -> None:
         if self._backend is not None:
@@ -344,6 +351,31 @@ class Predictor:
 
     def _empty_result(self) -> DetectResult:
         return DetectResult(detections=[], image_width=0, image_height=0, model_name=self.name, model_version=self.version)
+
+
+def _load_auto(cfg: ModelConfig, device: str, checkpoint, threads: int | None) -> tuple[ModelConfig, str, Backend]:
+    """Resolve backend = "auto" (service/backends/auto.py) and load what it chose; eager if that fails."""
+    from ..backends.auto import AutoChoice, eager_cfg, resolve_auto
+    from ..backends.onnxrt import PROVIDER_NAMES
+
+    choice = resolve_auto(cfg, device, checkpoint=checkpoint, threads=threads)
+    if choice.backend == BackendKind.ONNXRUNTIME:
+        backend = create_backend(choice.cfg, device, threads=threads)
+        try:
+            backend.load()
+            wanted = PROVIDER_NAMES[choice.cfg.onnxruntime.providers[0]]
+            if backend.providers[:1] != [wanted]:
+                # ONNX Runtime fell back to another provider: not what the verdict was about.
+                raise ConfigError(f"ONNX Runtime runs {backend.providers[:1]} instead of {wanted}")
+            return choice.cfg, choice.reason, backend
+        except Exception as exc:  # noqa: BLE001 - the graph passed parity but will not load now: serve eager
+            backend.close()
+            reason = f"auto: eager, because the cached ONNX graph failed to load: {type(exc).__name__}: {exc}"
+            log.warning("model %s: %s", cfg.name, reason)
+            choice = AutoChoice(eager_cfg(cfg), reason)
+    backend = create_backend(choice.cfg, device, checkpoint=checkpoint)
+    backend.load()
+    return choice.cfg, choice.reason, backend
 
 
 def _read_checkpoint(cfg: ModelConfig):

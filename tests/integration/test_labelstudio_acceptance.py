@@ -199,7 +199,7 @@ def model_store(root: Path) -> tuple[Path, bool]:
         save_checkpoint(folder / "weights.pth", build_detector(arch, len(CLASSES)).state_dict(), CLASSES)
         # Untrained scores sit near the 0.01 prior: thresholds low enough that regions exist.
         (folder / "model.toml").write_text(
-            f'arch = "{arch}"\nweights = "weights.pth"\nclasses = {json.dumps(list(CLASSES))}\ninput_size = 320\n'
+            f'backend = "eager"\narch = "{arch}"\nweights = "weights.pth"\nclasses = {json.dumps(list(CLASSES))}\ninput_size = 320\n'
             "device = \"cpu\"\ndefault_score_thr = 0.0\n[test_cfg]\nscore_thr = 0.0\nmax_per_img = 5\n"
         )
     return store, False

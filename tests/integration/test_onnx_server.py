@@ -34,7 +34,7 @@ def eager_model(folder: Path) -> None:
     calibrate_random_head(model, 320)
     folder.mkdir(parents=True)
     save_checkpoint(folder / "weights.pth", model.state_dict(), CLASSES)
-    (folder / "model.toml").write_text('arch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 320\ndevice = "cpu"\n'
+    (folder / "model.toml").write_text('backend = "eager"\narch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 320\ndevice = "cpu"\n'
                                        "default_score_thr = 0.3\n[workers]\ncount = 1\nthreads = 1\n")
 
 

@@ -236,7 +236,7 @@ def write_random_tiny_model(store: Path, name: str) -> None:
     torch.manual_seed(0)
     save_checkpoint(folder / "weights.pth", build_detector("rtmdet-tiny", len(CLASSES)).state_dict(), list(CLASSES))
     (folder / "model.toml").write_text(
-        'arch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 320\nmax_image_pixels = 20000000\n'
+        'backend = "eager"\narch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 320\nmax_image_pixels = 20000000\n'
         "[workers]\ncount = 1\n[batch]\nmax_batch_size = 4\n")
 
 

@@ -281,3 +281,14 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
     grafana = compose()["services"]["grafana"]
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+
+
+def test_auto_backend_cache_is_writable_while_models_stay_read_only():
+    final = stages()["final"]
+    env = " ".join(args for keyword, args in final if keyword == "ENV")
+    assert "DETSERVE_CACHE_DIR=/var/cache/detserve" in env
+    runs = " ".join(args for keyword, args in final if keyword == "RUN")
+    assert "chown 10001:10001 /var/cache/detserve" in runs  # the non-root user owns the cache, not the models
+    svc = compose()["services"]["detserve"]
+    assert "detserve-cache:/var/cache/detserve" in svc["volumes"]
+    assert "detserve-cache" in compose()["volumes"]

@@ -297,3 +297,15 @@ def test_adapter_rules_query_metrics_detserve_exports():
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
         for name in re.findall(r"detserve_[a-z_]+", rule["metricsQuery"]):
             assert name in known, name
+
+
+@needs_kubectl
+def test_auto_backend_cache_is_an_emptydir_at_detserve_cache_dir():
+    docs = render("overlays/cpu")
+    c = container(docs)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["cache"]["mountPath"] == env["DETSERVE_CACHE_DIR"] and not mounts["cache"].get("readOnly")
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "cache")

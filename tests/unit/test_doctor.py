@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from service.cli import main
@@ -68,3 +70,16 @@ def test_kernel_image_rules():
     assert not kernel_image_available(6, 1, arch)  # Pascal: "no kernel image is available"
     assert not kernel_image_available(12, 0, arch)
     assert kernel_image_available(12, 0, arch + ["compute_90"])  # PTX JIT
+
+
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "rtmdet"
+
+
+@pytest.mark.skipif(not (BUNDLED / "weights.pth").is_file(), reason="models/rtmdet not shipped")
+def test_doctor_says_what_backend_auto_chose_and_why(tmp_path, capsys):
+    (tmp_path / "rtmdet").symlink_to(BUNDLED)  # backend left to its default, "auto"
+    assert main(["doctor", "--model-store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "  auto cache " in out
+    line = next(line for line in out.splitlines() if "] rtmdet:" in line)
+    assert "backend auto" in line and "auto: onnxruntime cpu (PASS: " in line, line

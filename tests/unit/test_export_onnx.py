@@ -35,7 +35,8 @@ def make_model(root: Path, arch: str, input_size: int = 320, seed: int = 0) -> P
         if cfg.arch == arch and cfg.weights and cfg.path(cfg.weights).is_file() and is_trained(cfg.path(cfg.weights)):
             folder = root / bundled.name
             shutil.copytree(bundled, folder, ignore=shutil.ignore_patterns("*.onnx", "trt_cache"))
-            (folder / "model.toml").write_text((folder / "model.toml").read_text().replace('device = "cuda"', 'device = "cpu"'))
+            text = (folder / "model.toml").read_text().replace('device = "cuda"', 'device = "cpu"')
+            (folder / "model.toml").write_text('backend = "eager"\n' + text)  # the reference side of parity
             return folder
     torch.manual_seed(seed)
     model = build_detector(arch, len(CLASSES))
@@ -44,7 +45,7 @@ def make_model(root: Path, arch: str, input_size: int = 320, seed: int = 0) -> P
     folder.mkdir(parents=True)
     save_checkpoint(folder / "weights.pth", model.state_dict(), CLASSES)
     (folder / "model.toml").write_text(
-        f'arch = "{arch}"\nweights = "weights.pth"\ninput_size = {input_size}\ndevice = "cpu"\n'
+        f'backend = "eager"\narch = "{arch}"\nweights = "weights.pth"\ninput_size = {input_size}\ndevice = "cpu"\n'
     )
     return folder
 
@@ -104,6 +105,9 @@ def test_export_command_writes_next_to_config_and_sets_default(tiny, tmp_path, c
     assert code == 0, out
     assert (folder / "model.onnx").is_file()
     assert "opset 17" in out and "parity vs eager" in out and "PASS" in out
+    auto_line = next(line for line in out.splitlines() if line.startswith('backend = "auto" on cpu: '))
+    # this graph's parity, or auto's own cached verdict when an earlier load already decided
+    assert "onnxruntime cpu (this graph passed parity)" in auto_line or "on cpu: onnxruntime cpu (PASS" in auto_line
     cfg = load_model_config(folder)
     assert cfg.backend.value == "onnxruntime" and cfg.onnxruntime.model == "model.onnx"
     assert not cfg.onnxruntime.end2end

@@ -25,7 +25,7 @@ def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     save_checkpoint(folder / "weights.pth", build_detector("rtmdet-ins-tiny", 2).state_dict(), ["a", "b"])
-    (folder / "model.toml").write_text('arch = "rtmdet-ins-tiny"\nweights = "weights.pth"\ninput_size = 64\n')
+    (folder / "model.toml").write_text('backend = "eager"\narch = "rtmdet-ins-tiny"\nweights = "weights.pth"\ninput_size = 64\n')
     return folder
 
 

@@ -34,7 +34,7 @@ def write_model(folder, arch: str, *, classes=CLASSES, toml_extra: str = "", see
             value.mul_(30)  # spread the scores, which default init keeps near 0.5
     save_checkpoint(folder / "weights.pth", state_dict, classes, {"arch": arch})
     (folder / "model.toml").write_text(
-        f'arch = "{arch}"\nweights = "weights.pth"\ninput_size = 128\ndevice = "cpu"\n'
+        f'backend = "eager"\narch = "{arch}"\nweights = "weights.pth"\ninput_size = 128\ndevice = "cpu"\n'
         f"default_score_thr = 0.0\n{toml_extra}\n"
     )
     return folder

@@ -35,7 +35,7 @@ def store(tmp_path_factory) -> Path:
         if key.startswith("bbox_head.rtm_reg.") and key.endswith(".bias"):
             value.fill_(1.5)  # positive distances: boxes with area
     save_checkpoint(folder / "weights.pth", state_dict, CLASSES)
-    (folder / "model.toml").write_text('arch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 128\n'
+    (folder / "model.toml").write_text('backend = "eager"\narch = "rtmdet-tiny"\nweights = "weights.pth"\ninput_size = 128\n'
                                        'default_score_thr = 0.0\ndevice = "cpu"\n')
     return store
 

@@ -51,6 +51,7 @@ def describe(info: ModelInfo) -> dict:
         "ready": info.ready,
         "arch": info.arch,
         "backend": info.backend,
+        "backendReason": info.backend_reason,
         "inputSize": info.input_size,
         "hasMasks": info.has_masks,
         "defaultScoreThr": info.default_score_thr,
