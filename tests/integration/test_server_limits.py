@@ -195,3 +195,31 @@ def test_a_connection_that_sends_nothing_is_closed_quietly(server):
     started = time.monotonic()
     assert _read_all(idle, 5) == b""  # closed, with no unsolicited answer
     assert 0.9 < time.monotonic() - started < 4
+
+
+def test_large_uploads_arrive_intact_whole_or_chunked(tmp_path):
+    """Bodies are gathered before the app is woken (limits.BODY_BUFFER_BYTES); below, at and far above
+    that size, plain and chunked, the worker must see exactly the bytes that were sent."""
+    import hashlib
+    import os
+
+    import httpx
+
+    from service.protocols.rest.limits import BODY_BUFFER_BYTES
+
+    store = tmp_path / "store"
+    write_model(store, "m", workers=1)
+    proc = ServeProcess(store, tmp_path, config="max_request_size = 8388608\n")
+    proc.wait_ready()
+    try:
+        for size in (100_000, BODY_BUFFER_BYTES, BODY_BUFFER_BYTES + 1, 5 * BODY_BUFFER_BYTES + 12345):
+            body = b"DIGEST" + os.urandom(size)
+            for chunked in (False, True):
+                content = (body[i:i + 70_000] for i in range(0, len(body), 70_000)) if chunked else body
+                r = httpx.post(f"{proc.url}/v2/models/m/infer", content=content, timeout=60,
+                               headers={"Inference-Header-Content-Length": "0",
+                                        "Content-Type": "application/octet-stream"})
+                assert r.status_code == 200, r.text
+                assert r.json()["model_version"] == hashlib.sha256(body).hexdigest(), (size, chunked)
+    finally:
+        proc.stop()

@@ -32,6 +32,10 @@ from .app import CUT_KEY
 log = logging.getLogger("detserve.rest")
 
 SWEEP_TICK_S = 0.5
+# Body bytes gathered before the app is woken. uvicorn wakes it per TCP read and pauses reading past
+# 64 KiB, so a 265 KB upload took ~5 trips through the event loop and the middleware stack, each with a
+# copy of the chunk; gathered, it takes one (measured with wrk and the null model: see bench/analysis.md).
+BODY_BUFFER_BYTES = 1 << 20
 
 _IDLE, _HEADERS, _BODY, _REFUSED = 0, 1, 2, 3
 
@@ -82,6 +86,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refused  # uvicorn reports it as a parser error, whose 400 send_400_response skips
         self.phase, self.phase_seen_at = _BODY, None
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        if not isinstance(cycle.body, bytearray):  # receive() resets it to b"": += on bytes is quadratic
+            cycle.body = bytearray(cycle.body)
+        cycle.body += body
+        if len(cycle.body) > BODY_BUFFER_BYTES:
+            self.flow.pause_reading()
+            cycle.message_event.set()
+        # else: on_message_complete wakes the app with the whole body
 
     def on_message_complete(self) -> None:
         self.phase, self.header_bytes = _IDLE, 0
