@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import re
 
 import numpy as np
@@ -74,11 +73,8 @@ def provider_problem(provider: str, device: str) -> str | None:
 
 
 def default_threads(cfg: ModelConfig) -> int:
-    """intra-op threads per worker: the configured budget, else cores shared among this model's workers."""
-    if cfg.workers.threads > 0:
-        return cfg.workers.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(torch.get_num_threads(), cores // max(1, cfg.workers.count)))
+    """Intra-op threads when the caller names none: the same rule as the engine's workers."""
+    return cfg.workers.threads_per_worker()
 
 
 class OnnxRuntimeBackend:

@@ -47,10 +47,8 @@ class PoolEvents(Protocol):
 
 
 def threads_per_worker(cfg: ModelConfig, count: int) -> int:
-    """`workers.threads`, else the cores split between workers after one is left to the front
-    process (HTTP parsing, JSON): oversubscribed OpenMP pools were measured 20x slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cfg.workers.threads or max(1, (cores - 1) // max(1, count))
+    """The intra-op threads each of `count` workers gets (the rule and its measurement: WorkerConfig)."""
+    return cfg.workers.threads_per_worker(count)
 
 
 def device_for_slot(cfg: ModelConfig, slot: int) -> str:

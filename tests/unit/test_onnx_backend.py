@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -167,3 +168,20 @@ def test_throughput_eager_vs_onnxruntime(tmp_path):
     for backend in ("eager", "onnxruntime"):
         assert measure_backend_throughput(cfg, backend, batch_size=2, seconds=0.2, warmup=1) > 0
     assert not (tmp_path / "model.onnx").exists()  # the model folder is left alone
+
+
+@pytest.mark.parametrize("cores, workers, configured, expected", [
+    (2, 1, 0, 1), (4, 1, 0, 3), (8, 2, 0, 3), (2, 2, 0, 1), (1, 1, 0, 1), (16, 3, 0, 5), (2, 1, 2, 2),
+])
+def test_one_thread_rule_for_the_engine_and_a_backend_built_alone(monkeypatch, cores, workers, configured, expected):
+    """cores - 1 (one for the front process) split between workers, unless workers.threads is set."""
+    from service.backends.onnxrt import default_threads
+    from service.engine.pool import threads_per_worker
+    from service.settings import WorkerConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    workers_cfg = WorkerConfig(count=workers, threads=configured)
+    cfg = SimpleNamespace(workers=workers_cfg)
+    assert workers_cfg.threads_per_worker() == expected
+    assert threads_per_worker(cfg, workers) == expected
+    assert default_threads(cfg) == expected
