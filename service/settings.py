@@ -226,7 +226,7 @@ class LabelStudioSettings(_Strict):
 
 
 class ServerLimits(_Strict):
-    """Per-connection bounds of the HTTP listeners (docs/security-server.md says what each defends)."""
+    """Per-connection bounds of the HTTP listeners (the security section of docs/deploy.md says what each defends)."""
 
     max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # request line + all headers
     max_headers: int = Field(100, ge=8, le=10_000)
