@@ -53,16 +53,16 @@ class WorkerConfig(_Strict):
     threads: int = Field(0, ge=0)  # torch/ORT intra-op threads per worker; 0: see threads_per_worker
 
     def threads_per_worker(self, count: int | None = None) -> int:
-        """`threads`, else the cores this process may use, less one for the front process, split
-        between `count` workers (default: `self.count`).
+        """`threads`, else the cores this process may use split between `count` workers (default:
+        `self.count`). No core is held back for the front process: it needs a fraction of one.
 
-        Measured, not assumed (bundled rtmdet at 320, backend auto = ONNX Runtime, 2 cores, nothing
-        pinned, wrk with the bench corpus; `make bench` section "Thread placement" repeats it):
-            1 worker x 1 thread     c16 13.1 / 10.1 img/s   c1 p50 81.9 / 99.0 ms   <- default
-            1 worker x 2 threads    c16 11.1 /  5.6 img/s   c1 p50 90.8 / 108.8 ms
-            2 workers x 1 thread    c16  8.3 /  5.7 img/s   c1 p50 111.2 / 127.9 ms
-        (two alternating rounds). A second intra-op thread has no core of its own: the front process
-        and the clients' traffic need one, and a parallel loop waits for its slowest thread.
+        Measured, not assumed (`make bench`, section "Thread placement", 2026-12-01, bundled rtmdet at
+        320, backend auto = ONNX Runtime, 2 cores, nothing pinned, wrk with the bench corpus):
+            1 worker x 1 thread     c16 14.1 img/s   c1 p50 78.2 ms   (the old rule, cores - 1)
+            1 worker x 2 threads    c16 21.4 img/s   c1 p50 61.3 ms   <- this rule
+            2 workers x 1 thread    c16 23.3 img/s   c1 p50 81.9 ms
+        Two workers win 9% at c16 and lose 34% at c1, and double the memory; one worker with every
+        core is the default, `workers.count` the knob for throughput-only deployments.
         """
         if self.threads:
             return self.threads
@@ -70,7 +70,7 @@ class WorkerConfig(_Strict):
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = self.count if count is None else count
-        return max(1, (cores - 1) // max(1, workers))
+        return max(1, cores // max(1, workers))
 
 
 class EagerConfig(_Strict):

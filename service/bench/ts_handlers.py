@@ -5,9 +5,12 @@ identical to detserve's worker; what differs is what TorchServe prescribes aroun
 
 - `MMDetStyleHandler`: MMDetection's tools/deployment/mmdet_handler.py shape: cv2 decode in
   preprocess, then one forward per image (mmdet 3.x `inference_detector` loops over the list),
-  JSON with the hard-coded 0.5 score threshold.
+  JSON with the hard-coded 0.5 score threshold. The network runs as MMDetection runs it: BatchNorm
+  kept as its own layers and NCHW tensors; folding BatchNorm and channels-last are detserve's eager
+  optimisations (service/backends/fold.py, eager.py), which mmdet's handler does not have.
 - `BatchedHandler`: the best case TorchServe allows: one batched forward for the whole batch
-  TorchServe hands over (registered with batch_size 8).
+  TorchServe hands over (registered with batch_size 8), with detserve's optimised eager network
+  (BatchNorm folded, channels-last): what a TorchServe user gets who does everything detserve does.
 - `NoopHandler`: answers `[]` per request without touching the body: TorchServe's own overhead.
 
 Each .mar carries `bench_config.json`: {"model_dir": <detserve model folder>, "threads": N}.
@@ -37,6 +40,7 @@ class NoopHandler(BaseHandler):
 
 
 class MMDetStyleHandler(BaseHandler):
+    optimised_network = False  # the network as mmdet runs it
     def initialize(self, context):
         import torch
 
@@ -47,7 +51,8 @@ class MMDetStyleHandler(BaseHandler):
         threads = int(config.get("threads") or 0)
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = load_model_config(config["model_dir"])
+        overrides = {} if self.optimised_network else {"eager": {"fold_batchnorm": False, "channels_last": False}}
+        self.cfg = load_model_config(config["model_dir"], **overrides)
         self.backend = EagerBackend(self.cfg, "cpu")
         self.backend.load()
         self.classes = list(self.cfg.classes or [])
@@ -101,5 +106,6 @@ class MMDetStyleHandler(BaseHandler):
 
 
 class BatchedHandler(MMDetStyleHandler):
+    optimised_network = True
     def inference(self, data, *args, **kwargs):
         return self._forward(data)

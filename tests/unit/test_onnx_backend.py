@@ -171,10 +171,10 @@ def test_throughput_eager_vs_onnxruntime(tmp_path):
 
 
 @pytest.mark.parametrize("cores, workers, configured, expected", [
-    (2, 1, 0, 1), (4, 1, 0, 3), (8, 2, 0, 3), (2, 2, 0, 1), (1, 1, 0, 1), (16, 3, 0, 5), (2, 1, 2, 2),
+    (2, 1, 0, 2), (4, 1, 0, 4), (8, 2, 0, 4), (2, 2, 0, 1), (1, 1, 0, 1), (16, 3, 0, 5), (2, 1, 1, 1), (3, 4, 0, 1),
 ])
 def test_one_thread_rule_for_the_engine_and_a_backend_built_alone(monkeypatch, cores, workers, configured, expected):
-    """cores - 1 (one for the front process) split between workers, unless workers.threads is set."""
+    """The cores split between workers (at least one each), unless workers.threads is set."""
     from service.backends.onnxrt import default_threads
     from service.engine.pool import threads_per_worker
     from service.settings import WorkerConfig
