@@ -129,10 +129,12 @@ def _which(name: str) -> bool:
 
 def busy_processes() -> list[str]:
     """Other CPU-heavy work running now (training, test suites): noted in the report."""
-    out = _run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"])
+    out = _run(["ps", "-eo", "pid,stat,pcpu,args", "--sort=-pcpu"])
     busy = []
     for line in out.splitlines()[1:]:
-        pid, pcpu, args = (line.split(None, 2) + ["", ""])[:3]
+        pid, stat, pcpu, args = (line.split(None, 3) + ["", "", ""])[:4]
+        if stat.startswith("T"):
+            continue  # stopped (SIGSTOP): ps's pcpu is a lifetime average, the process takes no CPU now
         try:
             if int(pid) != os.getpid() and float(pcpu) >= 20 and "service.commands.bench" not in args \
                     and "detserve bench" not in args and not args.startswith("ps "):
