@@ -162,7 +162,7 @@ class BlobEngine:
     def model_ready(self, model):
         return self.model_info(model).ready
 
-    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None):
+    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None, priority=None):
         import asyncio
 
         self.model_info(model)
