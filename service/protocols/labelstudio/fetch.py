@@ -250,7 +250,7 @@ class ImageFetcher:
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return await self._get(self._ls_url(f"/tasks/{task_id}/presign/?fileuri={fileuri}"), held, auth=True)
 
-    async def _auth_header(self) -> dict[str, str]:
+    async def auth_header(self) -> dict[str, str]:
         key = self.config.api_key
         if not key:
             return {}
@@ -270,11 +270,11 @@ class ImageFetcher:
             raise ImageFetchError(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
 
     async def _get_within_deadline(self, url: str, held: Reservation, *, auth: bool) -> bytes:
-        headers = await self._auth_header() if auth else {}
+        headers = await self.auth_header() if auth else {}
         status, body = await self._follow(url, headers, held)
         if status == 401 and auth and self.config.api_key and is_jwt(self.config.api_key):
             self.tokens.forget(self.config.url, self.config.api_key)  # expired early: exchange once more
-            status, body = await self._follow(url, await self._auth_header(), held)
+            status, body = await self._follow(url, await self.auth_header(), held)
         if status in (401, 403):
             hint = " (set LABEL_STUDIO_API_KEY" + ("; it was refused)" if headers else ")")
             raise ImageFetchError(f"GET {_redact(url)} answered {status}{hint if auth else ''}")
