@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ...engine.api import EngineAPI
 from ...errors import (
     DeadlineExceeded,
@@ -36,6 +39,7 @@ from ...errors import (
     JobNotFound,
     ModelNotReady,
     Overloaded,
+    PayloadTooLarge,
     UpstreamRefused,
     UpstreamUnavailable,
     WorkerDied,
@@ -76,6 +80,40 @@ def default_store_path(settings: ServerSettings) -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg) if xdg else Path.home() / ".cache") / "detserve"
     return Path(root).expanduser() / "labelstudio-jobs.sqlite3"
+
+
+class JobRequestBody(BaseModel):
+    """POST /labelstudio/{model}/jobs. `task_ids`, `view` and `filters` pick the tasks (at most one
+    of them; none: every task of the project); `force` re-predicts tasks that already hold a
+    prediction of this model_version (replacing it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    project: int = Field(..., gt=0, le=2**31 - 1)
+    task_ids: list[int] | None = Field(None, min_length=1)
+    view: int | None = Field(None, gt=0, le=2**31 - 1)
+    filters: dict | None = None  # a Data Manager filter: {"conjunction": "and", "items": [...]}
+    force: bool = False
+
+
+def parse_job_request(body: dict, cfg: LabelStudioJobSettings, origin: str = "api") -> JobSpec:
+    """A client's job request, checked against the bounds of `cfg`; InvalidRequest / PayloadTooLarge."""
+    try:
+        parsed = JobRequestBody.model_validate(body)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise InvalidRequest(f"invalid job: {details}") from None
+    if sum(x is not None for x in (parsed.task_ids, parsed.view, parsed.filters)) > 1:
+        raise InvalidRequest("give at most one of 'task_ids', 'view' and 'filters'")
+    if parsed.task_ids is not None:
+        if len(parsed.task_ids) > cfg.max_task_ids:
+            raise PayloadTooLarge(f"{len(parsed.task_ids)} task ids, over labelstudio.jobs.max_task_ids ({cfg.max_task_ids})")
+        if not all(0 < t < 2**63 for t in parsed.task_ids):
+            raise InvalidRequest("task ids must be positive integers")
+    if parsed.filters is not None and len(orjson.dumps(parsed.filters)) > cfg.max_filter_bytes:
+        raise PayloadTooLarge(f"'filters' is over labelstudio.jobs.max_filter_bytes ({cfg.max_filter_bytes} bytes)")
+    return JobSpec(project=parsed.project, task_ids=tuple(sorted(set(parsed.task_ids))) if parsed.task_ids else None,
+                   view=parsed.view, filters=parsed.filters, force=parsed.force, origin=origin)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,13 +26,12 @@ import asyncio
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...engine.dataplane import dataplane_for
 from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge, Unauthenticated, http_status
 from ...types import Protocol as Door
 from ..labelstudio.backend import LabelStudioBackend, basic_auth_credentials
-from ..labelstudio.jobs import JobRunner, default_store_path
+from ..labelstudio.jobs import JobRunner, default_store_path, parse_job_request
 from ..labelstudio.jobstore import JobSpec, JobStore
 
 log = logging.getLogger("detserve.labelstudio")
@@ -183,38 +182,8 @@ JOB_ID = Path(..., pattern=r"^[0-9a-f]{16}$", description="a job id as POST .../
 MAX_JOBS_LISTED = 100
 
 
-class JobRequestBody(BaseModel):
-    """POST /labelstudio/{model}/jobs. `task_ids`, `view` and `filters` pick the tasks (at most one
-    of them; none: every task of the project); `force` re-predicts tasks that already hold a
-    prediction of this model_version (replacing it)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    project: int = Field(..., gt=0, le=2**31 - 1)
-    task_ids: list[int] | None = Field(None, min_length=1)
-    view: int | None = Field(None, gt=0, le=2**31 - 1)
-    filters: dict | None = None  # a Data Manager filter: {"conjunction": "and", "items": [...]}
-    force: bool = False
-
-
 def _job_spec(body: dict, request: Request) -> JobSpec:
-    cfg = request.app.state.settings.labelstudio.jobs
-    try:
-        parsed = JobRequestBody.model_validate(body)
-    except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-        raise InvalidRequest(f"invalid job: {details}") from None
-    if sum(x is not None for x in (parsed.task_ids, parsed.view, parsed.filters)) > 1:
-        raise InvalidRequest("give at most one of 'task_ids', 'view' and 'filters'")
-    if parsed.task_ids is not None:
-        if len(parsed.task_ids) > cfg.max_task_ids:
-            raise PayloadTooLarge(f"{len(parsed.task_ids)} task ids, over labelstudio.jobs.max_task_ids ({cfg.max_task_ids})")
-        if not all(0 < t < 2**63 for t in parsed.task_ids):
-            raise InvalidRequest("task ids must be positive integers")
-    if parsed.filters is not None and len(orjson.dumps(parsed.filters)) > cfg.max_filter_bytes:
-        raise PayloadTooLarge(f"'filters' is over labelstudio.jobs.max_filter_bytes ({cfg.max_filter_bytes} bytes)")
-    return JobSpec(project=parsed.project, task_ids=tuple(sorted(set(parsed.task_ids))) if parsed.task_ids else None,
-                   view=parsed.view, filters=parsed.filters, force=parsed.force)
+    return parse_job_request(body, request.app.state.settings.labelstudio.jobs)
 
 
 async def _jobs(request: Request) -> JobRunner:
@@ -229,9 +198,12 @@ async def _jobs(request: Request) -> JobRunner:
     return runner
 
 
-async def start_jobs(app) -> JobRunner:
-    """Open the job store and resume its unfinished jobs; the server calls this once the engine is up."""
+async def start_jobs(app, *, only_if_stored: bool = False) -> JobRunner | None:
+    """Open the job store and resume its unfinished jobs; the server calls this once the engine is up,
+    with `only_if_stored` (no store file yet: nothing to resume, and none is made until a job is)."""
     settings = app.state.settings
+    if only_if_stored and not default_store_path(settings).exists():
+        return None
     if getattr(app.state, "labelstudio_backend", None) is None:
         app.state.labelstudio_backend = LabelStudioBackend(settings.labelstudio)
     store = JobStore(default_store_path(settings))
