@@ -291,6 +291,7 @@ class FakeLabelStudio:
         self.down = False
         self.down_requests = 0
         self.lose_answers_after: int | None = None
+        self.image_503s: dict[str, int] = {}  # file name -> how many more GETs of it answer 503
         self.requests: list[tuple[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -334,7 +335,12 @@ class FakeLabelStudio:
         if path.startswith("/data/upload/"):
             if headers.get("Authorization") != f"Token {self.token}":
                 return 401, {"detail": "no token"}
-            data = self.images.get(path.rsplit("/", 1)[-1])
+            name = path.rsplit("/", 1)[-1]
+            with self._lock:
+                if self.image_503s.get(name, 0) > 0:
+                    self.image_503s[name] -= 1
+                    return 503, {"detail": "storage busy"}
+            data = self.images.get(name)
             return (200, data) if data is not None else (404, {"detail": "no such file"})
         if headers.get("Authorization") != f"Token {self.token}":
             return 401, {"detail": "Authentication credentials were not provided."}

@@ -155,6 +155,15 @@ def test_unusable_tasks_fail_alone_with_their_reason(tmp_path):
         assert not ls.predictions_of(9) and not ls.predictions_of(10) and not ls.predictions_of(11)
 
 
+def test_an_image_host_hiccup_is_retried_and_a_dead_one_fails_its_task(tmp_path):
+    with fake_label_studio(project(4)) as ls:
+        ls.image_503s = {"2.png": 1, "3.png": 99}
+        view = run_job(settings_for(ls, tmp_path), JobSpec(project=1))
+        assert (view.state, view.done, view.failed) == ("done", 3, 1)
+        assert view.failures == [{"task": 3, "reason": f"GET {ls.url}/data/upload/1/3.png answered 503 (3 tries)"}]
+        assert len(ls.predictions_of(2, VERSION)) == 1
+
+
 def test_label_studio_down_pauses_with_doubling_backoff_then_finishes(tmp_path):
     waits: list[float] = []
     with fake_label_studio(project(5)) as ls:

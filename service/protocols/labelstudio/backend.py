@@ -23,7 +23,7 @@ from ...types import DetectOptions, DetectResult, EncodedImage, ModelInfo, Prior
 from ...types import Protocol as Door
 from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, parse_label_config
 from .fetch import FetchConfig, ImageFetcher, TokenCache
-from .outbound import ByteBudget, pinned_client
+from .outbound import ByteBudget, FetchUnavailable, pinned_client
 from .results import task_prediction
 
 log = logging.getLogger("detserve.labelstudio")
@@ -263,11 +263,13 @@ class LabelStudioBackend:
 
 
 class TaskFailed(Exception):
-    """One task cannot be predicted (no image, image unusable); `reason` says why."""
+    """One task cannot be predicted (no image, image unusable); `reason` says why. `transient`:
+    its image host timed out or was down, so the same task may work on a later try."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, transient: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient
 
 
 class PredictRun:
@@ -361,6 +363,6 @@ class PredictRun:
         except (InvalidRequest, PayloadTooLarge) as exc:  # this task's image is unusable; the rest go on
             self.failed += 1
             if self.strict:
-                raise TaskFailed(exc.message) from None
+                raise TaskFailed(exc.message, transient=isinstance(exc, FetchUnavailable)) from None
             log.warning("label studio task %s: no prediction: %s", str(task_id)[:40], exc.message)
             return None

@@ -27,6 +27,7 @@ from .outbound import (
     AddressPolicy,
     ByteBudget,
     FetchRefused,
+    FetchUnavailable,
     ImageFetchError,
     Reservation,
     open_hop,
@@ -34,7 +35,7 @@ from .outbound import (
     reservation,
 )
 
-__all__ = ["FetchConfig", "FetchRefused", "ImageFetchError", "ImageFetcher", "TokenCache", "is_jwt"]
+__all__ = ["FetchConfig", "FetchRefused", "FetchUnavailable", "ImageFetchError", "ImageFetcher", "TokenCache", "is_jwt"]
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -267,7 +268,7 @@ class ImageFetcher:
             async with asyncio.timeout(self.config.timeout_s):
                 return await self._get_within_deadline(url, held, auth=auth)
         except TimeoutError:
-            raise ImageFetchError(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+            raise FetchUnavailable(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
 
     async def _get_within_deadline(self, url: str, held: Reservation, *, auth: bool) -> bytes:
         headers = await self.auth_header() if auth else {}
@@ -278,6 +279,8 @@ class ImageFetcher:
         if status in (401, 403):
             hint = " (set LABEL_STUDIO_API_KEY" + ("; it was refused)" if headers else ")")
             raise ImageFetchError(f"GET {_redact(url)} answered {status}{hint if auth else ''}")
+        if status in (429, 502, 503, 504):
+            raise FetchUnavailable(f"GET {_redact(url)} answered {status}")
         if status != 200:
             raise ImageFetchError(f"GET {_redact(url)} answered {status}")
         if not body:
@@ -292,7 +295,9 @@ class ImageFetcher:
             try:
                 resp = await open_hop(self.client, self.policy, "GET", url, headers=headers)
             except httpx.TimeoutException:
-                raise ImageFetchError(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+                raise FetchUnavailable(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+            except httpx.TransportError as exc:  # refused, reset: the host may be back later
+                raise FetchUnavailable(f"GET {_redact(url)} failed: {type(exc).__name__}: {exc}") from None
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as exc:
                 raise ImageFetchError(f"GET {_redact(url)} failed: {type(exc).__name__}: {exc}") from None
             try:

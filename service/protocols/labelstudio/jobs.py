@@ -59,6 +59,7 @@ log = logging.getLogger("detserve.labelstudio.jobs")
 TRANSIENT = (UpstreamUnavailable, Overloaded, DeadlineExceeded, ModelNotReady, WorkerDied)
 MAX_FAILURES_SHOWN = 50
 MAX_PENDING_JOBS = 64  # unfinished jobs at once, all models: POST answers 429 beyond
+FETCH_TRIES = 3  # a task whose image host keeps timing out fails after this many tries
 _RATE_WINDOW = 64  # chunks the rate is measured over
 
 T = TypeVar("T")
@@ -170,6 +171,7 @@ class _JobContext:
         self.api = api
         self.predictor = predictor
         self.info = info
+        self.fetch_tries: dict[int, int] = {}  # task id -> transient fetch failures in this run
 
 
 class JobRunner:
@@ -437,7 +439,13 @@ class JobRunner:
         transient: BaseException | None = None
         outcomes, writes = [], []
         for (task, replaced), outcome in zip(todo, predicted):
-            if isinstance(outcome, TaskFailed):
+            if isinstance(outcome, TaskFailed) and outcome.transient:
+                tries = ctx.fetch_tries[task["id"]] = ctx.fetch_tries.get(task["id"], 0) + 1
+                if tries < FETCH_TRIES:
+                    transient = transient or UpstreamUnavailable(outcome.reason)
+                else:
+                    outcomes.append((task["id"], TaskState.FAILED, f"{outcome.reason} ({tries} tries)", None))
+            elif isinstance(outcome, TaskFailed):
                 outcomes.append((task["id"], TaskState.FAILED, outcome.reason, None))
             elif isinstance(outcome, TRANSIENT):
                 transient = transient or outcome
