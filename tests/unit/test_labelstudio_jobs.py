@@ -326,3 +326,30 @@ def test_tasks_created_webhook_queues_a_job_only_for_opted_in_projects(tmp_path)
             assert (other.status_code, other.json()) == (200, {"status": "Unknown event"})
             bad = client.post("/labelstudio/blobs/webhook", json={**event, "tasks": [{"id": "x"}]})
             assert bad.status_code == 400
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_annotate_command_runs_the_job_in_process_and_prints_a_summary(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fakes import write_model
+
+    from service.cli import main
+
+    write_model(tmp_path / "store", "nullnet")
+    config = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="label" toName="image"><Label value="a"/><Label value="b"/></RectangleLabels></View>"""
+    with fake_label_studio(project(12)) as ls:
+        ls.label_config = config
+        monkeypatch.setenv("DETSERVE_LABELSTUDIO__JOBS__STORE_PATH", str(tmp_path / "jobs.sqlite3"))
+        argv = ["annotate", "--label-studio", ls.url, "--api-key", TOKEN, "--project", "1", "--model", "nullnet",
+                "--model-store", str(tmp_path / "store")]
+        assert main(argv) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert (summary["state"], summary["done"], summary["failed"]) == ("done", 12, 0)
+        version = summary["model_version"]
+        assert all(len(ls.predictions_of(t, version)) == 1 for t in ls.tasks)
+        assert main(argv + ["--quiet"]) == 0  # a second run skips everything
+        assert json.loads(capsys.readouterr().out)["skipped"] == 12
