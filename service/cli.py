@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "predict", "models", "demo", "eval", "export", "doctor", "bench")
+COMMANDS = ("serve", "predict", "annotate", "models", "demo", "eval", "export", "doctor", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,6 +84,22 @@ class WorkerDied(DetserveError):
     code = "worker_died"
 
 
+class JobNotFound(DetserveError):
+    code = "job_not_found"
+
+
+class UpstreamUnavailable(DetserveError):
+    """A service detserve calls (Label Studio) is down, overloaded or timing out: worth retrying."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamRefused(DetserveError):
+    """A service detserve calls refused the request (4xx): retrying the same call will not help."""
+
+    code = "upstream_refused"
+
+
 class ConfigError(DetserveError):
     code = "config_error"
 
@@ -107,6 +123,9 @@ ERROR_TABLE: dict[type[DetserveError], tuple[int, str]] = {
     RequestTimeout: (408, "DEADLINE_EXCEEDED"),
     ModelNotReady: (503, "UNAVAILABLE"),
     WorkerDied: (503, "UNAVAILABLE"),
+    JobNotFound: (404, "NOT_FOUND"),
+    UpstreamUnavailable: (502, "UNAVAILABLE"),
+    UpstreamRefused: (502, "FAILED_PRECONDITION"),
     ConfigError: (400, "INVALID_ARGUMENT"),
     InternalError: (500, "INTERNAL"),
 }

@@ -106,6 +106,15 @@ def _log_bindings(listeners: list[_Listener], settings: ServerSettings) -> None:
                     "reach it can load, unload and scale models", mgmt.host, mgmt.port)
 
 
+def _label_studio_jobs():
+    """The Label Studio routes module (start_jobs / stop_jobs), or None when it cannot be imported."""
+    try:
+        from .protocols.rest import labelstudio
+    except ImportError:
+        return None
+    return labelstudio
+
+
 def _grpc_module():
     try:
         return importlib.import_module("service.protocols.grpc.server")
@@ -170,6 +179,12 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
             await engine.stop(0)
         return 1
     dataplane.starting = False
+    ls_jobs = _label_studio_jobs()
+    if ls_jobs is not None:
+        try:
+            await ls_jobs.start_jobs(inference_app, only_if_stored=True)  # resumes jobs a previous run left unfinished
+        except Exception as exc:  # an unusable job store must not keep the server down
+            log.error("label studio jobs not started: %s", getattr(exc, "message", None) or repr(exc))
     # Everything built at start-up (apps, routes, pydantic models, protobuf classes) lives for the whole
     # process: moved out of the collector's view, a full collection no longer walks it while requests wait.
     gc.collect()
@@ -198,6 +213,8 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     sweeper.cancel()
     if grpc_server is not None:
         await grpc_server.stop(settings.drain_timeout_s)
+    if ls_jobs is not None:
+        await ls_jobs.stop_jobs(inference_app)  # before the engine: jobs stop where they are and resume next start
     await engine.stop(settings.drain_timeout_s)
     stopper.cancel()
     log.info("stopped")

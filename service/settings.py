@@ -170,6 +170,26 @@ class AuthSettings(_Strict):
     protect_metrics: bool = False
 
 
+class LabelStudioJobSettings(_Strict):
+    """Background pre-annotation jobs (`/labelstudio/{model}/jobs`, docs/labelstudio.md#jobs)."""
+
+    # SQLite file holding jobs and per-task progress; unset: <cache dir>/labelstudio-jobs.sqlite3.
+    # Never inside the model store, which may be read-only.
+    store_path: Path | None = None
+    page_size: int = Field(100, ge=1, le=1000)  # tasks read from Label Studio per request
+    max_in_flight: int = Field(16, ge=1, le=1024)  # images of one job queued or running in the engine
+    max_ls_requests: int = Field(4, ge=1, le=64)  # concurrent API calls to Label Studio, all jobs together
+    max_running_jobs: int = Field(2, ge=1, le=32)  # more wait in state "queued"
+    max_task_ids: int = Field(100_000, ge=1, le=10_000_000)  # tasks one job may cover
+    max_filter_bytes: int = Field(16 * 1024, ge=64, le=1024 * 1024)  # a Data Manager filter, as JSON
+    max_jobs_kept: int = Field(1000, ge=1)  # finished jobs beyond this are forgotten, oldest first
+    retry_initial_s: float = Field(1.0, gt=0)  # Label Studio down or engine full: first wait
+    retry_max_s: float = Field(60.0, gt=0)  # ... doubling up to this
+    give_up_after_s: float = Field(3600.0, gt=0)  # Label Studio unreachable this long: the job fails
+    # Projects whose TASKS_CREATED webhook queues a job for the new tasks (pre-annotate on import).
+    on_import_projects: list[int] = Field(default_factory=list)
+
+
 class LabelStudioSettings(_Strict):
     """The Label Studio ML backend (`/labelstudio/{model}`). Security notes: docs/deploy.md#security."""
 
@@ -197,6 +217,7 @@ class LabelStudioSettings(_Strict):
     max_tasks: int = Field(10_000, ge=1)  # tasks in one /predict call
     max_projects: int = Field(256, ge=1)  # /setup configs remembered (least recently used dropped)
     max_label_config_bytes: int = Field(512 * 1024, ge=64)
+    jobs: LabelStudioJobSettings = LabelStudioJobSettings()
 
     @field_validator("fetch_allow")
     @classmethod

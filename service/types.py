@@ -21,6 +21,14 @@ class Protocol(str, enum.Enum):
     CLI = "cli"
 
 
+class Priority(enum.IntEnum):
+    """Scheduling priority of an engine request: lower goes first. Background jobs use LOW so that
+    requests from the inference doors never wait behind them."""
+
+    NORMAL = 0
+    LOW = 1
+
+
 class RenderFormat(str, enum.Enum):
     JPEG = "jpeg"
     PNG = "png"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ class BlobEngine:
         self.in_flight = 0
         self.max_in_flight = 0
         self.calls = 0
+        self.priorities = []
 
     def live(self):
         return True
@@ -162,11 +164,12 @@ class BlobEngine:
     def model_ready(self, model):
         return self.model_info(model).ready
 
-    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None):
+    async def detect(self, model, images, options, *, protocol=None, request_id=None, timeout_s=None, priority=None):
         import asyncio
 
         self.model_info(model)
         self.calls += 1
+        self.priorities.append(priority)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -261,6 +264,168 @@ def recording_server(routes: dict[str, tuple[int, bytes, str]] | None = None):
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class FakeLabelStudio:
+    """A small Label Studio on 127.0.0.1 with the API a pre-annotation job uses (1.23.2 shapes):
+    GET /api/projects/{id}, GET /api/tasks (Data Manager paging, `query` selectedItems, `include`),
+    GET/POST /api/predictions, DELETE /api/predictions/{id}, GET /data/upload/{file}.
+
+    `down` answers 503 to everything; `down_requests` answers 503 to the next N requests;
+    `lose_answers_after` = N: after N predictions, each POST still stores its prediction but answers 503
+    (the answer lost on the way, or detserve killed before it recorded it).
+    Needs `Authorization: Token <token>`. Counts requests and the most in flight at once."""
+
+    def __init__(self, token: str = "ls-token", label_config: str = "", predictions_as_ids: bool = False):
+        import threading
+
+        self.token = token
+        self.label_config = label_config
+        self.predictions_as_ids = predictions_as_ids
+        self.tasks: dict[int, dict] = {}
+        self.predictions: dict[int, dict] = {}
+        self.images: dict[str, bytes] = {}
+        self.down = False
+        self.down_requests = 0
+        self.lose_answers_after: int | None = None
+        self.image_503s: dict[str, int] = {}  # file name -> how many more GETs of it answer 503
+        self.requests: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.url = ""
+
+    def add_task(self, task_id: int, image: bytes | None, *, data: dict | None = None) -> None:
+        name = f"{task_id}.png"
+        if image is not None:
+            self.images[name] = image
+        self.tasks[task_id] = {"id": task_id, "data": data if data is not None else {"image": f"/data/upload/1/{name}"},
+                               "project": 1}
+
+    def add_prediction(self, task_id: int, model_version: str, result: list | None = None) -> int:
+        pid = next(self._ids)
+        self.predictions[pid] = {"id": pid, "task": task_id, "model_version": model_version, "result": result or [],
+                                 "score": 0.0}
+        return pid
+
+    def predictions_of(self, task_id: int, model_version: str | None = None) -> list[dict]:
+        return [p for p in self.predictions.values()
+                if p["task"] == task_id and (model_version is None or p["model_version"] == model_version)]
+
+    def _task_json(self, task: dict, include: str | None) -> dict:
+        if include == "id":
+            return {"id": task["id"]}
+        preds = self.predictions_of(task["id"])
+        return {**task, "predictions": [p["id"] for p in preds] if self.predictions_as_ids else preds}
+
+    def handle(self, method: str, path: str, query: dict, body: bytes, headers: dict) -> tuple[int, object]:
+        import json as _json
+
+        with self._lock:
+            self.requests.append((method, path))
+            if self.down:
+                return 503, {"detail": "down"}
+            if self.down_requests > 0:
+                self.down_requests -= 1
+                return 503, {"detail": "down"}
+        if path.startswith("/data/upload/"):
+            if headers.get("Authorization") != f"Token {self.token}":
+                return 401, {"detail": "no token"}
+            name = path.rsplit("/", 1)[-1]
+            with self._lock:
+                if self.image_503s.get(name, 0) > 0:
+                    self.image_503s[name] -= 1
+                    return 503, {"detail": "storage busy"}
+            data = self.images.get(name)
+            return (200, data) if data is not None else (404, {"detail": "no such file"})
+        if headers.get("Authorization") != f"Token {self.token}":
+            return 401, {"detail": "Authentication credentials were not provided."}
+        if method == "GET" and path.startswith("/api/projects/"):
+            return 200, {"id": int(path.rstrip("/").rsplit("/", 1)[-1]), "label_config": self.label_config}
+        if method == "GET" and path in ("/api/tasks", "/api/tasks/"):
+            page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
+            ids = sorted(self.tasks)
+            spec = _json.loads(query["query"]) if "query" in query else {}
+            selected = spec.get("selectedItems", {"all": True})
+            if not selected.get("all", True):
+                ids = [i for i in ids if i in set(selected.get("included", []))]
+            chunk = ids[(page - 1) * size: page * size]
+            if page > 1 and not chunk:
+                return 404, {"detail": "Invalid page."}
+            with self._lock:
+                tasks = [self._task_json(self.tasks[i], query.get("include")) for i in chunk]
+            return 200, {"tasks": tasks, "total": len(ids), "total_annotations": 0, "total_predictions": 0}
+        if method == "GET" and path in ("/api/predictions", "/api/predictions/"):
+            return 200, self.predictions_of(int(query["task"]))
+        if method == "POST" and path in ("/api/predictions", "/api/predictions/"):
+            payload = _json.loads(body)
+            with self._lock:
+                if payload.get("task") not in self.tasks:
+                    return 400, {"task": ["Invalid pk"]}
+                pid = next(self._ids)
+                self.predictions[pid] = {"id": pid, **payload}
+                if self.lose_answers_after is not None:
+                    if self.lose_answers_after <= 0:
+                        return 503, {"detail": "gateway timeout"}
+                    self.lose_answers_after -= 1
+            return 201, self.predictions[pid]
+        if method == "DELETE" and path.startswith("/api/predictions/"):
+            with self._lock:
+                gone = self.predictions.pop(int(path.rstrip("/").rsplit("/", 1)[-1]), None)
+            return (204, None) if gone else (404, {"detail": "Not found."})
+        return 404, {"detail": "Not found."}
+
+
+@contextlib.contextmanager
+def fake_label_studio(ls: FakeLabelStudio):
+    """Serve `ls` on 127.0.0.1 (threaded) and set `ls.url` for the duration."""
+    import json as _json
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            parts = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(parts.query))
+            with ls._lock:
+                ls.in_flight += 1
+                ls.max_in_flight = max(ls.max_in_flight, ls.in_flight)
+            try:
+                status, payload = ls.handle(self.command, parts.path, query, body, dict(self.headers.items()))
+            finally:
+                with ls._lock:
+                    ls.in_flight -= 1
+            raw = payload if isinstance(payload, bytes) else b"" if payload is None else _json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "image/png" if isinstance(payload, bytes) else "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+    class Server(ThreadingHTTPServer):
+        # A job opens ~20 connections at once; the default backlog of 5 drops SYNs, and the
+        # kernel's retransmits then look like a Label Studio that takes seconds to answer.
+        request_queue_size = 256
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ls.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield ls
     finally:
         server.shutdown()
         server.server_close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..types import DetectOptions, DetectResult, ImageInput, ModelInfo
+from ..types import DetectOptions, DetectResult, ImageInput, ModelInfo, Priority
 from ..types import Protocol as Door
 
 
@@ -22,9 +22,10 @@ class EngineAPI(Protocol):
         protocol: Door = Door.REST,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> list[DetectResult]:
         """One result per image, in order. Each image is its own scheduler item, so a multi-image
-        call batches with other traffic. Raises a DetserveError subclass (the first failing
+        call batches with other traffic; LOW priority items only fill what NORMAL ones leave. Raises a DetserveError subclass (the first failing
         image's error) on failure; never returns a partial list."""
         ...
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from .. import errors
 from ..observability import metrics
 from ..settings import BatchConfig, ModelConfig, ServerSettings, discover_models, load_model_config
-from ..types import BatchSettings, DetectOptions, DetectResult, ImageInput, ModelInfo
+from ..types import BatchSettings, DetectOptions, DetectResult, ImageInput, ModelInfo, Priority
 from ..types import Protocol as Door
 from .messages import BatchRequest, BatchResult, WorkItem
 from .pool import InlinePool, ProcessPool
@@ -260,7 +260,7 @@ class Engine:
     # -- inference ------------------------------------------------------------------------
     async def detect(self, model: str, images: Sequence[ImageInput], options: DetectOptions = DetectOptions(), *,
                      protocol: Door = Door.REST, request_id: str | None = None,
-                     timeout_s: float | None = None) -> list[DetectResult]:
+                     timeout_s: float | None = None, priority: Priority = Priority.NORMAL) -> list[DetectResult]:
         if self._stopping:
             raise errors.ModelNotReady("the server is shutting down")
         runtime = self._runtime(model)
@@ -284,7 +284,7 @@ class Engine:
         for image in images:
             item_id = next(self._item_ids)
             work = _Work(WorkItem(item_id, image, options), loop.create_future())
-            items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, work))
+            items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, work, priority=priority))
         try:
             runtime.scheduler.add_all(items)
         except errors.Overloaded:

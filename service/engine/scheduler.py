@@ -11,6 +11,10 @@ Policy (Triton's dynamic batcher, not TorchServe's fixed wait):
   the oldest item has waited the delay; no item waits longer than the delay for company.
 - A full queue refuses at `add` (Overloaded, with a Retry-After estimate), never later.
 - Items past their deadline are handed back by `expire` and are never in a batch.
+- Two priorities: NORMAL (requests from the inference doors) and LOW (background jobs such as
+  Label Studio pre-annotation). A batch takes every NORMAL item it can before any LOW one, so a
+  job fills idle capacity and never makes an interactive request wait behind it. LOW items share
+  the queue's size cap; the job bounds how many it keeps queued.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import errors
+from ..types import Priority
 from ..types import Protocol as Door
 
 
@@ -43,6 +48,7 @@ class QueueItem:
     deadline: float  # clock seconds; past it the item is answered 504 and never run
     payload: Any = None
     attempts: int = 0  # dispatches so far; a worker crash requeues once
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +96,20 @@ class _ServiceTime:
 class Scheduler:
     settings: BatchPolicy
     clock: Callable[[], float]
-    _queue: deque[QueueItem] = field(default_factory=deque)
+    _queue: deque[QueueItem] = field(default_factory=deque)  # NORMAL items, FIFO
+    _low: deque[QueueItem] = field(default_factory=deque)  # LOW items, FIFO
     _service: _ServiceTime = field(default_factory=_ServiceTime)
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._low)
+
+    @property
+    def low_depth(self) -> int:
+        return len(self._low)
+
+    def _lane(self, priority: Priority) -> deque[QueueItem]:
+        return self._low if priority is Priority.LOW else self._queue
 
     def retry_after_s(self) -> float:
         """Roughly how long until a full queue has room: the queue in batches times the batch time."""
@@ -112,43 +126,50 @@ class Scheduler:
                 f"queue full ({self.depth}/{self.settings.max_queue_size} waiting); retry later",
                 retry_after_s=self.retry_after_s(),
             )
-        self._queue.extend(items)
+        for item in items:
+            self._lane(item.priority).append(item)
 
     def requeue(self, items: Iterable[QueueItem]) -> None:
         """Put items back at the head (a worker died under them); bypasses the size cap because
         they were admitted already."""
-        self._queue.extendleft(reversed(list(items)))
+        for item in reversed(list(items)):
+            self._lane(item.priority).appendleft(item)
 
     def take_all(self) -> list[QueueItem]:
         """Empty the queue (unload / shutdown past its drain timeout)."""
-        items = list(self._queue)
+        items = [*self._queue, *self._low]
         self._queue.clear()
+        self._low.clear()
         return items
 
     def expire(self, now: float | None = None) -> list[QueueItem]:
         """Remove and return the items whose deadline has passed; the caller answers them 504."""
         now = self.clock() if now is None else now
-        if not any(item.deadline <= now for item in self._queue):
-            return []
-        expired = [item for item in self._queue if item.deadline <= now]
-        self._queue = deque(item for item in self._queue if item.deadline > now)
+        expired: list[QueueItem] = []
+        for lane in (self._queue, self._low):
+            if any(item.deadline <= now for item in lane):
+                expired.extend(item for item in lane if item.deadline <= now)
+                kept = [item for item in lane if item.deadline > now]
+                lane.clear()
+                lane.extend(kept)
         return expired
 
     def next_batch(self, now: float | None, idle_workers: Sequence[WorkerLoad]) -> Dispatch | None:
         """A batch for the least-loaded idle worker, or None when nothing should go out yet."""
         now = self.clock() if now is None else now
-        if not self._queue or not idle_workers:
+        if not self.depth or not idle_workers:
             return None
         size = self.settings.max_batch_size
-        if len(self._queue) < size and now < self._hold_until():
+        if self.depth < size and now < self._hold_until():
             return None
         items: list[QueueItem] = []
-        expired: list[QueueItem] = []
-        while self._queue and len(items) < size:
-            item = self._queue.popleft()
-            (expired if item.deadline <= now else items).append(item)
-        # Expired items found mid-queue go back in front so that `expire` hands them out.
-        self._queue.extendleft(reversed(expired))
+        for lane in (self._queue, self._low):  # NORMAL first; LOW only fills what is left
+            expired: list[QueueItem] = []
+            while lane and len(items) < size:
+                item = lane.popleft()
+                (expired if item.deadline <= now else items).append(item)
+            # Expired items found mid-queue go back in front so that `expire` hands them out.
+            lane.extendleft(reversed(expired))
         if not items:
             return None
         worker = min(idle_workers, key=lambda w: (w.in_flight, w.last_dispatch_at, w.worker_id))
@@ -164,10 +185,10 @@ class Scheduler:
         A hold that has already ended is left out: then only an idle worker changes the answer.
         """
         now = self.clock() if now is None else now
-        if not self._queue:
+        if not self.depth:
             return None
-        wake = min(item.deadline for item in self._queue)
-        if self.settings.max_batch_delay_ms > 0 and len(self._queue) < self.settings.max_batch_size:
+        wake = min(item.deadline for lane in (self._queue, self._low) for item in lane)
+        if self.settings.max_batch_delay_ms > 0 and self.depth < self.settings.max_batch_size:
             hold = self._hold_until()
             if hold > now:
                 wake = min(wake, hold)
@@ -175,4 +196,5 @@ class Scheduler:
 
     def _hold_until(self) -> float:
         """When the oldest queued item stops waiting for company."""
-        return self._queue[0].enqueued_at + self.settings.max_batch_delay_ms / 1000.0
+        oldest = min(lane[0].enqueued_at for lane in (self._queue, self._low) if lane)
+        return oldest + self.settings.max_batch_delay_ms / 1000.0

@@ -43,6 +43,13 @@ WORKER_RESTARTS = Counter("detserve_worker_restarts", "Workers restarted after a
 REJECTED = Counter("detserve_rejected", "Requests refused before running, by reason.", ["model", "reason"], registry=REGISTRY)
 GPU_MEMORY_ALLOCATED = Gauge("detserve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per worker device.", ["model", "device"], registry=REGISTRY)
 GPU_MEMORY_RESERVED = Gauge("detserve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per worker device.", ["model", "device"], registry=REGISTRY)
+# Label Studio pre-annotation jobs. Labels are model names (loaded models only), job origins and
+# fixed state names: never job ids, which grow without bound.
+LS_JOBS_STARTED = Counter("detserve_labelstudio_jobs_started", "Pre-annotation jobs created, by origin (api, on_import, cli).", ["model", "origin"], registry=REGISTRY)
+LS_JOBS_FINISHED = Counter("detserve_labelstudio_jobs_finished", "Pre-annotation jobs ended, by final state (done, failed, cancelled).", ["model", "state"], registry=REGISTRY)
+LS_JOB_TASKS = Counter("detserve_labelstudio_job_tasks", "Tasks finished by pre-annotation jobs, by outcome (done, skipped, failed).", ["model", "outcome"], registry=REGISTRY)
+LS_JOBS_ACTIVE = Gauge("detserve_labelstudio_jobs_active", "Pre-annotation jobs queued, listing, running or paused.", ["model"], registry=REGISTRY)
+LS_JOB_PROGRESS = Gauge("detserve_labelstudio_job_progress_ratio", "Finished share (0-1) of the tasks of the model's unfinished jobs; 1 when none.", ["model"], registry=REGISTRY)
 OOM_SPLITS = Counter("detserve_oom_batch_splits", "Batches split in half after a CUDA out-of-memory error.", ["model"], registry=REGISTRY)
 
 

@@ -8,7 +8,7 @@ import pytest
 from fakes import FakeClock
 from service import errors
 from service.engine.scheduler import QueueItem, Scheduler, WorkerLoad
-from service.types import BatchSettings, Protocol
+from service.types import BatchSettings, Priority, Protocol
 
 IDLE = [WorkerLoad(worker_id=0)]
 
@@ -194,3 +194,53 @@ def test_retry_after_grows_with_observed_batch_time():
     with pytest.raises(errors.Overloaded) as err:
         s.add_all([item(clock, 50), item(clock, 51)])
     assert err.value.retry_after_s >= 10
+
+
+def low(clock: FakeClock, n: int, *, timeout_s: float = 30.0) -> QueueItem:
+    return dataclasses.replace(item(clock, n, timeout_s=timeout_s), priority=Priority.LOW)
+
+
+def test_normal_items_go_before_low_ones_queued_earlier():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4)
+    for n in range(6):
+        s.add(low(clock, 100 + n))  # a background job has filled the queue
+    clock.advance(0.5)
+    s.add(item(clock, 1))
+    s.add(item(clock, 2))
+    assert s.depth == 8 and s.low_depth == 6
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 2, 100, 101]  # interactive first, job fills the rest
+    s.add(item(clock, 3))
+    assert ids(s.next_batch(clock(), IDLE)) == [3, 102, 103, 104]
+    assert ids(s.next_batch(clock(), IDLE)) == [105]
+    assert s.next_batch(clock(), IDLE) is None
+
+
+def test_low_items_share_the_size_cap_and_expire_like_others():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=2, max_queue_size=3)
+    s.add(low(clock, 100, timeout_s=1.0))
+    s.add(low(clock, 101))
+    s.add(item(clock, 1))
+    with pytest.raises(errors.Overloaded):
+        s.add(item(clock, 2))
+    assert s.wake_at(clock()) == pytest.approx(clock() + 1.0)  # a LOW deadline wakes the dispatcher too
+    clock.advance(1.0)
+    assert [i.item_id for i in s.expire(clock())] == [100]
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 101]
+
+
+def test_low_items_count_for_the_batch_delay_and_requeue_to_their_own_lane():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4, max_batch_delay_ms=50)
+    s.add(low(clock, 100))
+    clock.advance(0.030)
+    s.add(item(clock, 1))
+    assert s.next_batch(clock(), IDLE) is None
+    assert s.wake_at(clock()) == pytest.approx(clock() + 0.020)  # held from the oldest item, a LOW one
+    clock.advance(0.020)
+    dispatch = s.next_batch(clock(), IDLE)
+    assert ids(dispatch) == [1, 100]
+    s.requeue(dispatch.batch.items)  # the worker died under them
+    assert s.low_depth == 1
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 100]

@@ -19,11 +19,11 @@ from pathlib import Path
 from ...engine.api import EngineAPI
 from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge
 from ...settings import LabelStudioSettings, ServerSettings
-from ...types import DetectOptions, DetectResult, EncodedImage, ModelInfo
+from ...types import DetectOptions, DetectResult, EncodedImage, ModelInfo, Priority
 from ...types import Protocol as Door
 from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, parse_label_config
 from .fetch import FetchConfig, ImageFetcher, TokenCache
-from .outbound import ByteBudget, pinned_client
+from .outbound import ByteBudget, FetchUnavailable, pinned_client
 from .results import task_prediction
 
 log = logging.getLogger("detserve.labelstudio")
@@ -165,7 +165,7 @@ class LabelStudioBackend:
         hostname = _optional_str(body, "hostname", MAX_SETUP_FIELD_CHARS)
         access_token = _optional_str(body, "access_token", MAX_SETUP_FIELD_CHARS)
         if schema:
-            self._bind(info, schema)  # a config the model cannot fill fails the connection, with the reason
+            self.bind(info, schema)  # a config the model cannot fill fails the connection, with the reason
         if project is not None:
             self._projects.put(project, ProjectSetup(label_config=schema, hostname=hostname, access_token=access_token))
         return {"model_version": info.version}
@@ -190,13 +190,13 @@ class LabelStudioBackend:
         label_config = self._label_config(body, "label_config") or (setup.label_config if setup else None)
         if not label_config:
             raise ConfigInvalid("/predict needs 'label_config' (or an earlier /setup for this project)")
-        controls = self._bind(info, label_config)
+        controls = self.bind(info, label_config)
         config = fetch_config(settings, setup)
         request_id = uuid.uuid4().hex[:12]
         async with pinned_client(verify=config.verify_ssl, timeout_s=config.timeout_s) as client:
             call_bytes = ByteBudget(self.settings.max_call_bytes)
             fetcher = ImageFetcher(config, client, self.tokens, budgets=(call_bytes, self.image_bytes))
-            run = _PredictRun(engine, info, controls, fetcher, request_id, self.settings.max_concurrent_fetches)
+            run = PredictRun(engine, info, controls, fetcher, request_id, self.settings.max_concurrent_fetches)
             predictions = await run.all(tasks)
         log.info(
             "label studio predict %s: model %s, %d tasks, %d without an image, %.2f s, peak %d image bytes held",
@@ -252,7 +252,7 @@ class LabelStudioBackend:
             self._parsed.put(key, controls)
         return controls
 
-    def _bind(self, info: ModelInfo, label_config: str) -> list[BoundControl]:
+    def bind(self, info: ModelInfo, label_config: str) -> list[BoundControl]:
         return bind_controls(
             self._parse(label_config),
             model=info.name,
@@ -262,13 +262,28 @@ class LabelStudioBackend:
         )
 
 
-class _PredictRun:
+class TaskFailed(Exception):
+    """One task cannot be predicted (no image, image unusable); `reason` says why. `transient`:
+    its image host timed out or was down, so the same task may work on a later try."""
+
+    def __init__(self, reason: str, *, transient: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+class PredictRun:
     """One /predict call: tasks' images fetched and detected concurrently, so the engine's scheduler
     sees many at once and batches them. A fixed set of runners walks the task list, so a call of
-    10,000 tasks holds a bounded number of coroutines, connections and images."""
+    10,000 tasks holds a bounded number of coroutines, connections and images.
+
+    Background jobs use the same conversion through `one()` with `strict=True` (an unusable image
+    raises TaskFailed instead of giving an empty prediction), LOW priority, a per-image deadline
+    and their own bound on images in the engine."""
 
     def __init__(self, engine: EngineAPI, info: ModelInfo, controls: list[BoundControl], fetcher: ImageFetcher,
-                 request_id: str, max_concurrent_fetches: int):
+                 request_id: str, max_concurrent_fetches: int, *, max_in_flight: int | None = None,
+                 priority: Priority = Priority.NORMAL, image_timeout_s: float | None = None, strict: bool = False):
         self.engine = engine
         self.info = info
         self.controls = controls
@@ -278,8 +293,14 @@ class _PredictRun:
         # No class filter here: the regions stay exactly what /predictions returns for the image.
         self.options = DetectOptions(score_thr=min(c.score_threshold for c in controls))
         self.deadline = time.monotonic() + max(PREDICT_DEADLINE_S, info.batch.request_timeout_ms / 1000)
+        # Only background work names a priority: engines that predate priorities still serve /predict.
+        self._priority = {"priority": priority} if priority is not Priority.NORMAL else {}
+        self.image_timeout_s = image_timeout_s
+        self.strict = strict
         self.fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         detect_slots = max(1, info.batch.max_queue_size // 2)  # room for other traffic
+        if max_in_flight is not None:
+            detect_slots = max(1, min(detect_slots, max_in_flight))
         self.detect_slots = asyncio.Semaphore(detect_slots)
         self.runners = detect_slots + max_concurrent_fetches  # enough to keep both kinds of slot busy
         self.by_image: dict[str, list[BoundControl]] = {}
@@ -335,10 +356,13 @@ class _PredictRun:
                         self.options,
                         protocol=Door.LABELSTUDIO,
                         request_id=f"{self.request_id}-{str(task_id)[:40]}",
-                        timeout_s=max(1.0, self.deadline - time.monotonic()),
+                        timeout_s=self.image_timeout_s or max(1.0, self.deadline - time.monotonic()),
+                        **self._priority,
                     )
             return results[0]
         except (InvalidRequest, PayloadTooLarge) as exc:  # this task's image is unusable; the rest go on
             self.failed += 1
+            if self.strict:
+                raise TaskFailed(exc.message, transient=isinstance(exc, FetchUnavailable)) from None
             log.warning("label studio task %s: no prediction: %s", str(task_id)[:40], exc.message)
             return None

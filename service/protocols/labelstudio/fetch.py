@@ -27,6 +27,7 @@ from .outbound import (
     AddressPolicy,
     ByteBudget,
     FetchRefused,
+    FetchUnavailable,
     ImageFetchError,
     Reservation,
     open_hop,
@@ -34,7 +35,7 @@ from .outbound import (
     reservation,
 )
 
-__all__ = ["FetchConfig", "FetchRefused", "ImageFetchError", "ImageFetcher", "TokenCache", "is_jwt"]
+__all__ = ["FetchConfig", "FetchRefused", "FetchUnavailable", "ImageFetchError", "ImageFetcher", "TokenCache", "is_jwt"]
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -250,7 +251,7 @@ class ImageFetcher:
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
         return await self._get(self._ls_url(f"/tasks/{task_id}/presign/?fileuri={fileuri}"), held, auth=True)
 
-    async def _auth_header(self) -> dict[str, str]:
+    async def auth_header(self) -> dict[str, str]:
         key = self.config.api_key
         if not key:
             return {}
@@ -267,17 +268,19 @@ class ImageFetcher:
             async with asyncio.timeout(self.config.timeout_s):
                 return await self._get_within_deadline(url, held, auth=auth)
         except TimeoutError:
-            raise ImageFetchError(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+            raise FetchUnavailable(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
 
     async def _get_within_deadline(self, url: str, held: Reservation, *, auth: bool) -> bytes:
-        headers = await self._auth_header() if auth else {}
+        headers = await self.auth_header() if auth else {}
         status, body = await self._follow(url, headers, held)
         if status == 401 and auth and self.config.api_key and is_jwt(self.config.api_key):
             self.tokens.forget(self.config.url, self.config.api_key)  # expired early: exchange once more
-            status, body = await self._follow(url, await self._auth_header(), held)
+            status, body = await self._follow(url, await self.auth_header(), held)
         if status in (401, 403):
             hint = " (set LABEL_STUDIO_API_KEY" + ("; it was refused)" if headers else ")")
             raise ImageFetchError(f"GET {_redact(url)} answered {status}{hint if auth else ''}")
+        if status in (429, 502, 503, 504):
+            raise FetchUnavailable(f"GET {_redact(url)} answered {status}")
         if status != 200:
             raise ImageFetchError(f"GET {_redact(url)} answered {status}")
         if not body:
@@ -292,7 +295,9 @@ class ImageFetcher:
             try:
                 resp = await open_hop(self.client, self.policy, "GET", url, headers=headers)
             except httpx.TimeoutException:
-                raise ImageFetchError(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+                raise FetchUnavailable(f"GET {_redact(url)} timed out after {self.config.timeout_s} s") from None
+            except httpx.TransportError as exc:  # refused, reset: the host may be back later
+                raise FetchUnavailable(f"GET {_redact(url)} failed: {type(exc).__name__}: {exc}") from None
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as exc:
                 raise ImageFetchError(f"GET {_redact(url)} failed: {type(exc).__name__}: {exc}") from None
             try:

@@ -33,6 +33,13 @@ class FetchRefused(ImageFetchError):
     code = "image_fetch_refused"
 
 
+class FetchUnavailable(ImageFetchError):
+    """The image host timed out, could not be reached or answered 5xx/429: the same fetch may work
+    later. /predict treats it like any fetch error; background jobs retry the task."""
+
+    code = "image_fetch_unavailable"
+
+
 def non_public(ip: IPAddress) -> str | None:
     """Why `ip` is not a public unicast address, or None when it is."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

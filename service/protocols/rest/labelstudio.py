@@ -4,6 +4,10 @@ Label Studio calls /health, /setup, /predict, /webhook and /versions under that 
 follow Label Studio 1.23.2 and the 2.x label-studio-ml library. The work is done by
 `service.protocols.labelstudio.backend.LabelStudioBackend`.
 
+Background pre-annotation jobs live under the same prefix (`/jobs`, same auth) and are run by
+`service.protocols.labelstudio.jobs.JobRunner`; a TASKS_CREATED webhook queues one for projects
+listed in labelstudio.jobs.on_import_projects.
+
 Auth: Label Studio speaks only HTTP Basic to ML backends, so these routes are exempt from the
 server's bearer check and ask for Basic auth instead. When bearer tokens are on and Basic auth is
 not configured, they ask for a bearer token like every other route (which Label Studio cannot
@@ -17,14 +21,18 @@ import hmac
 import logging
 import time
 
+import asyncio
+
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
 
 from ...engine.dataplane import dataplane_for
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, Unauthenticated, http_status
+from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge, Unauthenticated, http_status
 from ...types import Protocol as Door
 from ..labelstudio.backend import LabelStudioBackend, basic_auth_credentials
+from ..labelstudio.jobs import JobRunner, default_store_path, parse_job_request
+from ..labelstudio.jobstore import JobSpec, JobStore
 
 log = logging.getLogger("detserve.labelstudio")
 
@@ -137,9 +145,107 @@ def _engine(request: Request):
 
 @router.post("/webhook")
 async def webhook(model: str, request: Request) -> JSONResponse:
-    _engine(request).model_info(model)  # 404 for an unknown model
-    status, body = LabelStudioBackend.webhook(await _json_body(request))
-    return JSONResponse(body, status_code=status)
+    engine = _engine(request)
+    engine.model_info(model)  # 404 for an unknown model
+    body = await _json_body(request)
+    if body.get("action") == "TASKS_CREATED":
+        queued = await _on_import(request, engine, model, body)
+        if queued is not None:
+            return JSONResponse({"status": "ok", "job": queued}, status_code=201)
+    status, answer = LabelStudioBackend.webhook(body)
+    return JSONResponse(answer, status_code=status)
+
+
+async def _on_import(request: Request, engine, model: str, body: dict) -> str | None:
+    """A job for the tasks just imported, when their project opted in; None otherwise."""
+    cfg = request.app.state.settings.labelstudio.jobs
+    project = body.get("project")
+    project_id = project.get("id") if isinstance(project, dict) else project
+    if isinstance(project_id, bool) or not isinstance(project_id, int) or project_id not in cfg.on_import_projects:
+        return None
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise InvalidRequest("TASKS_CREATED needs 'tasks': a non-empty list of task objects")
+    if len(tasks) > cfg.max_task_ids:
+        raise PayloadTooLarge(f"{len(tasks)} tasks, over labelstudio.jobs.max_task_ids ({cfg.max_task_ids})")
+    ids = [t.get("id") if isinstance(t, dict) else None for t in tasks]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
+        raise InvalidRequest("every task of TASKS_CREATED needs a positive integer 'id'")
+    runner = await _jobs(request)
+    view = runner.submit(model, JobSpec(project=project_id, task_ids=tuple(sorted(set(ids))), origin="on_import"))
+    return view.id
+
+
+# ---- background jobs ------------------------------------------------------------------------
+
+JOB_ID = Path(..., pattern=r"^[0-9a-f]{16}$", description="a job id as POST .../jobs returned it")
+MAX_JOBS_LISTED = 100
+
+
+def _job_spec(body: dict, request: Request) -> JobSpec:
+    return parse_job_request(body, request.app.state.settings.labelstudio.jobs)
+
+
+async def _jobs(request: Request) -> JobRunner:
+    """The app's job runner, made (and its unfinished jobs resumed) on first use when the server
+    did not start it already (`start_jobs`)."""
+    app = request.app
+    lock = app.state.__dict__.setdefault("labelstudio_jobs_lock", asyncio.Lock())
+    async with lock:
+        runner = getattr(app.state, "labelstudio_jobs", None)
+        if runner is None:
+            runner = await start_jobs(app)
+    return runner
+
+
+async def start_jobs(app, *, only_if_stored: bool = False) -> JobRunner | None:
+    """Open the job store and resume its unfinished jobs; the server calls this once the engine is up,
+    with `only_if_stored` (no store file yet: nothing to resume, and none is made until a job is)."""
+    settings = app.state.settings
+    if only_if_stored and not default_store_path(settings).exists():
+        return None
+    if getattr(app.state, "labelstudio_backend", None) is None:
+        app.state.labelstudio_backend = LabelStudioBackend(settings.labelstudio)
+    store = JobStore(default_store_path(settings))
+    runner = JobRunner(app.state.engine, settings, store, app.state.labelstudio_backend)
+    app.state.labelstudio_jobs = runner
+    resumed = await runner.start()
+    if resumed:
+        log.info("resumed %d label studio job(s) from %s", resumed, store.path)
+    return runner
+
+
+async def stop_jobs(app) -> None:
+    """Stop running jobs where they are (the store keeps them for the next start)."""
+    runner = getattr(app.state, "labelstudio_jobs", None)
+    if runner is not None:
+        await runner.stop()
+        runner.store.close()
+        app.state.labelstudio_jobs = None
+
+
+@router.post("/jobs", status_code=201)
+async def create_job(model: str, request: Request) -> dict:
+    engine = _engine(request)
+    spec = _job_spec(await _json_body(request), request)
+    engine.model_info(model)  # 404 for an unknown model before anything is stored
+    return (await _jobs(request)).submit(model, spec).to_json()
+
+
+@router.get("/jobs")
+async def list_jobs(model: str, request: Request) -> dict:
+    _engine(request).model_info(model)
+    return {"jobs": [v.to_json() for v in (await _jobs(request)).list(model, MAX_JOBS_LISTED)]}
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(model: str, request: Request, job_id: str = JOB_ID) -> dict:
+    return (await _jobs(request)).get(model, job_id).to_json()
+
+
+@router.delete("/jobs/{job_id}")
+async def cancel_job(model: str, request: Request, job_id: str = JOB_ID) -> dict:
+    return (await (await _jobs(request)).cancel(model, job_id)).to_json()
 
 
 @router.get("/versions")

@@ -1,0 +1,161 @@
+"""The few Label Studio REST calls a pre-annotation job makes (Label Studio 1.23.2 API).
+
+Every call goes through the same address policy, pinning and API key rules as the image fetcher
+(`fetch.ImageFetcher`): the key goes only to the configured Label Studio, and personal access
+tokens are exchanged once and shared. A semaphore shared by all jobs bounds the calls in flight.
+
+Failures are sorted for the job runner: `UpstreamUnavailable` (connection refused, timeout, 5xx,
+429) means "pause and retry", `UpstreamRefused` (other 4xx, a body that is not JSON) means
+"retrying this call will not help".
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from ...errors import UpstreamRefused, UpstreamUnavailable
+from .fetch import ImageFetcher, is_jwt
+from .outbound import FetchRefused, ImageFetchError, open_hop
+
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one page of tasks with their predictions
+_RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    ids: list[int]
+    total: int
+
+
+def _task_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class LabelStudioAPI:
+    """Label Studio's task, prediction and project endpoints, for one job."""
+
+    def __init__(self, fetcher: ImageFetcher, slots: asyncio.Semaphore):
+        self.fetcher = fetcher  # shares the client, policy, tokens and URL of the job's image fetches
+        self.slots = slots
+        self.base = fetcher.config.url
+
+    async def project(self, project: int) -> dict:
+        body = await self._call("GET", f"/api/projects/{project}")
+        if not isinstance(body, dict):
+            raise UpstreamRefused(f"GET /api/projects/{project} did not answer a project object")
+        return body
+
+    async def task_ids(self, project: int, page: int, page_size: int, *, view: int | None = None,
+                       filters: dict | None = None) -> TaskPage:
+        """One page of the ids of a project's tasks (or of a Data Manager view or filter), in id order."""
+        params: dict[str, Any] = {"project": project, "page": page, "page_size": page_size, "include": "id",
+                                  "fields": "task_only"}
+        if view is not None:
+            params["view"] = view
+        else:
+            query: dict[str, Any] = {"ordering": ["tasks:id"]}
+            if filters is not None:
+                query["filters"] = filters
+            params["query"] = json.dumps(query, separators=(",", ":"))
+        body = await self._call("GET", "/api/tasks", params=params, end_of_pages_ok=page > 1)
+        if body is None:  # past the last page
+            return TaskPage([], 0)
+        tasks, total = self._task_list(body)
+        return TaskPage([t for t in (_task_id(task.get("id")) for task in tasks) if t is not None], total)
+
+    async def tasks(self, project: int, task_ids: list[int]) -> dict[int, dict]:
+        """The full task objects (data and predictions) of `task_ids`, by id; deleted tasks are absent."""
+        query = {"selectedItems": {"all": False, "included": task_ids}}
+        params = {"project": project, "page": 1, "page_size": len(task_ids), "fields": "all",
+                  "query": json.dumps(query, separators=(",", ":"))}
+        tasks, _ = self._task_list(await self._call("GET", "/api/tasks", params=params))
+        wanted = set(task_ids)
+        return {tid: task for task in tasks if (tid := _task_id(task.get("id"))) in wanted}
+
+    async def prediction_versions(self, task: dict) -> list[tuple[int, str]]:
+        """(prediction id, model_version) of each prediction the task holds. The task list carries
+        prediction objects; when it carries only ids, the task's predictions are asked for."""
+        listed = task.get("predictions") or []
+        if isinstance(listed, list) and all(isinstance(p, dict) for p in listed):
+            return [(p.get("id"), str(p.get("model_version") or "")) for p in listed]
+        body = await self._call("GET", "/api/predictions", params={"task": task["id"]})
+        items = body if isinstance(body, list) else (body or {}).get("results", []) if isinstance(body, dict) else []
+        return [(p.get("id"), str(p.get("model_version") or "")) for p in items if isinstance(p, dict)]
+
+    async def create_prediction(self, task_id: int, prediction: dict) -> int | None:
+        body = await self._call("POST", "/api/predictions", json={"task": task_id, **prediction})
+        return _task_id(body.get("id")) if isinstance(body, dict) else None
+
+    async def delete_prediction(self, prediction_id: int) -> None:
+        await self._call("DELETE", f"/api/predictions/{int(prediction_id)}", end_of_pages_ok=True)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _task_list(body: Any) -> tuple[list[dict], int]:
+        # The Data Manager answers {"tasks": [...], "total": N, ...}; a plain list is accepted too.
+        tasks = body.get("tasks") if isinstance(body, dict) else body
+        if not isinstance(tasks, list):
+            raise UpstreamRefused("GET /api/tasks did not answer a task list")
+        tasks = [t for t in tasks if isinstance(t, dict)]
+        total = body.get("total") if isinstance(body, dict) else None
+        return tasks, total if isinstance(total, int) and not isinstance(total, bool) else len(tasks)
+
+    async def _call(self, method: str, path: str, *, params: dict | None = None, json: dict | None = None,
+                    end_of_pages_ok: bool = False) -> Any:
+        if not self.base:
+            raise UpstreamRefused("labelstudio.url (LABEL_STUDIO_URL) is not set: jobs need a Label Studio to read tasks from")
+        url = f"{self.base}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        async with self.slots:
+            status, raw = await self._send(method, url, json)
+            key = self.fetcher.config.api_key
+            if status == 401 and key and is_jwt(key):
+                self.fetcher.tokens.forget(self.base, key)  # expired early: exchange once more
+                status, raw = await self._send(method, url, json)
+        where = f"{method} {path}"
+        if status == 404 and end_of_pages_ok:
+            return None
+        if status in _RETRYABLE_STATUSES:
+            raise UpstreamUnavailable(f"Label Studio answered {status} to {where}")
+        if not 200 <= status < 300:
+            snippet = raw[:200].decode("utf-8", "replace") if raw else ""
+            raise UpstreamRefused(f"Label Studio answered {status} to {where}: {snippet}")
+        if status == 204 or not raw:
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamRefused(f"Label Studio answered {where} with a body that is not JSON") from None
+
+    async def _send(self, method: str, url: str, body: dict | None) -> tuple[int, bytes]:
+        fetcher = self.fetcher
+        try:
+            headers = await fetcher.auth_header()
+            async with asyncio.timeout(fetcher.config.timeout_s):
+                resp = await open_hop(fetcher.client, fetcher.policy, method, url, headers=headers, json=body)
+                try:
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_RESPONSE_BYTES:
+                            raise UpstreamRefused(f"Label Studio's answer to {method} is over {MAX_RESPONSE_BYTES} bytes")
+                        chunks.append(chunk)
+                    return resp.status_code, b"".join(chunks)
+                finally:
+                    await resp.aclose()
+        except TimeoutError:
+            raise UpstreamUnavailable(f"Label Studio did not answer {method} within {fetcher.config.timeout_s} s") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"cannot reach Label Studio: {type(exc).__name__}: {exc}") from None
+        except FetchRefused as exc:  # the address policy: the same answer every time
+            raise UpstreamRefused(exc.message) from None
+        except ImageFetchError as exc:  # the token exchange
+            raise UpstreamUnavailable(exc.message) from None
