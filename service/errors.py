@@ -76,6 +76,13 @@ class RequestTimeout(DetserveError):
     code = "request_timeout"
 
 
+class ClientClosedRequest(DetserveError):
+    """The client hung up before its request body arrived: nobody reads the answer, and it is not
+    the server's fault (nginx's 499), so it must not be a 500 with a traceback per disconnect."""
+
+    code = "client_closed_request"
+
+
 class ModelNotReady(DetserveError):
     code = "model_not_ready"
 
@@ -121,6 +128,7 @@ ERROR_TABLE: dict[type[DetserveError], tuple[int, str]] = {
     Overloaded: (429, "RESOURCE_EXHAUSTED"),
     DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
     RequestTimeout: (408, "DEADLINE_EXCEEDED"),
+    ClientClosedRequest: (499, "CANCELLED"),
     ModelNotReady: (503, "UNAVAILABLE"),
     WorkerDied: (503, "UNAVAILABLE"),
     JobNotFound: (404, "NOT_FOUND"),

@@ -45,7 +45,7 @@ class _Uvicorn:
         except ImportError:  # no httptools: h11 bounds the headers itself, the sweeper has nothing to do
             http, h11_limit = "h11", settings.limits.max_header_bytes
         else:
-            http, h11_limit = bounded_protocol(settings.limits), None
+            http, h11_limit = bounded_protocol(settings.limits, settings.max_request_size), None
 
         class QuietSignalsServer(uvicorn.Server):
             # run_server owns SIGTERM/SIGINT for all servers; uvicorn would otherwise install its own

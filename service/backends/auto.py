@@ -13,6 +13,7 @@ on every start. The model folder is never written: model stores are mounted read
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
@@ -128,7 +129,20 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "detserve_code": code_fingerprint()}
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of the sources a graph and its verdict depend on (detectors, export, pipeline, backends):
+    an upgraded image with a kept cache volume must not reuse a graph that older code exported."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for folder in ("detectors", "export", "pipeline", "backends"):
+        for source in sorted((package / folder).rglob("*.py")):
+            digest.update(str(source.relative_to(package)).encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_key(cfg: ModelConfig, num_classes: int, *, weights_sha256: str | None = None,
@@ -166,7 +180,9 @@ def verdict_path(entry: Path, candidate: Candidate, cfg: ModelConfig) -> Path:
 def entry_lock(entry: Path) -> Iterator[None]:
     """Exclusive lock over one cache entry: concurrent workers of a model wait, then reuse."""
     entry.mkdir(parents=True, exist_ok=True)
-    with open(entry / ".lock", "a+") as handle:
+    lock = entry / ".lock"
+    lock.touch(exist_ok=True)
+    with open(lock, "rb") as handle:  # flock needs no write access: a lock file of another user works
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -262,12 +278,15 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
         return _eager(cfg, f"auto: eager, because the cache folder is not writable ({exc}); "
                            f"set {CACHE_ENV} to a writable folder")
     verdicts = []
-    with entry_lock(entry):
-        for cand in cands:
-            verdict = candidate_verdict(cfg, device, cand, entry, checkpoint, threads)
-            verdicts.append((cand, verdict))
-            if verdict.passed or verdict.summary.startswith(EXPORT_FAILED):
-                break  # a failed export fails every candidate: do not export again for the next one
+    try:
+        with entry_lock(entry):
+            for cand in cands:
+                verdict = candidate_verdict(cfg, device, cand, entry, checkpoint, threads)
+                verdicts.append((cand, verdict))
+                if verdict.passed or verdict.summary.startswith(EXPORT_FAILED):
+                    break  # a failed export fails every candidate: do not export again for the next one
+    except OSError as exc:  # a full disk, a lock or verdict file we may not touch: serve, just not from the cache
+        return _eager(cfg, f"auto: eager, because the cache folder {entry} failed: {type(exc).__name__}: {exc}")
     cand, reason = choose(verdicts, skipped)
     if cand is None:
         return _eager(cfg, reason)
@@ -300,7 +319,8 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
         except Exception as exc:  # noqa: BLE001 - any exporter failure means "serve eager"
             verdict = Verdict(cand.label, False, f"{EXPORT_FAILED}: {type(exc).__name__}: {exc}",
                               export_s=time.perf_counter() - start)
-            write_atomic(path, verdict.to_json())
+            if not isinstance(exc, (OSError, MemoryError)):  # a full disk or memory may pass next start
+                write_atomic(path, verdict.to_json())
             return verdict
         export_s = time.perf_counter() - start
         current = file_sha256(onnx_path)

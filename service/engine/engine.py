@@ -274,9 +274,12 @@ class Engine:
             # Not 429: retrying can never succeed, the request does not fit even an empty queue.
             raise errors.PayloadTooLarge(f"{len(images)} images in one request exceed the whole queue of {model!r} "
                                          f"(max_queue_size {runtime.batch.max_queue_size})")
-        timeout = runtime.batch.request_timeout_ms / 1000.0 if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise errors.InvalidRequest(f"request timeout must be positive, got {timeout} s")
+        longest = runtime.batch.request_timeout_ms / 1000.0
+        if timeout_s is not None and not timeout_s > 0:
+            raise errors.InvalidRequest(f"request timeout must be positive, got {timeout_s} s")
+        # A client may ask for less than the model's request_timeout_ms, never more: the deadline also
+        # bounds how long a stuck batch may hold a worker before the pool kills it.
+        timeout = longest if timeout_s is None else min(timeout_s, longest)
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         now = time.monotonic()

@@ -60,7 +60,12 @@ class WorkerProcess:
         a large batch or a frozen worker never blocks the loop (and no sender thread is needed)."""
         if self.arena_mapped and isinstance(message, BatchRequest):
             message = self.arena.place(message)
-        payload = ForkingPickler.dumps(message)
+        try:
+            payload = ForkingPickler.dumps(message)
+        except Exception:
+            if isinstance(message, BatchRequest) and self.arena is not None:
+                self.arena.release(message.batch_id)  # else the arena stays held and every payload goes inline
+            raise
         self._unsent += struct.pack("!i", len(payload))
         self._unsent += payload
         if len(self._unsent) == len(payload) + 4:  # nothing was pending: try right away
@@ -110,6 +115,9 @@ class WorkerProcess:
                 self.arena.release(message.batch_id)
             elif isinstance(message, WorkerReady):
                 self.arena_mapped = self.arena is not None and message.arena_mapped
+                if self.arena is not None and not message.arena_mapped:
+                    log.warning("worker pid %s could not map its shared-memory arena (is /proc mounted with "
+                                "hidepid?): its images are pickled through the pipe", self.process.pid)
             self._on_message(self, message)
         if eof:
             self._loop.remove_reader(fd)

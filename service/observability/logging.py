@@ -93,6 +93,8 @@ class BatchedLineHandler(logging.StreamHandler):
                 self.stream.flush()
             except (OSError, ValueError):  # stderr closed at exit
                 pass
+            except Exception:  # noqa: BLE001 - e.g. an encoding error: say so, keep logging
+                sys.stderr.write(f"detserve: {len(text)} bytes of log lines could not be written\n")
 
     def _flush_periodically(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -88,8 +88,38 @@ def test_headers_over_the_size_or_count_limit_get_431(server):
     many.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(60)) + b"\r\n")
     status, body = _status_and_json(_read_all(many, 5))
     assert status == 431 and "at most 40" in body["message"]
+    # Complete headers over the size limit in one read, and behind a keep-alive request, are refused too.
+    whole = _connect(server)
+    whole.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    status, body = _status_and_json(_read_all(whole, 5))
+    assert status == 431 and body["code"] == "headers_too_large"
+    second = _connect(server)
+    second.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    second.settimeout(5)
+    assert second.recv(65536).startswith(b"HTTP/1.1 200")
+    second.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    status, body = _status_and_json(_read_all(second, 5))
+    assert status == 431 and body["code"] == "headers_too_large"
     # Headers within the limits still work.
     assert httpx.get(f"{server.url}/ping", headers={f"x-{i}": "v" for i in range(20)}, timeout=5).status_code == 200
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(server):
+    def count(code: str) -> float:
+        text = httpx.get(f"{server.metrics}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("detserve_requests_total{") and f'code="{code}"' in line)
+
+    before_499, before_500 = count("499"), count("500")
+    for _ in range(3):
+        sock = _connect(server)
+        sock.sendall(b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + b"x" * 100)
+        sock.close()
+    deadline = time.monotonic() + 10
+    while count("499") < before_499 + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count("499") == before_499 + 3 and count("500") == before_500
+    assert "unhandled error" not in server.log_path.read_text()
 
 
 def test_an_endless_chunked_body_is_cut_by_size_and_by_time(server):

@@ -331,3 +331,17 @@ def test_a_failing_export_is_recorded_and_not_retried(tmp_path, monkeypatch):
         assert choice.backend == BackendKind.EAGER
         assert choice.reason == "auto: eager, because cpu: ONNX export failed: RuntimeError: unsupported operator"
     assert len(calls) == 1  # the second start read the stored verdict
+
+
+def test_the_cache_key_covers_the_code_that_exports_and_checks_graphs(monkeypatch):
+    """An upgraded image that keeps its cache volume must export again: detserve's own sources are keyed."""
+    from service.backends import auto
+
+    first = auto.library_versions()
+    assert first["detserve_code"] == auto.code_fingerprint() and len(first["detserve_code"]) == 16
+    auto.code_fingerprint.cache_clear()
+    monkeypatch.setattr(auto.hashlib, "sha256", lambda *a: __import__("hashlib").sha256(b"other code"))
+    try:
+        assert auto.code_fingerprint() != first["detserve_code"]
+    finally:
+        auto.code_fingerprint.cache_clear()

@@ -234,3 +234,20 @@ def test_a_model_that_fails_to_load_is_a_config_error(tmp_path):
                 pass
 
     run(scenario())
+
+
+def test_a_client_timeout_never_outlives_the_models_request_timeout(tmp_path):
+    """The deadline also bounds how long a stuck batch may hold a worker: a client's huge timeout is capped."""
+    write_model(tmp_path, "capped", batch={"request_timeout_ms": 300})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(errors.DeadlineExceeded):
+                await engine.detect("capped", [image(b"SLEEP:2")], timeout_s=1e12)
+            assert loop.time() - started < 1.5
+            with pytest.raises(errors.InvalidRequest):
+                await engine.detect("capped", [image(b"ok")], timeout_s=0)
+
+    run(scenario())

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...engine.api import EngineAPI
 from ...engine.dataplane import DataPlane
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, Overloaded, PayloadTooLarge, Unauthenticated, http_status
+from ...errors import ClientClosedRequest, DetserveError, InvalidRequest, ModelNotReady, Overloaded, PayloadTooLarge, Unauthenticated, http_status
 from ...observability import metrics
 from ...observability.logging import clean_request_id, log_access, request_id_var
 from ...settings import ServerSettings
@@ -157,12 +157,17 @@ class RequestContextMiddleware:
     def _counting(self, receive, scope):
         if self.max_body_bytes is None:
             return receive
-        limit, seen = self.max_body_bytes, 0
+        limit, seen, complete = self.max_body_bytes, 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, complete
             message = await receive()
+            if message["type"] == "http.disconnect":
+                if not complete:  # after the whole body, a disconnect is the app's business
+                    raise ClientClosedRequest("the client closed the connection before sending the whole request")
+                return message
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:  # chunked uploads declare no length: stop them mid-stream
                     raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")

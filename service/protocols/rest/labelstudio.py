@@ -135,10 +135,11 @@ async def predict(model: str, request: Request) -> dict:
 
 
 def _engine(request: Request):
-    """The engine, once the data plane (the one readiness source) says the server is neither
-    starting nor draining; per-model readiness (live workers) is checked by the backend."""
+    """The engine, once the data plane (the one readiness source) says the server has started; as
+    on every door, a request that reaches the app while draining still runs (the listeners stop
+    taking new connections), and per-model readiness (live workers) is checked by the backend."""
     dp = dataplane_for(request.app.state)
-    if dp.starting or dp.draining or not dp.live():
+    if dp.starting or not dp.live():
         raise ModelNotReady("the server is starting or stopping; retry shortly")
     return dp.engine
 

@@ -55,6 +55,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header bounds and the phase the sweeper reads."""
 
     limits: ServerLimits = ServerLimits()  # set per listener by `bounded_protocol`
+    body_buffer_bytes: int = BODY_BUFFER_BYTES  # never above max_request_size: the 413 must not wait for it
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -77,7 +78,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         # header_bytes was reset when the previous message ended: this chunk is already counted.
-        self.phase, self.phase_seen_at = _HEADERS, None
+        self.phase, self.phase_seen_at, self.parsed_header_bytes = _HEADERS, None, 0
+
+    # data_received counts the bytes of headers still arriving; these count the parsed ones, so
+    # headers that arrive whole in one read (or behind a keep-alive request) meet the same limit.
+    def on_url(self, url: bytes) -> None:
+        self._count_parsed(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_parsed(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_parsed(self, size: int) -> None:
+        self.parsed_header_bytes = getattr(self, "parsed_header_bytes", 0) + size
+        if self.parsed_header_bytes > self.limits.max_header_bytes:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+            raise _Refused
 
     def on_headers_complete(self) -> None:
         if len(self.headers) > self.limits.max_headers:
@@ -94,7 +112,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not isinstance(cycle.body, bytearray):  # receive() resets it to b"": += on bytes is quadratic
             cycle.body = bytearray(cycle.body)
         cycle.body += body
-        if len(cycle.body) > BODY_BUFFER_BYTES:
+        if len(cycle.body) > self.body_buffer_bytes:
             self.flow.pause_reading()
             cycle.message_event.set()
         # else: on_message_complete wakes the app with the whole body
@@ -151,8 +169,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.phase = _IDLE
 
 
-def bounded_protocol(limits: ServerLimits) -> type[BoundedHttpToolsProtocol]:
-    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
+def bounded_protocol(limits: ServerLimits, max_request_size: int | None = None) -> type[BoundedHttpToolsProtocol]:
+    gather = BODY_BUFFER_BYTES if max_request_size is None else min(BODY_BUFFER_BYTES, max_request_size + 1)
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits, "body_buffer_bytes": gather})
 
 
 async def sweep_forever(servers, tick_s: float = SWEEP_TICK_S) -> None:
