@@ -112,7 +112,7 @@ def pull(name: str, store: Path, *, base_url: str = DEFAULT_BASE_URL, force: boo
          progress: bool = True, zoo: Mapping[str, ZooEntry] = ZOO) -> Path:
     """Fetch an official checkpoint into `store/<name>/` with a generated model.toml."""
     from service.detectors.checkpoint import load_checkpoint
-    from service.detectors.registry import arch_spec
+    from service.detectors.registry import get_detector
 
     entry = lookup(name, zoo)
     target = store / entry.name
@@ -133,7 +133,7 @@ def pull(name: str, store: Path, *, base_url: str = DEFAULT_BASE_URL, force: boo
         except Exception as exc:  # any loader failure means the file is unusable here
             raise PullError(f"{entry.file_name}: downloaded but not a loadable checkpoint: {exc}") from None
         classes = list(checkpoint.classes) if checkpoint.classes else None
-        has_masks = arch_spec(entry.arch).has_masks
+        has_masks = get_detector(entry.arch).has_masks
         (staging / "model.toml").write_text(model_toml(entry.name, entry.arch, entry.file_name, classes, has_masks))
         if target.exists():
             shutil.rmtree(target)
