@@ -73,6 +73,14 @@ class Detector(ABC):
     def preprocess(self, images_bgr: Sequence[np.ndarray], cfg: "ModelConfig") -> tuple[Any, list[ImageMetaLike]]:
         """HxWx3 uint8 BGR images -> (network input for `run`, one meta per image)."""
 
+    @abstractmethod
+    def boxes_to_input(self, boxes_xyxy: torch.Tensor, meta: ImageMetaLike) -> torch.Tensor:
+        """Original-image pixels -> network-input pixels: the forward half of the transform's box map."""
+
+    @abstractmethod
+    def boxes_to_original(self, boxes_xyxy: torch.Tensor, meta: ImageMetaLike) -> torch.Tensor:
+        """Network-input pixels -> original-image pixels: the inverse `decode` applies."""
+
     def run(self, backend: "Backend", inputs: Any, metas: Sequence[ImageMetaLike],
             test_cfg: "TestConfig") -> "RawOutputs":
         """Drive the backend over the preprocessed batch; single-graph families just call `infer`.

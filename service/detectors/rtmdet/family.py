@@ -61,6 +61,16 @@ class RTMDetDetector(Detector):
 
         return preprocess_batch(list(images_bgr), cfg.input_size)
 
+    def boxes_to_input(self, boxes_xyxy, meta):
+        from service.pipeline.transforms import scale_boxes
+
+        return scale_boxes(boxes_xyxy, meta)
+
+    def boxes_to_original(self, boxes_xyxy, meta):
+        from service.pipeline.transforms import rescale_boxes
+
+        return rescale_boxes(boxes_xyxy, meta)
+
     def decode(self, raw, metas, test_cfg):
         from service.backends.base import InputDetections
         from service.pipeline.postprocess import postprocess_head_outputs, postprocess_input_detections

@@ -28,7 +28,9 @@ from .config import RPNTestConfig, TwoStageTestConfig
 from .decode import paste_masks_rle
 from .onnx_export import FEATURE_NAMES, NUM_LEVELS, OnnxTwoStage, export_two_stage
 from .resnet import RESNET_SPECS
-from .transforms import SCALE, TwoStageMeta, normalize, pad_batch, padded_shape, resize_image
+from .transforms import (
+    SCALE, Rescale, TwoStageMeta, boxes_to_original, boxes_to_resized, normalize, pad_batch, padded_shape, resize_image,
+)
 
 # The RoI graphs live next to the features graph (`onnxruntime.model`) under these fixed names.
 BBOX_GRAPH = "roi_bbox.onnx"
@@ -96,6 +98,13 @@ class RCNNDetector(Detector):
             tensors.append(normalize(resized))
             metas.append(meta)
         return TwoStageInputs(tensors), metas
+
+    def boxes_to_input(self, boxes_xyxy, meta):
+        return boxes_to_resized(boxes_xyxy, meta)
+
+    def boxes_to_original(self, boxes_xyxy, meta):
+        # Mask R-CNN divides by the scale factor, Faster R-CNN multiplies by its reciprocal (pitfall 9)
+        return boxes_to_original(boxes_xyxy, meta, Rescale.DIVIDE if self.has_masks else Rescale.MULTIPLY_RECIPROCAL)
 
     def run(self, backend, inputs: TwoStageInputs, metas, test_cfg) -> TwoStageOutputs:
         network = self._network(backend)
