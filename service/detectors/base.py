@@ -106,6 +106,14 @@ class Detector(ABC):
         """Output names of the network-only graph, in the order `decode` takes the tensors."""
         raise ConfigError(f"arch {self.arch!r} has no ONNX export recipe")
 
+    def input_description(self, cfg: "ModelConfig") -> str:
+        """What the network takes, for messages (e.g. `detserve export`)."""
+        return "dynamic height/width input"
+
+    def onnx_extra_files(self) -> list[str]:
+        """File names of further graphs the recipe writes next to the main one (multi-piece families)."""
+        return []
+
     def onnx_output_order(self, graph_names: list[str]) -> list[str]:
         """The graph's output names in `decode` order; raises ConfigError if the graph is not this arch's."""
         wanted = self.onnx_output_names()

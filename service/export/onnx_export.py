@@ -37,6 +37,7 @@ class ExportResult:
     exporter: str  # "torchscript" | "dynamo"
     output_names: tuple[str, ...]
     classes: tuple[str, ...]
+    extra_files: tuple[Path, ...] = ()  # further graphs of multi-piece families, next to `path`
 
 
 def load_detector(cfg: ModelConfig) -> tuple[nn.Module, tuple[str, ...]]:
@@ -69,7 +70,8 @@ def export_onnx(cfg: ModelConfig, *, end2end: bool = False, opset: int = MIN_OPS
     out.parent.mkdir(parents=True, exist_ok=True)
     exporter, names = detector.export_onnx(model, cfg, out, end2end=end2end, opset=opset)  # the family's recipe
     written_opset = _write_metadata(out, cfg, classes or (), end2end, detector.has_masks)
-    return ExportResult(out, end2end, written_opset, exporter, tuple(names), tuple(classes or ()))
+    extra = tuple(out.with_name(name) for name in detector.onnx_extra_files())
+    return ExportResult(out, end2end, written_opset, exporter, tuple(names), tuple(classes or ()), extra)
 
 
 def export_image_graph(module: nn.Module, example: torch.Tensor, out: Path, names: list[str], opset: int) -> str:

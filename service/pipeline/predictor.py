@@ -229,7 +229,14 @@ class Predictor:
     def _run_batch(self, pending: list[_Pending], results: list, times: list[StageTimes]) -> None:
         start = time.perf_counter()
         detector = self._detector
-        inputs, metas = detector.preprocess([p.bgr for p in pending], self.cfg)
+        try:
+            inputs, metas = detector.preprocess([p.bgr for p in pending], self.cfg)
+        except DetserveError:
+            # A family may refuse one image (e.g. too elongated for its resize): fail that one only.
+            pending = self._drop_refused(pending, results)
+            if not pending:
+                return
+            inputs, metas = detector.preprocess([p.bgr for p in pending], self.cfg)
         preprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -261,6 +268,16 @@ class Predictor:
             t.postprocess = batch_post_s + time.perf_counter() - start
             if isinstance(results[p.index], DetectResult):
                 results[p.index].times = t
+
+    def _drop_refused(self, pending: list[_Pending], results: list) -> list[_Pending]:
+        kept = []
+        for p in pending:
+            try:
+                self._detector.preprocess([p.bgr], self.cfg)
+                kept.append(p)
+            except DetserveError as exc:
+                results[p.index] = exc
+        return kept
 
     def _pre_nms_cfg(self, pending: list[_Pending]) -> TestConfig:
         """test_cfg with the pre-NMS score floor lowered to the batch's lowest requested score_thr,

@@ -144,3 +144,36 @@ def test_batch_equals_singles_and_export_parity(arch, backend, tmp_path):
         report = compare_results(reference, batch, score_thr=0.05)
         assert report.reference > 0 and report.matched == report.reference, report.unmatched
         assert report.max_box_diff <= 0.5, report.summary()
+
+
+def test_cli_export_of_a_two_stage_model_writes_its_three_graphs_and_passes_parity(tmp_path, capsys):
+    from service.cli import main
+
+    folder = write_two_stage_model(tmp_path, "m", "mask-rcnn-r50-fpn", CLASSES)
+    assert main(["export", str(folder), "--parity-images", "2", "--set-default"]) == 0
+    out = capsys.readouterr().out
+    assert "roi_bbox.onnx, roi_mask.onnx next to it" in out and "PASS" in out, out
+    cfg = load_model_config(folder)
+    assert cfg.backend == BackendKind.ONNXRUNTIME and cfg.onnxruntime.model == "model.onnx"
+    predictor = Predictor.from_config(cfg, threads=1)
+    try:
+        (result,) = predictor.predict([_raw(shapes_image(0))], [DetectOptions()])
+    finally:
+        predictor.close()
+    assert result.detections and all(d.mask is not None for d in result.detections)
+    with pytest.raises(ConfigError, match="no end2end graph"):
+        export_onnx(cfg, end2end=True)
+
+
+def test_an_image_the_family_cannot_resize_fails_alone(tmp_path):
+    from service.errors import InvalidImage
+
+    folder = write_two_stage_model(tmp_path, "m", "faster-rcnn-r50-fpn", CLASSES)
+    predictor = Predictor.from_config(load_model_config(folder), threads=1)
+    try:
+        sliver = np.zeros((1, 3000, 3), np.uint8)  # its short side rounds to 0 pixels at 160x128
+        good, bad = predictor.predict([_raw(shapes_image(0)), _raw(sliver)], [DetectOptions()] * 2)
+    finally:
+        predictor.close()
+    assert isinstance(bad, InvalidImage) and "elongated" in str(bad)
+    assert good.detections

@@ -113,6 +113,9 @@ class RTMDetDetector(Detector):
         """By our names (cls_i, bbox_i, kernel_i, mask_feat); a foreign graph of the right count as stored."""
         return network_output_order(graph_names, len(self.spec.strides))
 
+    def input_description(self, cfg) -> str:
+        return f"{cfg.input_size}x{cfg.input_size} input"
+
     def check_onnx_input(self, shape: list, cfg, file_name: str) -> None:
         super().check_onnx_input(shape, cfg, file_name)
         for dim in shape[2:]:

@@ -149,6 +149,9 @@ class RCNNDetector(Detector):
     def onnx_output_names(self) -> list[str]:
         return list(FEATURE_OUTPUTS)
 
+    def onnx_extra_files(self) -> list[str]:
+        return [BBOX_GRAPH, MASK_GRAPH] if self.has_masks else [BBOX_GRAPH]
+
     def export_onnx(self, model: nn.Module, cfg, out: Path, *, end2end: bool, opset: int) -> tuple[str, list[str]]:
         """features graph at `out`, RoI graphs next to it (BBOX_GRAPH, MASK_GRAPH)."""
         if end2end:
