@@ -177,3 +177,18 @@ def test_an_image_the_family_cannot_resize_fails_alone(tmp_path):
         predictor.close()
     assert isinstance(bad, InvalidImage) and "elongated" in str(bad)
     assert good.detections
+
+
+def test_backend_auto_exports_a_two_stage_model_checks_parity_and_serves_onnxruntime(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_two_stage_model(tmp_path, "m", "mask-rcnn-r50-fpn", CLASSES, backend="auto")
+    predictor = Predictor.from_config(load_model_config(folder), threads=1)
+    try:
+        assert predictor.backend_name == "onnxruntime", predictor.backend_reason
+        assert "PASS" in predictor.backend_reason
+        graphs = {p.name for p in (tmp_path / "cache").rglob("*.onnx")}
+        assert {"model.onnx", "roi_bbox.onnx", "roi_mask.onnx"} <= graphs
+        (result,) = predictor.predict([_raw(shapes_image(1))], [DetectOptions()])
+    finally:
+        predictor.close()
+    assert result.detections and all(d.mask is not None for d in result.detections)
