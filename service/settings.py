@@ -26,8 +26,20 @@ class BackendKind(str, enum.Enum):
     ONNXRUNTIME = "onnxruntime"
 
 
+class RPNTestConfig(_Strict):
+    """Two-stage families only: the RPN's proposal selection (mmdet `test_cfg.rpn`, defaults mmdet's)."""
+
+    nms_pre: int = Field(1000, ge=1, le=10_000)  # per level
+    max_per_img: int = Field(1000, ge=1, le=10_000)
+    iou_threshold: float = Field(0.7, gt=0, le=1)
+
+
 class TestConfig(_Strict):
-    """MMDetection's `test_cfg`. Defaults are the README's deployment values, not the COCO-eval ones."""
+    """MMDetection's `test_cfg`. Defaults are the README's deployment values, not the COCO-eval ones.
+
+    For two-stage families the top-level fields are `test_cfg.rcnn` (mmdet uses iou_threshold = 0.5 there)
+    and `rpn` is the proposal stage; single-stage families ignore `rpn`.
+    """
 
     nms_pre: int = Field(1000, ge=1)
     min_bbox_size: float = Field(0.0, ge=0)
@@ -38,6 +50,7 @@ class TestConfig(_Strict):
     # Upstream clamps boxes to the padded input only, so a box can reach past the image edge.
     # Clipping to the original image is our default; turn it off for exact mmdet parity.
     clip_to_image: bool = True
+    rpn: RPNTestConfig = RPNTestConfig()
 
 
 class BatchConfig(_Strict):
@@ -108,6 +121,9 @@ class ModelConfig(_Strict):
     classes: list[str] | None = None  # else from the checkpoint meta, else the 80 COCO names
     classes_file: str | None = None  # one class per line, alternative to `classes`
     input_size: int = Field(640, ge=32, le=4096)
+    # Keep-ratio resize bound (long edge, short edge) for families that resize that way (two-stage R-CNN);
+    # None: the family's default (1333, 800). Square-input families (RTMDet) use input_size instead.
+    resize_scale: tuple[int, int] | None = None
     backend: BackendKind = BackendKind.AUTO
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     default_score_thr: float = Field(0.3, ge=0, le=1)
@@ -117,6 +133,13 @@ class ModelConfig(_Strict):
     workers: WorkerConfig = WorkerConfig()
     eager: EagerConfig = EagerConfig()
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+
+    @field_validator("resize_scale")
+    @classmethod
+    def _bounded_scale(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(32 <= edge <= 4096 for edge in value):
+            raise ValueError(f"resize_scale edges must be within [32, 4096], got {list(value)}")
+        return value
 
     # Set by the loader, not by the file: where the model folder lives.
     root: Annotated[Path, Field(exclude=True)] = Path(".")

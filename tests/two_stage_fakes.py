@@ -41,3 +41,22 @@ def detecting_model(arch: str, calibration_images: list[np.ndarray], seed: int =
         model.roi_head.mask_head.conv_logits.weight.mul_(4)
         model.roi_head.mask_head.conv_logits.bias.fill_(0.5)  # centre the logits so masks are partly filled
     return model
+
+
+def write_two_stage_model(store, name: str, arch: str = "mask-rcnn-r50-fpn", classes=("a", "b", "c"), *,
+                          backend: str = "eager", max_per_img: int = 5, extra: str = ""):
+    """A model folder serving a calibrated random-weight two-stage detector at SMALL_SCALE, cheap test_cfg."""
+    from pathlib import Path
+
+    from service.detectors.checkpoint import save_checkpoint
+
+    folder = Path(store) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model = detecting_model(arch, [shapes_image(seed) for seed in range(4)], num_classes=len(classes))
+    save_checkpoint(folder / "weights.pth", model.state_dict(), list(classes))
+    (folder / "model.toml").write_text(
+        f'name = "{name}"\narch = "{arch}"\nweights = "weights.pth"\nbackend = "{backend}"\n'
+        f"resize_scale = [{SMALL_SCALE[0]}, {SMALL_SCALE[1]}]\ndefault_score_thr = 0.05\n{extra}"
+        f"[test_cfg]\niou_threshold = 0.5\nmax_per_img = {max_per_img}\n[test_cfg.rpn]\nmax_per_img = 150\n"
+        "[workers]\ncount = 1\nthreads = 1\n[batch]\nmax_batch_size = 4\n")
+    return folder

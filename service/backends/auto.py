@@ -268,7 +268,7 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
     cands, skipped = candidates_for(device, ort.get_available_providers(), provider_problem)
     if not cands:
         return _eager(cfg, choose([], skipped)[1])
-    num_classes = num_classes_in(checkpoint.state_dict) or len(checkpoint.classes or ())
+    num_classes = num_classes_in(checkpoint.state_dict, cfg.arch) or len(checkpoint.classes or ())
     entry = entry_dir(cfg, cache_key(cfg, num_classes), root)
     try:
         entry.mkdir(parents=True, exist_ok=True)
@@ -335,13 +335,14 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
 
 
 def _export(cfg: ModelConfig, checkpoint, onnx_path: Path) -> None:
-    from ..detectors.checkpoint import load_weights, num_classes_in
-    from ..detectors.registry import build_detector
+    from ..detectors.base import get_detector
+    from ..detectors.checkpoint import load_weights
     from ..export.onnx_export import export_onnx
     from ..pipeline.predictor import resolve_classes
 
     classes = resolve_classes(cfg, checkpoint.classes)
-    model = build_detector(cfg.arch, num_classes_in(checkpoint.state_dict) or len(classes))
+    detector = get_detector(cfg.arch)
+    model = detector.build(detector.num_classes_in(checkpoint.state_dict) or len(classes))
     load_weights(model, checkpoint, strict=True)
     # Not BN-folded first: the TorchScript exporter already folds eval-mode BN into the convs
     # (rtmdet-tiny's graph has 86 Conv and no BatchNormalization node), so the graph would be the same.
@@ -394,7 +395,7 @@ def describe_plan(cfg: ModelConfig, device: str, root: Path | None = None) -> st
     if not cands:
         return choose([], skipped)[1]
     checkpoint = load_checkpoint(cfg.path(cfg.weights))
-    entry = entry_dir(cfg, cache_key(cfg, num_classes_in(checkpoint.state_dict) or len(checkpoint.classes or ())), root)
+    entry = entry_dir(cfg, cache_key(cfg, num_classes_in(checkpoint.state_dict, cfg.arch) or len(checkpoint.classes or ())), root)
     verdicts = []
     for cand in cands:
         verdict = Verdict.from_file(verdict_path(entry, cand, cfg))

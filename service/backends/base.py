@@ -1,7 +1,8 @@
-"""The backend contract: a preprocessed batch in, raw head outputs or input-space detections out.
+"""The backend contract: a preprocessed batch in, the network's raw tensors out.
 
 Eager PyTorch, ONNX Runtime (CPU/CUDA/TensorRT EPs) and foreign end2end graphs all implement
-`Backend`; callers (the Predictor) never know which one runs.
+`Backend`; callers (the Predictor) never know which one runs. What the tensors mean belongs to
+the detector family (service/detectors/base.py), which decodes them.
 """
 from __future__ import annotations
 
@@ -9,37 +10,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-
-
-@dataclass
-class HeadOutputs:
-    """Network-only outputs; decode, NMS and mask paste happen in the shared postprocessing."""
-
-    cls_scores: list[torch.Tensor]  # per level [B, C, H, W], logits (sigmoid not applied)
-    bbox_preds: list[torch.Tensor]  # per level [B, 4, H, W], (l, t, r, b) input pixels, activated, x stride
-    kernel_preds: list[torch.Tensor] | None = None  # Ins: per level [B, 169, H, W]
-    mask_feat: torch.Tensor | None = None  # Ins: [B, 8, H/8, W/8]
-
-    @property
-    def batch_size(self) -> int:
-        return self.cls_scores[0].shape[0]
-
-    def flat(self) -> tuple[torch.Tensor, ...]:
-        """The detector's forward/ONNX output order: cls x L, bbox x L[, kernel x L, mask_feat]."""
-        out = [*self.cls_scores, *self.bbox_preds]
-        if self.kernel_preds is not None:
-            out += [*self.kernel_preds, self.mask_feat]
-        return tuple(out)
-
-    @classmethod
-    def from_flat(cls, outputs, num_levels: int = 3) -> "HeadOutputs":
-        outputs = list(outputs)
-        n = num_levels
-        if len(outputs) == 2 * n:
-            return cls(outputs[:n], outputs[n : 2 * n])
-        if len(outputs) == 3 * n + 1:
-            return cls(outputs[:n], outputs[n : 2 * n], outputs[2 * n : 3 * n], outputs[3 * n])
-        raise ValueError(f"expected {2 * n} or {3 * n + 1} head outputs, got {len(outputs)}")
 
 
 @dataclass
@@ -55,7 +25,16 @@ class InputDetections:
         return self.dets.shape[0]
 
 
-BackendOutputs = HeadOutputs | InputDetections
+class BatchedOutputs(Protocol):
+    """What a multi-piece family's `run` returns (e.g. two-stage detections before mask pasting)."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+
+# A network-only graph's outputs in the family's `onnx_output_names()` order, an end2end graph's, or
+# what a multi-piece family assembled from several graph runs.
+RawOutputs = tuple[torch.Tensor, ...] | InputDetections | BatchedOutputs
 
 
 @runtime_checkable
@@ -67,15 +46,24 @@ class Backend(Protocol):
 
     def load(self) -> None: ...
 
-    def infer(self, batch: torch.Tensor) -> BackendOutputs:
-        """`batch` is [B, 3, S, S] float32, normalized BGR, on the CPU. Returns B results."""
+    def infer(self, batch: torch.Tensor) -> RawOutputs:
+        """`batch` is [B, 3, H, W] float32 as the family preprocessed it, on the CPU. Returns B results."""
         ...
 
     def close(self) -> None: ...
 
 
-def check_batch(outputs: BackendOutputs, expected: int, backend: str) -> BackendOutputs:
+def raw_batch_size(outputs: RawOutputs) -> int:
+    if isinstance(outputs, tuple):
+        if not outputs:
+            raise RuntimeError("backend returned no output tensors")
+        return int(outputs[0].shape[0])
+    return int(outputs.batch_size)
+
+
+def check_batch(outputs: RawOutputs, expected: int, backend: str) -> RawOutputs:
     """Fail loudly when a backend returns a different batch size than it was given."""
-    if outputs.batch_size != expected:
-        raise RuntimeError(f"backend {backend!r} returned {outputs.batch_size} results for a batch of {expected}")
+    got = raw_batch_size(outputs)
+    if got != expected:
+        raise RuntimeError(f"backend {backend!r} returned {got} results for a batch of {expected}")
     return outputs

@@ -1,4 +1,8 @@
-"""Eager PyTorch backend: the registry's detector with official weights, on CPU or one CUDA device."""
+"""Eager PyTorch backend: the registry's network with official weights, on CPU or one CUDA device.
+
+The detector family (service/detectors/base.py) builds the network and names its outputs; this
+module only loads, places and runs it.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,12 +10,12 @@ import logging
 import torch
 from torch import nn
 
-from ..detectors.checkpoint import Checkpoint, load_checkpoint, load_weights, num_classes_in
+from ..detectors.base import get_detector
+from ..detectors.checkpoint import Checkpoint, load_checkpoint, load_weights
 from ..detectors.coco import COCO_CLASSES
-from ..detectors.registry import build_detector
 from ..errors import ConfigError
 from ..settings import EagerConfig, ModelConfig
-from .base import HeadOutputs, check_batch
+from .base import check_batch
 from .fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ def accelerate(model: nn.Module, options: EagerConfig, device: str, max_batch_si
 
 
 class EagerBackend:
-    """Implements `service.backends.base.Backend`. `infer` returns HeadOutputs in float32 on `device`."""
+    """Implements `service.backends.base.Backend`. `infer` returns the network's tensors in float32 on `device`."""
 
     name = "eager"
 
@@ -63,11 +67,12 @@ class EagerBackend:
             if not self.cfg.weights:
                 raise ConfigError(f"model {self.cfg.name!r}: field 'weights' is required for arch {self.cfg.arch!r}")
             checkpoint = load_checkpoint(self.cfg.path(self.cfg.weights))
-        num_classes = num_classes_in(checkpoint.state_dict) or len(checkpoint.classes or COCO_CLASSES)
         try:
-            model = build_detector(self.cfg.arch, num_classes)
-        except KeyError as exc:
-            raise ConfigError(f"model {self.cfg.name!r}: field 'arch': {exc.args[0]}") from None
+            detector = get_detector(self.cfg.arch)
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.cfg.name!r}: field 'arch': {exc}") from None
+        num_classes = detector.num_classes_in(checkpoint.state_dict) or len(checkpoint.classes or COCO_CLASSES)
+        model = detector.build(num_classes)
         load_weights(model, checkpoint, strict=True)
         model.eval().requires_grad_(False)
         if self.cfg.eager.fold_batchnorm:
@@ -80,7 +85,14 @@ class EagerBackend:
         self._model = accelerate(model, self.cfg.eager, self.device, self.cfg.batch.max_batch_size)
         self._checkpoint = None  # the weights now live in the model; drop the CPU copy
 
-    def infer(self, batch: torch.Tensor) -> HeadOutputs:
+    @property
+    def module(self) -> nn.Module:
+        """The loaded network, for families that drive its pieces themselves (two-stage)."""
+        if self._model is None:
+            raise RuntimeError("EagerBackend.module used before load()")
+        return self._model
+
+    def infer(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._model is None:
             raise RuntimeError("EagerBackend.infer called before load()")
         with torch.inference_mode():
@@ -91,8 +103,8 @@ class EagerBackend:
                 x = x.contiguous(memory_format=torch.channels_last)
             outputs = self._model(x)
             # Postprocessing (top-k, NMS, mask thresholds) always runs in float32.
-            head = HeadOutputs.from_flat([o.float() for o in outputs])
-        return check_batch(head, batch.shape[0], self.name)
+            raw = tuple(o.float() for o in outputs)
+        return check_batch(raw, batch.shape[0], self.name)
 
     def close(self) -> None:
         self._model = None

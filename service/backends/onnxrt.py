@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 
 import numpy as np
 import torch
 
+from ..detectors.base import get_detector
 from ..errors import ConfigError
 from ..settings import ModelConfig
-from .base import BackendOutputs, HeadOutputs, InputDetections, check_batch
+from .base import InputDetections, RawOutputs, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 END2END_NAMES = ("dets", "labels")
-_NETWORK_NAME = re.compile(r"^(cls|bbox|kernel)_(\d+)$")
 
 # sonames ORT's TensorRT / CUDA providers dlopen; the first that loads wins
 TENSORRT_LIBS = ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
@@ -85,12 +84,15 @@ class OnnxRuntimeBackend:
     def __init__(self, cfg: ModelConfig, device: str, *, threads: int | None = None, **_unused):
         self.cfg = cfg
         self.device = device
+        self.detector = get_detector(cfg.arch)  # knows the graph's input shape and output order
         self.threads = threads or default_threads(cfg)
         self.path = cfg.path(cfg.onnxruntime.model)
         self.providers: list[str] = []  # what the session really runs, best first
         self.end2end = False
         self.has_masks = False
         self._session = None
+        self._options = None  # kept for `open_graph`
+        self._graphs: dict = {}  # path -> session, opened once per worker
         self._input_name = ""
         self._output_names: list[str] = []
         self._fixed_batch: int | None = None  # static-batch graphs (e.g. MMDeploy static exports)
@@ -131,6 +133,7 @@ class OnnxRuntimeBackend:
                  self.cfg.name, ort.__version__, self.path.name, self.providers, self.threads,
                  "end2end" if self.end2end else "network-only")
         self._session = session
+        self._options = options
         self._inspect_graph(session)
 
     def _usable_providers(self, available: list[str]) -> list[tuple[str, dict]]:
@@ -181,13 +184,7 @@ class OnnxRuntimeBackend:
             raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} has {len(inputs)} inputs; expected one image batch")
         shape = inputs[0].shape
         self._input_name = inputs[0].name
-        if len(shape) != 4:
-            raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} input {shape} is not [N, 3, S, S]")
-        size = self.cfg.input_size
-        for dim in shape[2:]:
-            if isinstance(dim, int) and dim != size:
-                raise ConfigError(f"model {self.cfg.name!r}: {self.path.name} takes {shape[2]}x{shape[3]} images but "
-                                  f"field 'input_size' is {size}; set input_size = {dim}")
+        self.detector.check_onnx_input(list(shape), self.cfg, self.path.name)
         self._fixed_batch = shape[0] if isinstance(shape[0], int) else None
         names = [o.name for o in session.get_outputs()]
         self.end2end = all(n in names for n in END2END_NAMES)
@@ -195,16 +192,38 @@ class OnnxRuntimeBackend:
             self.has_masks = "masks" in names
             self._output_names = [*END2END_NAMES, *(["masks"] if self.has_masks else [])]
         else:
-            self._output_names = network_output_order(names)
-            self.has_masks = len(self._output_names) == 10
+            self._output_names = self.detector.onnx_output_order(names)
+            self.has_masks = self.detector.has_masks
         if self.end2end != self.cfg.onnxruntime.end2end:
             log.warning("model %s: onnxruntime.end2end = %s but %s is a %s graph (outputs %s); following the graph",
                         self.cfg.name, self.cfg.onnxruntime.end2end, self.path.name,
                         "end2end" if self.end2end else "network-only", names)
 
+    @property
+    def session(self):
+        """The main graph's session (multi-piece families run it through `infer`, or directly)."""
+        if self._session is None:
+            raise RuntimeError("OnnxRuntimeBackend.session used before load()")
+        return self._session
+
+    def open_graph(self, file_name: str):
+        """Another graph of the same model, next to the main file (multi-piece families), on the providers
+        the main one got; opened once and kept until `close`."""
+        import onnxruntime as ort
+
+        if self._session is None:
+            raise RuntimeError("OnnxRuntimeBackend.open_graph called before load()")
+        path = self.path.with_name(file_name)
+        if path not in self._graphs:
+            if not path.is_file():
+                raise ConfigError(f"model {self.cfg.name!r}: {path} does not exist (it belongs next to "
+                                  f"{self.path.name}); create both with `detserve export {self.cfg.name} --format onnx`")
+            self._graphs[path] = ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
+        return self._graphs[path]
+
     # --- inference -------------------------------------------------------------------------
 
-    def infer(self, batch: torch.Tensor) -> BackendOutputs:
+    def infer(self, batch: torch.Tensor) -> RawOutputs:
         if self._session is None:
             raise RuntimeError("OnnxRuntimeBackend.infer called before load()")
         array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
@@ -220,34 +239,14 @@ class OnnxRuntimeBackend:
         outputs = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*chunks)]
         if self.end2end:
             masks = outputs[2].float() if self.has_masks else None
-            result: BackendOutputs = InputDetections(dets=outputs[0].float(), labels=outputs[1].long(), masks=masks)
+            result: RawOutputs = InputDetections(dets=outputs[0].float(), labels=outputs[1].long(), masks=masks)
         else:
-            result = HeadOutputs.from_flat([o.float() for o in outputs])
+            result = tuple(o.float() for o in outputs)
         return check_batch(result, batch.shape[0], self.name)
 
     def close(self) -> None:
         self._session = None
-
-
-def network_output_order(names: list[str]) -> list[str]:
-    """Output names in `HeadOutputs.flat()` order: by our names (cls_i, bbox_i, kernel_i, mask_feat), else as stored."""
-    if len(names) not in (6, 10):
-        raise ConfigError(f"ONNX graph outputs {names}: expected dets/labels[/masks] (end2end) or "
-                          "6 (detection) / 10 (instance segmentation) head outputs")
-    groups: dict[str, dict[int, str]] = {}
-    for name in names:
-        match = _NETWORK_NAME.match(name)
-        if match:
-            groups.setdefault(match.group(1), {})[int(match.group(2))] = name
-    if set(groups) >= {"cls", "bbox"}:
-        ordered = []
-        for kind in ("cls", "bbox", "kernel"):
-            ordered += [groups.get(kind, {})[i] for i in sorted(groups.get(kind, {}))]
-        if "mask_feat" in names:
-            ordered.append("mask_feat")
-        if sorted(ordered) == sorted(names):
-            return ordered
-    return list(names)  # foreign graph without our names: trust the stored order
+        self._graphs.clear()
 
 
 def trt_profile_options(cfg: ModelConfig, input_name: str) -> dict[str, str]:

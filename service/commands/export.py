@@ -23,6 +23,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    from ..detectors.base import get_detector
     from ..errors import ConfigError
     from ..export.onnx_export import export_onnx
     from ..export.parity import run_parity
@@ -36,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_model_config(folder)
     result = export_onnx(cfg, end2end=args.end2end, opset=args.opset, out=Path(args.out) if args.out else None)
     layout = "end2end (decode + NMS in the graph)" if result.end2end else "network-only (shared postprocessing)"
+    shape = get_detector(cfg.arch).input_description(cfg)
+    extra = [p.name for p in result.extra_files]
     print(f"wrote {result.path} ({layout}; opset {result.opset}, {result.exporter} exporter, dynamic batch, "
-          f"{cfg.input_size}x{cfg.input_size} input; outputs {', '.join(result.output_names)})")
+          f"{shape}; outputs {', '.join(result.output_names)})" + (f"; with {', '.join(extra)} next to it" if extra else ""))
 
     status = 0
     if args.parity_images > 0:

@@ -14,10 +14,14 @@ def register(subparsers) -> None:
     ls.add_argument("--available", action="store_true", help="also list what `models pull` can fetch")
     ls.set_defaults(func=_list)
 
-    pull = sub.add_parser("pull", help="download an official MMDetection RTMDet[-Ins] COCO checkpoint")
-    pull.add_argument("name", help="e.g. rtmdet-tiny-coco, rtmdet-ins-s-coco (the -coco suffix is optional)")
+    pull = sub.add_parser("pull", help="download an official MMDetection COCO checkpoint (RTMDet[-Ins], "
+                                       "Faster/Mask R-CNN)")
+    pull.add_argument("name", help="e.g. rtmdet-tiny-coco, rtmdet-ins-s-coco, mask-rcnn-r50-fpn-coco "
+                                   "(the -coco suffix is optional)")
     pull.add_argument("--store", type=Path, default=Path("models"))
-    pull.add_argument("--base-url", default=None, help="mirror of download.openmmlab.com/mmdetection/v3.0/rtmdet/")
+    pull.add_argument("--base-url", default=None,
+                      help="mirror of the model's official folder (download.openmmlab.com/mmdetection/v3.0/rtmdet/ "
+                           "for RTMDet, .../v2.0/ for Faster/Mask R-CNN)")
     pull.add_argument("--force", action="store_true", help="replace an existing model folder")
     pull.add_argument("--quiet", action="store_true", help="no progress bar")
     pull.set_defaults(func=_pull)
@@ -67,9 +71,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from service.demo.zoo import DEFAULT_BASE_URL, pull
+    from service.demo.zoo import pull
 
-    target = pull(args.name, args.store, base_url=args.base_url or DEFAULT_BASE_URL, force=args.force,
+    target = pull(args.name, args.store, base_url=args.base_url, force=args.force,
                   progress=not args.quiet)
     print(f"pulled {args.name} into {target}")
     return 0

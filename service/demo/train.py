@@ -171,12 +171,12 @@ def load_or_build_train_set(cfg: TrainConfig, log) -> TrainSet:
 
 def train(cfg: TrainConfig, log=print) -> Path:
     """Run the whole training; returns the saved weights file."""
-    from service.detectors.registry import arch_spec, build_detector
+    from service.detectors.registry import build_detector, get_detector
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed + 1000)
-    has_masks = bool(arch_spec(cfg.arch).has_masks)
+    has_masks = bool(get_detector(cfg.arch).has_masks)
     started = time.monotonic()
     data = load_or_build_train_set(cfg, log)
 

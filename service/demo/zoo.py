@@ -1,4 +1,5 @@
-"""Official MMDetection RTMDet / RTMDet-Ins COCO checkpoints (spec §6) and `models pull`.
+"""Official MMDetection COCO checkpoints (RTMDet[-Ins]: spec §6; Faster/Mask R-CNN: two-stage spec §4)
+and `models pull`.
 
 A pull streams the file with a progress bar, hashes it on the way, checks the sha256 prefix that
 OpenMMLab embeds in the file name (`..._<8 hex>.pth`), loads it once to be sure it is a checkpoint
@@ -17,6 +18,8 @@ from pathlib import Path
 from service.errors import DetserveError
 
 DEFAULT_BASE_URL = "https://download.openmmlab.com/mmdetection/v3.0/rtmdet/"
+# mmdet 3.x serves its Faster/Mask R-CNN configs with these 2.x-trained files (configs/*/metafile.yml)
+TWO_STAGE_BASE_URL = "https://download.openmmlab.com/mmdetection/v2.0/"
 HASH_RE = re.compile(r"-([0-9a-f]{8})\.pth$")
 
 
@@ -29,6 +32,7 @@ class ZooEntry:
     name: str  # model name in the store, e.g. "rtmdet-tiny-coco"
     arch: str
     path: str  # relative to the base URL
+    base_url: str = DEFAULT_BASE_URL
 
     @property
     def file_name(self) -> str:
@@ -53,7 +57,21 @@ _FILES = {
     "rtmdet-ins-l": "rtmdet-ins_l_8xb32-300e_coco/rtmdet-ins_l_8xb32-300e_coco_20221124_103237-78d1d652.pth",
     "rtmdet-ins-x": "rtmdet-ins_x_8xb16-300e_coco/rtmdet-ins_x_8xb16-300e_coco_20221124_111313-33d4595b.pth",
 }
-ZOO: dict[str, ZooEntry] = {f"{arch}-coco": ZooEntry(f"{arch}-coco", arch, path) for arch, path in _FILES.items()}
+# the 1x schedules of mmdet's metafiles (the 3x files are the same networks, trained longer)
+_TWO_STAGE_FILES = {
+    "faster-rcnn-r50-fpn": "faster_rcnn/faster_rcnn_r50_fpn_1x_coco/faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth",
+    "faster-rcnn-r101-fpn": "faster_rcnn/faster_rcnn_r101_fpn_1x_coco/faster_rcnn_r101_fpn_1x_coco_20200130-f513f705.pth",
+    "faster-rcnn-x101-32x4d-fpn": "faster_rcnn/faster_rcnn_x101_32x4d_fpn_1x_coco/"
+                                  "faster_rcnn_x101_32x4d_fpn_1x_coco_20200203-cff10310.pth",
+    "mask-rcnn-r50-fpn": "mask_rcnn/mask_rcnn_r50_fpn_1x_coco/mask_rcnn_r50_fpn_1x_coco_20200205-d4b0c5d6.pth",
+    "mask-rcnn-r101-fpn": "mask_rcnn/mask_rcnn_r101_fpn_1x_coco/mask_rcnn_r101_fpn_1x_coco_20200204-1efe0ed5.pth",
+    "mask-rcnn-x101-32x4d-fpn": "mask_rcnn/mask_rcnn_x101_32x4d_fpn_1x_coco/"
+                                "mask_rcnn_x101_32x4d_fpn_1x_coco_20200205-478d0b67.pth",
+}
+ZOO: dict[str, ZooEntry] = {
+    **{f"{arch}-coco": ZooEntry(f"{arch}-coco", arch, path) for arch, path in _FILES.items()},
+    **{f"{arch}-coco": ZooEntry(f"{arch}-coco", arch, path, TWO_STAGE_BASE_URL) for arch, path in _TWO_STAGE_FILES.items()},
+}
 
 
 def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO) -> ZooEntry:
@@ -63,8 +81,10 @@ def lookup(name: str, zoo: Mapping[str, ZooEntry] = ZOO) -> ZooEntry:
     return zoo[key]
 
 
-def model_toml(name: str, arch: str, weights: str, classes: list[str] | None, has_masks: bool) -> str:
-    """model.toml for an official COCO checkpoint: 640 input and the README's deployment test_cfg."""
+def model_toml(name: str, arch: str, weights: str, classes: list[str] | None, has_masks: bool,
+               two_stage: bool = False) -> str:
+    """model.toml for an official COCO checkpoint: RTMDet at 640 with the README's deployment test_cfg;
+    two-stage at mmdet's 1333x800 with its test_cfg (rcnn NMS 0.5, RPN defaults)."""
     lines = [
         f"# Official MMDetection {arch} COCO checkpoint, fetched by `detserve models pull`.",
         f'name = "{name}"',
@@ -73,10 +93,16 @@ def model_toml(name: str, arch: str, weights: str, classes: list[str] | None, ha
     ]
     if classes:
         lines.append("classes = [" + ", ".join(_toml_str(c) for c in classes) + "]")
-    lines += ["input_size = 640", "default_score_thr = 0.3", "", "[test_cfg]", "nms_pre = 1000",
-              "score_thr = 0.05", f"iou_threshold = {0.6 if has_masks else 0.65}", "max_per_img = 100"]
+    if two_stage:
+        lines += ["resize_scale = [1333, 800]", "default_score_thr = 0.3", "", "[test_cfg]", "score_thr = 0.05",
+                  "iou_threshold = 0.5", "max_per_img = 100"]
+    else:
+        lines += ["input_size = 640", "default_score_thr = 0.3", "", "[test_cfg]", "nms_pre = 1000",
+                  "score_thr = 0.05", f"iou_threshold = {0.6 if has_masks else 0.65}", "max_per_img = 100"]
     if has_masks:
         lines.append("mask_thr_binary = 0.5")
+    if two_stage:
+        lines += ["", "[test_cfg.rpn]", "nms_pre = 1000", "max_per_img = 1000", "iou_threshold = 0.7"]
     return "\n".join(lines) + "\n"
 
 
@@ -108,18 +134,20 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout_s: float = 
     return digest.hexdigest()
 
 
-def pull(name: str, store: Path, *, base_url: str = DEFAULT_BASE_URL, force: bool = False,
+def pull(name: str, store: Path, *, base_url: str | None = None, force: bool = False,
          progress: bool = True, zoo: Mapping[str, ZooEntry] = ZOO) -> Path:
-    """Fetch an official checkpoint into `store/<name>/` with a generated model.toml."""
+    """Fetch an official checkpoint into `store/<name>/` with a generated model.toml.
+
+    `base_url`: a mirror of the entry's official folder (None: the entry's own, download.openmmlab.com)."""
     from service.detectors.checkpoint import load_checkpoint
-    from service.detectors.registry import arch_spec
+    from service.detectors.registry import get_detector
 
     entry = lookup(name, zoo)
     target = store / entry.name
     if target.exists() and not force:
         raise PullError(f"{target} already exists (use --force to replace it)")
     store.mkdir(parents=True, exist_ok=True)
-    url = base_url.rstrip("/") + "/" + entry.path
+    url = (base_url or entry.base_url).rstrip("/") + "/" + entry.path
     with tempfile.TemporaryDirectory(dir=store, prefix=f".{entry.name}.") as tmp:
         staging = Path(tmp)
         weights = staging / entry.file_name
@@ -133,8 +161,9 @@ def pull(name: str, store: Path, *, base_url: str = DEFAULT_BASE_URL, force: boo
         except Exception as exc:  # any loader failure means the file is unusable here
             raise PullError(f"{entry.file_name}: downloaded but not a loadable checkpoint: {exc}") from None
         classes = list(checkpoint.classes) if checkpoint.classes else None
-        has_masks = arch_spec(entry.arch).has_masks
-        (staging / "model.toml").write_text(model_toml(entry.name, entry.arch, entry.file_name, classes, has_masks))
+        detector = get_detector(entry.arch)
+        (staging / "model.toml").write_text(model_toml(entry.name, entry.arch, entry.file_name, classes,
+                                                       detector.has_masks, two_stage=detector.family == "two-stage"))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -1,1 +1,1 @@
-"""Detectors: pure-PyTorch RTMDet / RTMDet-Ins (`registry.build_detector`) and checkpoint I/O (`checkpoint`)."""
+"""Detectors: the family contract and registry (`base`), the families (`rtmdet/`, ...) and checkpoint I/O."""

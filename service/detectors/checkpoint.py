@@ -17,7 +17,7 @@ from torch import nn
 
 from service.errors import ConfigError
 
-from .registry import arch_spec, list_archs
+from .base import get_detector, list_archs
 from .safe_load import UnsafeCheckpoint, safe_torch_load
 
 FORMAT = "detserve-v1"
@@ -143,10 +143,16 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], cl
         tmp.unlink(missing_ok=True)
 
 
-def num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-    """Classes the head was trained for (rows of the level-0 classifier), if the key exists."""
-    weight = state_dict.get("bbox_head.rtm_cls.0.weight")
-    return int(weight.shape[0]) if weight is not None else None
+def num_classes_in(state_dict: Mapping[str, torch.Tensor], arch: str | None = None) -> int | None:
+    """Classes the head was trained for, read by `arch`'s family from its own classifier key; without
+    `arch`, by the first family whose key is present. None when no family recognises the weights."""
+    if arch is not None:
+        return get_detector(arch).num_classes_in(state_dict)
+    for name in list_archs():
+        found = get_detector(name).num_classes_in(state_dict)
+        if found is not None:
+            return found
+    return None
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint | Mapping[str, torch.Tensor], strict: bool = True):
@@ -174,16 +180,8 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint | Mapping[str, torch.T
 
 
 def guess_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The registry arch whose stem width and head type match the weights (sizes differ in width)."""
-    stem = state_dict.get("backbone.stem.0.conv.weight")
-    if stem is None:
-        return None
-    has_masks = any(k.startswith("bbox_head.mask_head.") for k in state_dict)
-    for arch in list_archs():
-        spec = arch_spec(arch)
-        if spec.has_masks == has_masks and int(64 * spec.widen_factor // 2) == stem.shape[0]:
-            return arch
-    return None
+    """The first registered arch whose family says the weights are its own (e.g. RTMDet by stem width)."""
+    return next((arch for arch in list_archs() if get_detector(arch).owns(state_dict)), None)
 
 
 def _mismatch_message(missing, unexpected, mismatched, state_dict, expected, limit: int = 8) -> str:

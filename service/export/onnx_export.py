@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..detectors.checkpoint import load_checkpoint, load_weights, num_classes_in
-from ..detectors.registry import arch_spec, build_detector
+from ..detectors.base import get_detector
+from ..detectors.checkpoint import load_checkpoint, load_weights
 from ..errors import ConfigError
 from ..settings import ModelConfig
-from .end2end import END2END_MASK_OUTPUT, END2END_OUTPUTS, End2End, nms_onnx_translation, register_onnx_symbolics
+from .end2end import nms_onnx_translation, register_onnx_symbolics
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,7 @@ class ExportResult:
     exporter: str  # "torchscript" | "dynamo"
     output_names: tuple[str, ...]
     classes: tuple[str, ...]
-
-
-def network_output_names(has_masks: bool, levels: int = 3) -> list[str]:
-    """Names in `HeadOutputs.flat()` order; the ONNX Runtime backend maps outputs back by name."""
-    names = [f"cls_{i}" for i in range(levels)] + [f"bbox_{i}" for i in range(levels)]
-    if has_masks:
-        names += [f"kernel_{i}" for i in range(levels)] + ["mask_feat"]
-    return names
-
-
-def end2end_output_names(has_masks: bool) -> list[str]:
-    return [*END2END_OUTPUTS, END2END_MASK_OUTPUT] if has_masks else list(END2END_OUTPUTS)
+    extra_files: tuple[Path, ...] = ()  # further graphs of multi-piece families, next to `path`
 
 
 def load_detector(cfg: ModelConfig) -> tuple[nn.Module, tuple[str, ...]]:
@@ -59,8 +48,8 @@ def load_detector(cfg: ModelConfig) -> tuple[nn.Module, tuple[str, ...]]:
         raise ConfigError(f"model {cfg.name!r}: export needs PyTorch weights (field 'weights')")
     checkpoint = load_checkpoint(cfg.path(cfg.weights))
     classes = resolve_classes(cfg, checkpoint.classes)
-    num_classes = num_classes_in(checkpoint.state_dict) or len(classes)
-    model = build_detector(cfg.arch, num_classes)
+    detector = get_detector(cfg.arch)
+    model = detector.build(detector.num_classes_in(checkpoint.state_dict) or len(classes))
     load_weights(model, checkpoint, strict=True)
     return model.eval().requires_grad_(False), classes
 
@@ -74,25 +63,19 @@ def export_onnx(cfg: ModelConfig, *, end2end: bool = False, opset: int = MIN_OPS
     """Write the ONNX file for `cfg` and return where it went. `model`/`classes` skip reading the weights."""
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
-    spec = arch_spec(cfg.arch)
+    detector = get_detector(cfg.arch)
     if model is None:
         model, classes = load_detector(cfg)
     out = Path(out) if out is not None else default_output_path(cfg, end2end)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if end2end:
-        module: nn.Module = End2End(model, cfg.input_size, cfg.test_cfg, spec.has_masks, spec.strides).eval()
-        names = end2end_output_names(spec.has_masks)
-    else:
-        module = model
-        names = network_output_names(spec.has_masks, len(spec.strides))
-    # Batch 2 while tracing so no size-1 dimension gets folded into a constant.
-    example = torch.randn(2, 3, cfg.input_size, cfg.input_size)
-    exporter = _export(module, example, out, names, opset)
-    written_opset = _write_metadata(out, cfg, classes or (), end2end, spec.has_masks)
-    return ExportResult(out, end2end, written_opset, exporter, tuple(names), tuple(classes or ()))
+    exporter, names = detector.export_onnx(model, cfg, out, end2end=end2end, opset=opset)  # the family's recipe
+    written_opset = _write_metadata(out, cfg, classes or (), end2end, detector.has_masks)
+    extra = tuple(out.with_name(name) for name in detector.onnx_extra_files())
+    return ExportResult(out, end2end, written_opset, exporter, tuple(names), tuple(classes or ()), extra)
 
 
-def _export(module: nn.Module, example: torch.Tensor, out: Path, names: list[str], opset: int) -> str:
+def export_image_graph(module: nn.Module, example: torch.Tensor, out: Path, names: list[str], opset: int) -> str:
+    """Export a one-input (image batch) graph with a dynamic batch axis; returns the exporter used."""
     dynamic_axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
     register_onnx_symbolics(opset)
     with torch.no_grad(), warnings.catch_warnings():

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torchvision.ops import batched_nms
 
-from ..backends.base import HeadOutputs, InputDetections
+from ..backends.base import InputDetections
+from ..detectors.rtmdet.outputs import HeadOutputs
 from ..detectors.rtmdet.priors import STRIDES, single_level_grid_priors
 from ..settings import TestConfig
 from .transforms import ImageMeta, rescale_boxes
@@ -29,6 +30,7 @@ class ImageDetections:
     kernels: torch.Tensor | None = None  # Ins: [N, 169] dynamic-conv parameters
     priors: torch.Tensor | None = None  # Ins: [N, 3] (x, y, stride) in input pixels
     input_masks: torch.Tensor | None = None  # end2end Ins: [N, S, S] probabilities, input resolution
+    roi_masks: torch.Tensor | None = None  # two-stage: [N, 28, 28] probabilities inside each box
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -46,6 +48,7 @@ class ImageDetections:
             kernels=pick(self.kernels),
             priors=pick(self.priors),
             input_masks=pick(self.input_masks),
+            roi_masks=pick(self.roi_masks),
         )
 
     def first(self, n: int) -> "ImageDetections":
@@ -106,9 +109,13 @@ def _level_candidates(
 
 
 def postprocess_head_outputs(
-    outputs: HeadOutputs, metas: Sequence[ImageMeta], cfg: TestConfig, strides: Sequence[int] = STRIDES
+    outputs: HeadOutputs | Sequence[torch.Tensor], metas: Sequence[ImageMeta], cfg: TestConfig,
+    strides: Sequence[int] = STRIDES,
 ) -> list[ImageDetections]:
-    """Raw head outputs of a batch -> one ImageDetections per image (spec §3 and §5 steps 1-2)."""
+    """Raw head outputs of a batch (named, or the backend's flat tuple) -> one ImageDetections per image
+    (spec §3 and §5 steps 1-2)."""
+    if not isinstance(outputs, HeadOutputs):
+        outputs = HeadOutputs.from_flat(outputs, len(strides))
     if outputs.batch_size != len(metas):
         raise ValueError(f"head outputs hold {outputs.batch_size} images but {len(metas)} metas were given")
     if len(outputs.cls_scores) != len(strides):

@@ -18,21 +18,14 @@ import numpy as np
 import torch
 
 from ..backends import create_backend
-from ..backends.base import Backend, HeadOutputs, InputDetections, check_batch
+from ..backends.base import Backend, RawOutputs, check_batch
+from ..detectors.base import Detector, ImageMetaLike, get_detector
 from ..errors import ConfigError, DetserveError, InternalError, InvalidRequest
 from ..settings import BackendKind, ModelConfig, TestConfig
 from ..types import Detection, DetectOptions, DetectResult, EncodedImage, ImageInput, RawImage, RLEMask, StageTimes
 from .decode import decode_image, raw_image_to_bgr
 from .draw import draw_detections, encode_image
-from .masks import instance_masks, masks_from_input_probs
-from .postprocess import (
-    ImageDetections,
-    clip_to_image,
-    filter_for_request,
-    postprocess_head_outputs,
-    postprocess_input_detections,
-)
-from .transforms import ImageMeta, preprocess_batch
+from .postprocess import ImageDetections, clip_to_image, filter_for_request
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +125,8 @@ class Predictor:
         cfg: ModelConfig,
         *,
         backend: Backend | None,
+        detector: Detector | None,
         classes: tuple[str, ...],
-        has_masks: bool,
         device: str,
         version: str,
     ):
@@ -142,12 +135,13 @@ class Predictor:
         self.version = version
         self.arch = cfg.arch
         self.classes = classes
-        self.has_masks = has_masks
+        self.has_masks = detector.has_masks if detector is not None else False
         self.input_size = cfg.input_size
         self.device = device
         self.backend_name = backend.name if backend is not None else NULL_ARCH
         self.backend_reason = ""  # why this backend runs (backend = "auto" explains its choice)
         self._backend = backend
+        self._detector = detector  # the family: transform, decode, masks (service/detectors/base.py)
         self._class_index = {name: i for i, name in enumerate(classes)}
         # MMDetection parity leaves boxes reaching into the padding; a test_cfg.clip_to_image = false
         # (when the config grows that field) keeps them.
@@ -163,14 +157,12 @@ class Predictor:
             cv2.setNumThreads(threads)  # resize runs on OpenCV's own pool; keep workers from oversubscribing
         if cfg.arch == NULL_ARCH:
             classes = resolve_classes(cfg, None)
-            return cls(cfg, backend=None, classes=classes, has_masks=False, device="cpu", version=model_version(cfg))
-
-        from ..detectors.registry import arch_spec
+            return cls(cfg, backend=None, detector=None, classes=classes, device="cpu", version=model_version(cfg))
 
         try:
-            spec = arch_spec(cfg.arch)
-        except KeyError as exc:
-            raise ConfigError(f"model {cfg.name!r}: field 'arch': {exc.args[0]}") from None
+            detector = get_detector(cfg.arch)
+        except ConfigError as exc:
+            raise ConfigError(f"model {cfg.name!r}: field 'arch': {exc}") from None
         device = resolve_device(device or cfg.device)
         options: dict = {}
         checkpoint = None
@@ -178,7 +170,7 @@ class Predictor:
             checkpoint = _read_checkpoint(cfg)
         classes = resolve_classes(cfg, checkpoint.classes if checkpoint is not None else None)
         if checkpoint is not None:
-            _check_num_classes(cfg, classes, checkpoint)
+            _check_num_classes(cfg, classes, checkpoint, detector)
         reason = f"configured: backend = {cfg.backend.value!r}"
         if cfg.backend == BackendKind.AUTO:
             cfg, reason, backend = _load_auto(cfg, device, checkpoint, threads)
@@ -188,8 +180,7 @@ class Predictor:
             backend = create_backend(cfg, device, **options)
             backend.load()
         predictor = cls(
-            cfg, backend=backend, classes=classes, has_masks=spec.has_masks, device=device,
-            version=model_version(cfg),
+            cfg, backend=backend, detector=detector, classes=classes, device=device, version=model_version(cfg),
         )
         predictor.backend_reason = reason
         return predictor
@@ -237,22 +228,28 @@ class Predictor:
 
     def _run_batch(self, pending: list[_Pending], results: list, times: list[StageTimes]) -> None:
         start = time.perf_counter()
-        batch, metas = preprocess_batch([p.bgr for p in pending], self.input_size)
+        detector = self._detector
+        try:
+            inputs, metas = detector.preprocess([p.bgr for p in pending], self.cfg)
+        except DetserveError:
+            # A family may refuse one image (e.g. too elongated for its resize): fail that one only.
+            pending = self._drop_refused(pending, results)
+            if not pending:
+                return
+            inputs, metas = detector.preprocess([p.bgr for p in pending], self.cfg)
         preprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        outputs = check_batch(self._backend.infer(batch), len(pending), self.backend_name)
-        if isinstance(outputs, HeadOutputs) and outputs.cls_scores[0].is_cuda:
-            torch.cuda.synchronize(outputs.cls_scores[0].device)
+        test_cfg = self._pre_nms_cfg(pending)
+        outputs = check_batch(detector.run(self._backend, inputs, metas, test_cfg), len(pending), self.backend_name)
+        _synchronize(outputs)
         inference_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        test_cfg = self._pre_nms_cfg(pending)
         with torch.inference_mode():
-            if isinstance(outputs, InputDetections):
-                per_image = postprocess_input_detections(outputs, metas, test_cfg)
-            else:
-                per_image = postprocess_head_outputs(outputs, metas, test_cfg)
+            per_image = detector.decode(outputs, metas, test_cfg)
+        if len(per_image) != len(pending):
+            raise RuntimeError(f"arch {self.arch!r} decoded {len(per_image)} images of a batch of {len(pending)}")
         batch_post_s = (time.perf_counter() - start) / len(pending)
 
         for slot, (p, dets, meta) in enumerate(zip(pending, per_image, metas)):
@@ -272,6 +269,16 @@ class Predictor:
             if isinstance(results[p.index], DetectResult):
                 results[p.index].times = t
 
+    def _drop_refused(self, pending: list[_Pending], results: list) -> list[_Pending]:
+        kept = []
+        for p in pending:
+            try:
+                self._detector.preprocess([p.bgr], self.cfg)
+                kept.append(p)
+            except DetserveError as exc:
+                results[p.index] = exc
+        return kept
+
     def _pre_nms_cfg(self, pending: list[_Pending]) -> TestConfig:
         """test_cfg with the pre-NMS score floor lowered to the batch's lowest requested score_thr,
         so `score_thr` below test_cfg.score_thr works instead of being silently floored. Greedy NMS
@@ -281,7 +288,8 @@ class Predictor:
         lowest = min(p.request.score_thr for p in pending)
         return base if lowest >= base.score_thr else base.model_copy(update={"score_thr": lowest})
 
-    def _finish_image(self, p: _Pending, dets: ImageDetections, meta: ImageMeta, outputs, slot: int) -> DetectResult:
+    def _finish_image(self, p: _Pending, dets: ImageDetections, meta: ImageMetaLike, outputs: RawOutputs,
+                      slot: int) -> DetectResult:
         req = p.request
         if self.clip_to_image:
             dets = clip_to_image(dets, meta.ori_h, meta.ori_w)
@@ -314,15 +322,10 @@ class Predictor:
             result.rendered = encode_image(draw_detections(p.bgr, result), req.options.render)
         return result
 
-    def _masks(self, dets: ImageDetections, meta: ImageMeta, outputs, slot: int) -> list[RLEMask] | None:
+    def _masks(self, dets: ImageDetections, meta: ImageMetaLike, outputs: RawOutputs, slot: int) -> list[RLEMask] | None:
         if not self.has_masks:
             return None
-        thr = self.cfg.test_cfg.mask_thr_binary
-        if dets.input_masks is not None:
-            return masks_from_input_probs(dets.input_masks, meta, thr)
-        if isinstance(outputs, HeadOutputs) and outputs.mask_feat is not None:
-            return instance_masks(outputs.mask_feat[slot], dets.kernels, dets.priors, meta, thr)
-        return None
+        return self._detector.masks(dets, meta, outputs, slot, self.cfg.test_cfg.mask_thr_binary)
 
     def _decode(self, image: ImageInput) -> np.ndarray:
         if isinstance(image, EncodedImage):
@@ -384,13 +387,18 @@ def _read_checkpoint(cfg: ModelConfig):
     return load_checkpoint(_weights_file(cfg))
 
 
-def _check_num_classes(cfg: ModelConfig, classes: tuple[str, ...], checkpoint) -> None:
-    from ..detectors.checkpoint import num_classes_in
+def _synchronize(outputs: RawOutputs) -> None:
+    """CUDA runs asynchronously: wait for it so the inference time is the network's, not the decode's."""
+    first = outputs[0] if isinstance(outputs, tuple) and outputs else getattr(outputs, "dets", None)
+    if isinstance(first, torch.Tensor) and first.is_cuda:
+        torch.cuda.synchronize(first.device)
 
-    head_classes = num_classes_in(checkpoint.state_dict)
+
+def _check_num_classes(cfg: ModelConfig, classes: tuple[str, ...], checkpoint, detector: Detector) -> None:
+    head_classes = detector.num_classes_in(checkpoint.state_dict)
     if head_classes is not None and head_classes != len(classes):
         source = "classes" if cfg.classes else "classes_file" if cfg.classes_file else "the checkpoint/COCO class list"
         raise ConfigError(
             f"model {cfg.name!r}: {len(classes)} class names (from {source}) but the weights' head "
-            f"(bbox_head.rtm_cls.0.weight) predicts {head_classes} classes"
+            f"({detector.classifier_key}) predicts {head_classes} classes"
         )

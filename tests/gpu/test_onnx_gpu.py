@@ -32,7 +32,7 @@ def run(cfg, path, providers, model, atol):
     backend = OnnxRuntimeBackend(onnx_config(cfg, path, end2end=False, providers=providers), "cuda:0")
     backend.load()
     x, _ = preprocess_batch(shape_images(4), cfg.input_size)
-    got = backend.infer(x).flat()
+    got = backend.infer(x)
     with torch.no_grad():
         want = model(x)
     for g, w in zip(got, want):

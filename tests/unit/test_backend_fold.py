@@ -77,7 +77,7 @@ def test_eager_backend_folds_by_default_with_the_same_outputs(detector, tmp_path
         backend = EagerBackend(cfg, "cpu", checkpoint=state)
         backend.load()
         assert (backend.folded_batchnorms > 0) == fold and backend.channels_last  # CPU default
-        outs.append(backend.infer(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))).flat())
+        outs.append(backend.infer(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))))
         backend.close()
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-5)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.backends.base import HeadOutputs
-from service.detectors.registry import arch_spec, build_detector, list_archs
+from service.detectors.rtmdet.outputs import HeadOutputs
+from service.detectors.registry import build_detector
+from service.detectors.rtmdet.specs import arch_spec, list_archs
 from service.detectors.rtmdet.priors import grid_priors
 from service.errors import ConfigError
 

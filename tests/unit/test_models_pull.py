@@ -95,3 +95,24 @@ def test_models_list_shows_the_store(tmp_path, capsys):
     assert main(["models", "list", "--store", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "m1" in out and "null" in out
+
+
+def test_two_stage_entries_point_at_mmdet_official_files_and_write_a_valid_model_toml(tmp_path):
+    from service.demo.zoo import TWO_STAGE_BASE_URL, lookup, model_toml
+    from service.detectors.registry import get_detector
+    from service.settings import load_model_config
+
+    two_stage = [e for e in ZOO.values() if get_detector(e.arch).family == "two-stage"]
+    assert sorted(e.arch for e in two_stage) == sorted(
+        f"{kind}-{backbone}-fpn" for kind in ("faster-rcnn", "mask-rcnn") for backbone in ("r50", "r101", "x101-32x4d"))
+    entry = lookup("mask-rcnn-r50-fpn")
+    assert entry.base_url == TWO_STAGE_BASE_URL == "https://download.openmmlab.com/mmdetection/v2.0/"
+    assert entry.path == "mask_rcnn/mask_rcnn_r50_fpn_1x_coco/mask_rcnn_r50_fpn_1x_coco_20200205-d4b0c5d6.pth"
+    assert entry.sha256_prefix == "d4b0c5d6"
+    assert lookup("faster-rcnn-x101-32x4d-fpn-coco").sha256_prefix == "cff10310"
+    folder = tmp_path / entry.name
+    folder.mkdir()
+    (folder / "model.toml").write_text(model_toml(entry.name, entry.arch, entry.file_name, None, True, two_stage=True))
+    cfg = load_model_config(folder)
+    assert cfg.resize_scale == (1333, 800) and cfg.test_cfg.iou_threshold == 0.5
+    assert cfg.test_cfg.rpn.max_per_img == 1000 and cfg.test_cfg.rpn.iou_threshold == 0.7

@@ -39,7 +39,7 @@ def test_padded_buckets_give_the_plain_results(tmp_path, caplog):
     with torch.no_grad():
         want = model(x)
     for n in (3, 5, 9):  # 3 -> 4, 5 -> 6, 9 -> 6 + 4 (chunks past max_batch_size)
-        got = b.infer(x[:n]).flat()
+        got = b.infer(x[:n])
         for g, w in zip(got, want):
             assert g.shape[0] == n
             torch.testing.assert_close(g, w[:n], atol=1e-4, rtol=1e-4)
@@ -53,7 +53,7 @@ def test_torch_compile_runs_one_shape_per_bucket(tmp_path):
     with torch.no_grad():
         want = model(x)
     for n in (1, 3, 4):
-        got = b.infer(x[:n]).flat()
+        got = b.infer(x[:n])
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w[:n], atol=1e-3, rtol=1e-3)
     assert {s[0] for s in b._model.shapes_seen} == {1, 4}
@@ -71,5 +71,5 @@ def test_cuda_graphs_replay_matches_eager(tmp_path):
     with torch.no_grad():
         want = model.cuda()(x.cuda())
     for _ in range(2):  # capture, then replay
-        for g, w in zip(b.infer(x).flat(), want):
+        for g, w in zip(b.infer(x), want):
             torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-3)

@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from service.backends import create_backend
 from service.backends.base import Backend, InputDetections
 from service.detectors.checkpoint import save_checkpoint
-from service.detectors.registry import build_detector
+from service.detectors.registry import build_detector, get_detector
+from service.detectors.rtmdet.outputs import HeadOutputs
 from service.errors import ConfigError, InternalError, InvalidImage
 from service.pipeline.predictor import Predictor
 from service.pipeline.transforms import preprocess_batch
@@ -36,7 +37,9 @@ def test_eager_backend_outputs_and_channels_last(model_folder):
     backend.load()
     images = [np.random.default_rng(i).integers(0, 256, (50, 80, 3), dtype=np.uint8) for i in range(2)]
     batch, _ = preprocess_batch(images, 64)
-    out = backend.infer(batch)
+    raw = backend.infer(batch)
+    assert isinstance(raw, tuple)  # backends return raw tensors; the family names them
+    out = HeadOutputs.from_flat(raw)
     assert [t.shape for t in out.cls_scores] == [(2, 2, 8, 8), (2, 2, 4, 4), (2, 2, 2, 2)]
     assert [t.shape for t in out.bbox_preds] == [(2, 4, 8, 8), (2, 4, 4, 4), (2, 4, 2, 2)]
     assert [t.shape for t in out.kernel_preds] == [(2, 169, 8, 8), (2, 169, 4, 4), (2, 169, 2, 2)]
@@ -47,7 +50,7 @@ def test_eager_backend_outputs_and_channels_last(model_folder):
     cl_backend = create_backend(cl_cfg, "cpu")
     assert not cl_backend.fp16  # fp16 is CUDA only
     cl_backend.load()
-    for a, b in zip(out.flat(), cl_backend.infer(batch).flat()):
+    for a, b in zip(out.flat(), cl_backend.infer(batch)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     backend.close()
     cl_backend.close()
@@ -93,7 +96,8 @@ class End2EndBackend:
 
 def _predictor(backend) -> Predictor:
     cfg = ModelConfig(name="e2e", arch="rtmdet-ins-tiny", input_size=64, default_score_thr=0.5)
-    return Predictor(cfg, backend=backend, classes=("a", "b"), has_masks=True, device="cpu", version="e2e-1")
+    return Predictor(cfg, backend=backend, detector=get_detector(cfg.arch), classes=("a", "b"), device="cpu",
+                     version="e2e-1")
 
 
 def _png(h: int, w: int) -> EncodedImage:

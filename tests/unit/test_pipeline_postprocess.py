@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from service.backends.base import HeadOutputs, InputDetections
+from service.backends.base import InputDetections
+from service.detectors.rtmdet.outputs import HeadOutputs
 from service.pipeline.postprocess import (
     distance2bbox,
     filter_for_request,

@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from service.detectors.checkpoint import save_checkpoint
-from service.detectors.registry import build_detector
+from service.detectors.registry import build_detector, get_detector
 from service.errors import ConfigError, ImageTooLarge, InvalidImage, InvalidRequest, UnsupportedMediaType
 from service.pipeline.predictor import Predictor, model_version
 from service.settings import load_model_config
@@ -137,7 +137,7 @@ def test_raw_input_render_and_pixel_limit(det_predictor):
     huge = RawImage(pixels=b"\x00" * 3, height=1, width=1)
     small_limit = Predictor(
         det_predictor.cfg.model_copy(update={"max_image_pixels": 100}), backend=det_predictor._backend,
-        classes=det_predictor.classes, has_masks=False, device="cpu", version="v",
+        detector=get_detector(det_predictor.arch), classes=det_predictor.classes, device="cpu", version="v",
     )
     ok, too_big = small_limit.predict([huge, EncodedImage(png(20, 20))], [DetectOptions()] * 2)
     assert isinstance(ok, DetectResult) and isinstance(too_big, ImageTooLarge)

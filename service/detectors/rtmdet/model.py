@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.backends.base import HeadOutputs
+from .outputs import HeadOutputs
 
 from .cspnext import CSPNeXt
 from .head import RTMDetSepBNHead

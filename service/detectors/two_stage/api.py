@@ -1,7 +1,7 @@
 """The two-stage family's entry points: registry, build, checkpoint layout, predict.
 
-Kept apart from `service.detectors.registry` (RTMDet's `ArchSpec` table, which the serving path, export
-and tests enumerate as RTMDet archs); the lead wires this table into the serving contract.
+The serving path reaches these through the detector contract (`family.py`, registered in
+service/detectors/base.py); `predict` is the standalone whole-pipeline call used by tests and tools.
 """
 from __future__ import annotations
 
@@ -123,9 +123,36 @@ def predict(model: TwoStageNetwork, images: list[np.ndarray], test_cfg: TwoStage
     return results
 
 
+@dataclass(frozen=True)
+class StageDetections:
+    """One image after every network stage, before mask pasting: boxes in original-image pixels."""
+
+    boxes_xyxy: torch.Tensor  # [N, 4] float32
+    scores: torch.Tensor  # [N]
+    labels: torch.Tensor  # [N] int64
+    mask_probs: torch.Tensor | None  # [N, 28, 28] probabilities of each box's own class (Mask R-CNN)
+
+
 def _predict_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[TwoStageMeta],
                     cfg: TwoStageTestConfig) -> list[ImageDetections]:
-    """One padded batch [B, 3, Hb, Wb] through the stages, the RoI heads over all B images at once."""
+    """One padded batch through the stages, then the masks pasted as RLE at each original size."""
+    results = []
+    for dets, meta in zip(detect_padded(model, inputs, metas, cfg), metas):
+        masks = None
+        if dets.mask_probs is not None:
+            masks = paste_masks_rle(dets.mask_probs, dets.boxes_xyxy, meta.ori_shape, cfg.mask_thr_binary,
+                                    cfg.mask_band_bytes)
+        results.append(ImageDetections(dets.boxes_xyxy, dets.scores, dets.labels, masks))
+    return results
+
+
+def detect_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[TwoStageMeta],
+                  cfg: TwoStageTestConfig) -> list[StageDetections]:
+    """One padded batch [B, 3, Hb, Wb] through the stages, the RoI heads over all B images at once.
+
+    Host-side between the network pieces: proposal selection after the RPN, class-wise NMS after the
+    bbox head (spec §5.1), so an eager module and ONNX sessions share every line of it.
+    """
     if isinstance(model, torch.nn.Module):
         inputs = inputs.to(next(model.parameters()).device)
     rpn = model.rpn_forward(inputs)
@@ -136,7 +163,7 @@ def _predict_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[Tw
     cls_logits, bbox_deltas = model.bbox_forward(rpn.feats, rois)
     per_image = decode_bboxes(cls_logits, bbox_deltas, rois, metas, cfg, rescale_before_nms=not model.with_mask)
     if not model.with_mask:
-        return [ImageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), None) for boxes, scores, labels in per_image]
+        return [StageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), None) for boxes, scores, labels in per_image]
     det_rois = rois_from([boxes for boxes, _, _ in per_image])
     probs = mask_probabilities(model.mask_forward(rpn.feats, det_rois),
                                torch.cat([labels for _, _, labels in per_image]))
@@ -144,6 +171,5 @@ def _predict_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[Tw
     for (boxes, scores, labels), img_probs, meta in zip(per_image, probs.split([len(b) for b, _, _ in per_image]),
                                                         metas):
         boxes = boxes_to_original(boxes, meta, Rescale.DIVIDE)
-        masks = paste_masks_rle(img_probs, boxes, meta.ori_shape, cfg.mask_thr_binary, cfg.mask_band_bytes)
-        results.append(ImageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), masks))
+        results.append(StageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), img_probs.cpu()))
     return results

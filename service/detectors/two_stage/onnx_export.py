@@ -137,6 +137,14 @@ class OnnxTwoStage:
         self._bbox = ort.InferenceSession(str(files.bbox), providers=providers)
         self._mask = ort.InferenceSession(str(files.mask), providers=providers) if files.mask else None
 
+    @classmethod
+    def from_sessions(cls, features, bbox, mask, num_classes: int) -> "OnnxTwoStage":
+        """Over sessions someone else opened (the ONNX Runtime backend, with its providers and threads)."""
+        runner = cls.__new__(cls)
+        runner.num_classes = num_classes
+        runner._features, runner._bbox, runner._mask = features, bbox, mask
+        return runner
+
     @property
     def with_mask(self) -> bool:
         return self._mask is not None

@@ -32,6 +32,14 @@ class TwoStageMeta:
     img_shape: tuple[int, int]
     scale_factor: tuple[float, float]
 
+    @property
+    def ori_h(self) -> int:
+        return self.ori_shape[0]
+
+    @property
+    def ori_w(self) -> int:
+        return self.ori_shape[1]
+
 
 class Rescale(Enum):
     """How boxes return to original pixels: Faster R-CNN multiplies by 1/sf, Mask R-CNN divides by sf."""
