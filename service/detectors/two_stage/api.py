@@ -22,7 +22,7 @@ from .model import RPNOutputs, TwoStageDetector
 from .resnet import RESNET_SPECS
 from .rpn import proposals_for_batch
 from .transforms import (
-    SCALE, Rescale, TwoStageMeta, boxes_to_original, normalize, pad_batch, padded_shape, resize_image,
+    SCALE, Rescale, TwoStageMeta, boxes_to_original, pad_batch, padded_shape, resize_and_normalize,
 )
 
 CLASSIFIER_KEY = "roi_head.bbox_head.fc_cls.weight"
@@ -107,11 +107,7 @@ def predict(model: TwoStageNetwork, images: list[np.ndarray], test_cfg: TwoStage
     cfg = test_cfg or TwoStageTestConfig()
     if not images:
         raise InvalidImage("no images given")
-    tensors, metas = [], []
-    for image in images:
-        resized, meta = resize_image(image, scale)
-        tensors.append(normalize(resized))
-        metas.append(meta)
+    tensors, metas = resize_and_normalize(images, scale)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, meta in enumerate(metas):
         groups.setdefault(padded_shape([meta.img_shape]) if group_by_padded_shape else (0, 0), []).append(i)

@@ -29,7 +29,7 @@ from .decode import paste_masks_rle
 from .onnx_export import FEATURE_NAMES, NUM_LEVELS, OnnxTwoStage, export_two_stage
 from .resnet import RESNET_SPECS
 from .transforms import (
-    SCALE, Rescale, TwoStageMeta, boxes_to_original, boxes_to_resized, normalize, pad_batch, padded_shape, resize_image,
+    SCALE, Rescale, TwoStageMeta, boxes_to_original, boxes_to_resized, pad_batch, padded_shape, resize_and_normalize,
 )
 
 # The RoI graphs live next to the features graph (`onnxruntime.model`) under these fixed names.
@@ -92,11 +92,7 @@ class RCNNDetector(Detector):
 
     def preprocess(self, images_bgr: Sequence[np.ndarray], cfg) -> tuple[TwoStageInputs, list[TwoStageMeta]]:
         scale = tuple(cfg.resize_scale) if cfg.resize_scale else SCALE
-        tensors, metas = [], []
-        for image in images_bgr:
-            resized, meta = resize_image(image, scale)
-            tensors.append(normalize(resized))
-            metas.append(meta)
+        tensors, metas = resize_and_normalize(images_bgr, scale)
         return TwoStageInputs(tensors), metas
 
     def boxes_to_input(self, boxes_xyxy, meta):

@@ -90,15 +90,21 @@ def pad_batch(tensors: list[torch.Tensor], divisor: int = PAD_DIVISOR) -> torch.
     return torch.stack([F.pad(t, (0, wb - t.shape[-1], 0, hb - t.shape[-2]), value=0.0) for t in tensors])
 
 
-def preprocess(images_bgr: list[np.ndarray], scale: tuple[int, int] = SCALE) -> tuple[torch.Tensor, list[TwoStageMeta]]:
-    """Images (uint8 BGR [H, W, 3]) -> batch [B, 3, Hb, Wb] and per-image metadata."""
-    if not images_bgr:
-        raise InvalidImage("no images given")
+def resize_and_normalize(images_bgr, scale: tuple[int, int] = SCALE) -> tuple[list[torch.Tensor], list[TwoStageMeta]]:
+    """Each image (uint8 BGR [H, W, 3]) resized and normalised, unpadded [3, h, w], with its metadata."""
     tensors, metas = [], []
     for image in images_bgr:
         resized, meta = resize_image(image, scale)
         tensors.append(normalize(resized))
         metas.append(meta)
+    return tensors, metas
+
+
+def preprocess(images_bgr: list[np.ndarray], scale: tuple[int, int] = SCALE) -> tuple[torch.Tensor, list[TwoStageMeta]]:
+    """Images (uint8 BGR [H, W, 3]) -> batch [B, 3, Hb, Wb] and per-image metadata."""
+    if not images_bgr:
+        raise InvalidImage("no images given")
+    tensors, metas = resize_and_normalize(images_bgr, scale)
     return pad_batch(tensors), metas
 
 
