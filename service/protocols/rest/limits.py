@@ -60,7 +60,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # A fresh connection that sends nothing is a header read that has not finished.
-        self.phase, self.phase_seen_at, self.header_bytes = _HEADERS, None, 0
+        self.phase, self.phase_seen_at, self.header_bytes, self.parsed_header_bytes = _HEADERS, None, 0, 0
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
@@ -91,7 +91,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def _count_parsed(self, size: int) -> None:
-        self.parsed_header_bytes = getattr(self, "parsed_header_bytes", 0) + size
+        self.parsed_header_bytes += size
         if self.parsed_header_bytes > self.limits.max_header_bytes:
             self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
                         f"request line and headers exceed {self.limits.max_header_bytes} bytes")
