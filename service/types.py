@@ -34,6 +34,31 @@ class RenderFormat(str, enum.Enum):
     PNG = "png"
 
 
+class BoxFormat(str, enum.Enum):
+    """How a door writes a box: corners, corner + size (COCO), or centre + size (YOLO)."""
+
+    XYXY = "xyxy"
+    XYWH = "xywh"
+    CXCYWH = "cxcywh"
+
+
+class MaskFormat(str, enum.Enum):
+    RLE = "rle"  # COCO compressed RLE, original-image pixels
+    POLYGON = "polygon"  # outer contours as flat [x0, y0, x1, y1, ...] lists, original-image pixels
+    NONE = "none"  # no masks: the worker skips pasting them
+
+
+class TileMerge(str, enum.Enum):
+    """How detections of overlapping tiles are merged (docs/tiling.md)."""
+
+    NMS = "nms"  # class-wise greedy non-maximum suppression: the best box of a cluster survives
+    NMM = "nmm"  # greedy non-maximum merging (SAHI): a cluster becomes the union of its boxes and masks
+
+
+TILE_AUTO = "auto"
+TILE_OFF = "off"
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedImage:
     """An encoded file (JPEG, PNG, WebP, BMP) exactly as the client sent it."""
@@ -62,6 +87,17 @@ class DetectOptions:
     max_dets: int | None = None
     classes: tuple[str, ...] | None = None  # keep only these class names
     render: RenderFormat | None = None  # also return the annotated image in this format
+    # NMS re-done per request on the network's raw outputs (the network is not run again).
+    iou_thr: float | None = None
+    class_agnostic: bool | None = None  # one NMS over all classes instead of one per class
+    # How the door writes results; detections themselves are always xyxy in original pixels.
+    box_format: BoxFormat | None = None
+    normalized: bool | None = None  # boxes divided by the image width/height
+    mask_format: MaskFormat | None = None
+    # Sliced inference (docs/tiling.md): TILE_AUTO, TILE_OFF or a tile side in pixels (int).
+    tile: int | str | None = None
+    tile_overlap: float | None = None  # fraction of the tile side shared with the next tile, [0, 0.5]
+    tile_merge: TileMerge | None = None
 
 
 @dataclass(frozen=True, slots=True)
