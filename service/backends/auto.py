@@ -272,11 +272,12 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
     entry = entry_dir(cfg, cache_key(cfg, num_classes), root)
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        if not os.access(entry, os.W_OK):
-            raise PermissionError(f"{entry} is read-only")
+        writable = os.access(entry, os.W_OK)
     except OSError as exc:
         return _eager(cfg, f"auto: eager, because the cache folder is not writable ({exc}); "
                            f"set {CACHE_ENV} to a writable folder")
+    if not writable:
+        return _read_only_choice(cfg, cands, skipped, entry)
     verdicts = []
     try:
         with entry_lock(entry):
@@ -292,6 +293,28 @@ def resolve_auto(cfg: ModelConfig, device: str, *, checkpoint, threads: int | No
         return _eager(cfg, reason)
     log.info("model %s: %s", cfg.name, reason)
     return AutoChoice(onnx_cfg(cfg, entry / ONNX_FILE, cand, entry), reason)
+
+
+def _read_only_choice(cfg: ModelConfig, cands: list[Candidate], skipped: list[str], entry: Path) -> AutoChoice:
+    """A cache filled once and then mounted read-only (baked into an image, a shared volume) still
+    serves what it decided: a PASS verdict about the graph on disk is used as is. Nothing is
+    exported, locked or written; without a usable verdict the model is served eager."""
+    onnx_path = entry / ONNX_FILE
+    current = file_sha256(onnx_path) if onnx_path.is_file() else ""
+    verdicts = []
+    for cand in cands:
+        verdict = Verdict.from_file(verdict_path(entry, cand, cfg))
+        if verdict is None or (verdict.passed and verdict.onnx_sha256 != current):
+            return _eager(cfg, f"auto: eager, because the cache folder {entry} is read-only and holds no "
+                               f"current {cand.label} verdict; set {CACHE_ENV} to a writable folder")
+        verdicts.append((cand, verdict))
+        if verdict.passed:
+            break
+    cand, reason = choose(verdicts, skipped)
+    if cand is None:
+        return _eager(cfg, reason)
+    log.info("model %s: %s (read-only cache %s)", cfg.name, reason, entry)
+    return AutoChoice(onnx_cfg(cfg, onnx_path, cand, entry), reason)
 
 
 def _eager(cfg: ModelConfig, reason: str) -> AutoChoice:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -346,3 +347,26 @@ def test_the_cache_key_covers_the_code_that_exports_and_checks_graphs(monkeypatc
         assert auto.code_fingerprint() != first["detserve_code"]
     finally:
         auto.code_fingerprint.cache_clear()
+
+
+@pytestmark_real
+def test_a_read_only_cache_with_a_passing_verdict_serves_onnxruntime(first_load, store, cache, monkeypatch, caplog):
+    # Root may write anywhere, so "read-only" is what os.access says of the entry (as on a ro mount).
+    entry = next(cache.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(auto.os, "access", lambda path, mode: False if mode == os.W_OK and Path(path) == entry
+                        else real_access(path, mode))
+    onnx = entry / "model.onnx"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in entry.iterdir())
+    predictor = load(store, cache, monkeypatch, caplog)
+    assert predictor.backend_name == "onnxruntime" and predictor.backend_reason.startswith("auto: onnxruntime cpu (PASS")
+    assert "read-only cache" in caplog.text and "exporting" not in caplog.text
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in entry.iterdir()) == before  # nothing written
+
+    # A verdict about another graph than the one on disk is not trusted, and cannot be renewed: eager.
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    try:
+        stale = load(store, cache, monkeypatch, caplog)
+        assert stale.backend_name == "eager" and "is read-only and holds no current cpu verdict" in stale.backend_reason
+    finally:
+        onnx.write_bytes(onnx.read_bytes()[:-1])
