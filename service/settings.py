@@ -79,11 +79,40 @@ class WorkerConfig(_Strict):
         """
         if self.threads:
             return self.threads
-        import os
-
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = self.count if count is None else count
-        return max(1, cores // max(1, workers))
+        return max(1, available_cores() // max(1, workers))
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota.
+
+    A Kubernetes pod with `limits.cpu: 2` on a 64-core node sees 64 cores in its affinity mask; 64
+    intra-op threads against a 2-core quota are throttled for most of each period, so the quota
+    (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded up, wins.
+    """
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The CPU quota in cores, or None when there is none (or no cgroup filesystem to read)."""
+    try:
+        fields = (root / "cpu.max").read_text().split()  # v2: "<quota|max> <period>"
+        if len(fields) == 2 and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:  # v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 class EagerConfig(_Strict):

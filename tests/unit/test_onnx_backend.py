@@ -182,8 +182,28 @@ def test_one_thread_rule_for_the_engine_and_a_backend_built_alone(monkeypatch, c
     from service.settings import WorkerConfig
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("service.settings._cgroup_quota", lambda root: None)
     workers_cfg = WorkerConfig(count=workers, threads=configured)
     cfg = SimpleNamespace(workers=workers_cfg)
     assert workers_cfg.threads_per_worker() == expected
     assert threads_per_worker(cfg, workers) == expected
     assert default_threads(cfg) == expected
+
+
+@pytest.mark.parametrize("files, cores, expected", [
+    ({"cpu.max": "200000 100000\n"}, 64, 2),  # a pod with limits.cpu = 2 on a 64-core node
+    ({"cpu.max": "150000 100000\n"}, 64, 2),  # 1.5 cores: rounded up
+    ({"cpu.max": "max 100000\n"}, 8, 8),  # no quota
+    ({"cpu.max": "800000 100000\n"}, 4, 4),  # a quota above the affinity mask does not add cores
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16, 16),  # v1, no quota
+    ({}, 6, 6),  # no cgroup filesystem
+])
+def test_available_cores_honours_a_cgroup_cpu_quota(tmp_path, monkeypatch, files, cores, expected):
+    from service.settings import available_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    assert available_cores(tmp_path) == expected
