@@ -43,10 +43,15 @@ class FakePredictor:
     seen: list[bytes] = []  # every command run, in this process (inline engines only)
 
     def __init__(self, cfg, device: str, threads: int | None, oom_above: int | None = None,
-                 load_delay_s: float = 0.0, fail_load: bool = False):
+                 load_delay_s: float = 0.0, fail_load: bool = False, load_stages: int = 0):
         if fail_load:
             raise FileNotFoundError("weights.pth: no such file (fake)")
         time.sleep(load_delay_s)
+        for stage in range(load_stages):  # as backend auto's export and parity checks report themselves
+            from service.backends import auto
+
+            auto._progress(f"fake stage {stage + 1}")
+            time.sleep(load_delay_s)
         self.name = cfg.name
         self.version = f"{cfg.name}-fake"
         self.arch = cfg.arch

@@ -41,6 +41,15 @@ def _visible_progress() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
 
+# Set by a worker process (service/engine/worker.py) to report long load stages to the pool.
+progress_hook: Callable[[str], None] | None = None
+
+
+def _progress(stage: str) -> None:
+    if progress_hook is not None:
+        progress_hook(stage)
+
+
 CACHE_ENV = "DETSERVE_CACHE_DIR"
 # Bump when the cached layout or what the export writes changes, so old entries are not reused.
 CACHE_FORMAT = 1
@@ -336,6 +345,7 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
     if cached is not None or not current:
         # First start, or the cached graph changed under a passing verdict: export (again).
         log.info("model %s: exporting ONNX for backend auto (first start; cached in %s)", cfg.name, entry)
+        _progress("exporting ONNX")
         start = time.perf_counter()
         try:
             _export(cfg, checkpoint, onnx_path)
@@ -348,6 +358,7 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
         export_s = time.perf_counter() - start
         current = file_sha256(onnx_path)
     start = time.perf_counter()
+    _progress(f"checking {cand.label} parity")
     summary, passed = _parity(cfg, device, cand, entry, onnx_path, threads)
     verdict = Verdict(cand.label, passed, summary, current, round(export_s, 2), round(time.perf_counter() - start, 2))
     # info even on FAIL: the fallback to eager is the one warning that says why

@@ -88,6 +88,16 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadProgress:
+    """A loading worker reached a new stage (backend auto's export, a parity check, which on CUDA
+    includes a TensorRT engine build): its start timeout restarts, so each stage gets the whole
+    `worker_start_timeout_s` while a worker stuck in one stage is still killed."""
+
+    worker_id: int
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerError:
     """The worker could not start (bad weights, bad device) or hit an error outside any batch."""
 

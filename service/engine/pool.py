@@ -25,7 +25,8 @@ from .. import errors
 from ..observability import metrics
 from ..settings import ModelConfig, ServerSettings
 from ..types import WorkerStatus
-from .messages import DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, ModelFacts, Shutdown, WorkerError, WorkerReady, WorkerSpec
+from .messages import (DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, LoadProgress, ModelFacts,
+                       Shutdown, WorkerError, WorkerReady, WorkerSpec)
 from .process import WorkerProcess
 from .scheduler import WorkerLoad
 from .worker import describe, load_predictor, run_batch
@@ -77,6 +78,7 @@ class _Seat:
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: str | None = None
     ever_ready: bool = False  # a worker that never came up is reported, not restarted forever
+    progress_at: float = field(default_factory=time.monotonic)  # launch or last LoadProgress: the start clock
 
     def status(self) -> WorkerStatus:
         in_flight = self.batch[1] if self.batch else 0
@@ -146,10 +148,13 @@ class _PoolBase:
 
     async def _await_ready(self, seats: list[_Seat]) -> None:
         timeout = self.settings.worker_start_timeout_s
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.ready_event.wait() for s in seats)), timeout)
-        except asyncio.TimeoutError:
-            pass
+        while not all(s.ready_event.is_set() for s in seats):
+            # Each load stage a worker reports (LoadProgress) restarts its clock; polled, since the
+            # deadline moves (start-up only, so 50 ms of lag costs nothing).
+            remaining = max(s.progress_at for s in seats) + timeout - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(remaining, 0.05))
         failed = [s for s in seats if s.state != "ready" and s.state != "busy"]
         if failed:
             reason = next((s.load_error for s in failed if s.load_error), None) or (
@@ -306,6 +311,9 @@ class ProcessPool(_PoolBase):
             if message.gpu_memory_allocated is not None:
                 metrics.GPU_MEMORY_ALLOCATED.labels(self.cfg.name, seat.device).set(message.gpu_memory_allocated)
                 metrics.GPU_MEMORY_RESERVED.labels(self.cfg.name, seat.device).set(message.gpu_memory_reserved or 0)
+        elif isinstance(message, LoadProgress):
+            seat.progress_at = time.monotonic()
+            log.info("worker %d of %s: %s", seat.worker_id, self.cfg.name, message.stage)
         elif isinstance(message, WorkerError):
             seat.load_error = message.message
             log.error("worker %d of %s: %s", seat.worker_id, self.cfg.name, message.message)
@@ -329,7 +337,7 @@ class ProcessPool(_PoolBase):
                 if seat.state == "starting":
                     # Imports and weights loading may starve heartbeats on a busy box; only the start
                     # timeout applies until the worker says it is ready.
-                    if now - handle.started_at > self.settings.worker_start_timeout_s:
+                    if now - max(handle.started_at, seat.progress_at) > self.settings.worker_start_timeout_s:
                         handle.kill("did not start in time")
                     continue
                 silent = now - handle.last_heartbeat

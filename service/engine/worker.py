@@ -18,6 +18,7 @@ from .. import errors
 from ..types import DetectResult
 from .arena import WorkerArena
 from .messages import (
+    LoadProgress,
     BatchRequest,
     BatchResult,
     Heartbeat,
@@ -206,6 +207,9 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
     # Heartbeats start before the model loads so a slow load is not mistaken for a hang.
     beat = threading.Thread(target=_heartbeat_loop, args=(sender, spec, device_box, stop), daemon=True)
     beat.start()
+    from ..backends import auto
+
+    auto.progress_hook = lambda stage: sender.send(LoadProgress(spec.worker_id, stage))
     try:
         predictor = load_predictor(spec)
         facts = describe(predictor)

@@ -159,6 +159,22 @@ def test_a_worker_that_cannot_load_its_model_fails_start_with_config_error(tmp_p
     run(scenario())
 
 
+def test_load_stages_each_get_the_whole_start_timeout(tmp_path):
+    """A long auto load (export, parity, a TensorRT build) reports each stage and is not killed for
+    taking longer than worker_start_timeout_s in total; a stage that alone overruns still fails."""
+    write_model(tmp_path, "proc-stages", workers=1)
+
+    async def scenario(delay_s: float, stages: int):
+        async with running_engine(tmp_path, inline=False, worker_start_timeout_s=3.0, heartbeat_timeout_s=1.0,
+                                  heartbeat_interval_s=0.2,
+                                  factory_kwargs={"load_delay_s": delay_s, "load_stages": stages}) as engine:
+            return await engine.detect("proc-stages", [image(b"ok")])
+
+    assert run(scenario(1.6, 3))[0].image_width == 1  # 6.4 s in all, 1.6 s between reports
+    with pytest.raises(errors.ConfigError, match="not ready within"):
+        run(scenario(4.0, 0))  # one silent stage longer than the timeout
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
