@@ -45,6 +45,7 @@ class TestConfig(_Strict):
     min_bbox_size: float = Field(0.0, ge=0)
     score_thr: float = Field(0.05, ge=0, le=1)
     iou_threshold: float = Field(0.65, gt=0, le=1)
+    class_agnostic: bool = False  # mmdet's nms.class_agnostic: one NMS over all classes
     max_per_img: int = Field(100, ge=1)
     mask_thr_binary: float = Field(0.5, ge=0, le=1)
     # Upstream clamps boxes to the padded input only, so a box can reach past the image edge.
