@@ -14,6 +14,7 @@ Doors stay thin adapters: frame the wire, call `resolve`, `options`, `detect`, `
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Awaitable, Sequence
@@ -83,20 +84,14 @@ class DataPlane:
                 box_format: Any = None, normalized: Any = None, mask_format: Any = None, tile: Any = None,
                 tile_overlap: Any = None, tile_merge: Any = None) -> DetectOptions:
         """Options from raw wire values (str, int, float, list...); InvalidRequest names the field.
-        None (or an empty string from a query or proto field) means the model's default."""
-        return DetectOptions(
+        None (or an empty string from a query or proto field, for the knobs) means the model's default."""
+        return dataclasses.replace(
+            knob_options(iou_thr=iou_thr, class_agnostic=class_agnostic, box_format=box_format, normalized=normalized,
+                         mask_format=mask_format, tile=tile, tile_overlap=tile_overlap, tile_merge=tile_merge),
             score_thr=_score_thr(score_thr),
             max_dets=_max_dets(max_dets, info.max_per_img),
             classes=_classes(classes, info.classes),
             render=render,
-            iou_thr=_iou_thr(_unset_if_empty(iou_thr)),
-            class_agnostic=_bool("class_agnostic", _unset_if_empty(class_agnostic)),
-            box_format=_choice("box_format", _unset_if_empty(box_format), BoxFormat),
-            normalized=_bool("normalized", _unset_if_empty(normalized)),
-            mask_format=_choice("mask_format", _unset_if_empty(mask_format), MaskFormat),
-            tile=_tile(_unset_if_empty(tile)),
-            tile_overlap=_tile_overlap(_unset_if_empty(tile_overlap)),
-            tile_merge=_choice("tile_merge", _unset_if_empty(tile_merge), TileMerge),
         )
 
     def options_from(self, info: ModelInfo, params: Any, *, render: RenderFormat | None = None) -> DetectOptions:
@@ -148,6 +143,22 @@ def dataplane_for(state) -> DataPlane:
 
 
 # ---- option parsers: one rule and one message per field ------------------------------------
+
+def knob_options(*, iou_thr: Any = None, class_agnostic: Any = None, box_format: Any = None, normalized: Any = None,
+                 mask_format: Any = None, tile: Any = None, tile_overlap: Any = None,
+                 tile_merge: Any = None) -> DetectOptions:
+    """The issue-18 knobs alone, which need no model to check (`detserve predict` checks its flags here)."""
+    return DetectOptions(
+        iou_thr=_iou_thr(_unset_if_empty(iou_thr)),
+        class_agnostic=_bool("class_agnostic", _unset_if_empty(class_agnostic)),
+        box_format=_choice("box_format", _unset_if_empty(box_format), BoxFormat),
+        normalized=_bool("normalized", _unset_if_empty(normalized)),
+        mask_format=_choice("mask_format", _unset_if_empty(mask_format), MaskFormat),
+        tile=_tile(_unset_if_empty(tile)),
+        tile_overlap=_tile_overlap(_unset_if_empty(tile_overlap)),
+        tile_merge=_choice("tile_merge", _unset_if_empty(tile_merge), TileMerge),
+    )
+
 
 def _number(field: str, value: Any) -> float:
     if isinstance(value, bool):

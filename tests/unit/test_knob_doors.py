@@ -63,8 +63,10 @@ class RecordingEngine:
 
 
 class Served:
-    def __init__(self, loop, engine, http, grpc_channel, predictor):
-        self.loop, self.engine, self.http, self.channel, self.predictor = loop, engine, http, grpc_channel, predictor
+    def __init__(self, loop, engine, http, grpc_port, predictor):
+        self.loop, self.engine, self.http, self.predictor = loop, engine, http, predictor
+        self.target = f"127.0.0.1:{grpc_port}"
+        self.channel = loop.run_until_complete(_channel(self.target))
 
     def run(self, coro):
         return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
@@ -85,19 +87,19 @@ def served(tmp_path_factory):
     app = build_inference_app(engine, settings)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
     server = loop.run_until_complete(start_grpc_server(engine, settings))
-    channel = loop.run_until_complete(_channel(server.detserve_port))
     predictor = Predictor.from_config(load_model_config(folder), threads=1)
-    yield Served(loop, engine, http, channel, predictor)
+    served = Served(loop, engine, http, server.detserve_port, predictor)
+    yield served
     predictor.close()
-    loop.run_until_complete(channel.close())
+    loop.run_until_complete(served.channel.close())
     loop.run_until_complete(server.stop(None))
     loop.run_until_complete(http.aclose())
     loop.run_until_complete(engine.stop(5.0))
     loop.close()
 
 
-async def _channel(port: int):
-    return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+async def _channel(target: str):
+    return grpc.aio.insecure_channel(target)  # made inside the loop it serves
 
 
 def _expected(served):
@@ -263,3 +265,26 @@ def test_detserve_grpc_bad_knob_is_invalid_argument(served, field, value, allowe
         served.run(stub.Detect(pb.DetectRequest(model=MODEL, image=pb.Image(encoded=IMAGE), options=options)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details() and allowed in caught.value.details()
+
+
+# ---- the Python client ----------------------------------------------------------------------
+
+def test_grpc_client_carries_the_knobs_and_returns_polygons(served):
+    from service.client import AsyncDetserveClient
+
+    target = served.target
+
+    async def call():
+        async with AsyncDetserveClient(grpc=target) as client:
+            return await client.detect(IMAGE, model=MODEL, score_thr=0.05, iou_thr=0.3, class_agnostic=True,
+                                       mask_format="polygon", tile=512, tile_overlap=0.25, tile_merge="nmm")
+
+    result = served.run(call())
+    got = served.engine.options[-1]
+    rounded = {f: round(getattr(got, f), 6) for f in ("score_thr", "iou_thr", "tile_overlap")}
+    # box_format / normalized are the caller's to render (protocols/render.py): the client returns xyxy pixels
+    assert dataclasses.replace(got, **rounded) == dataclasses.replace(EXPECTED, box_format=None, normalized=None)
+    (want,) = served.predictor.predict([EXPECTED_IMAGE], [EXPECTED])
+    assert [d.label for d in result.detections] == [d.label for d in want.detections]
+    np.testing.assert_allclose([d.box_xyxy for d in result.detections], [d.box_xyxy for d in want.detections], atol=1e-2)
+    assert all(d.polygons and d.mask is None for d in result.detections)
