@@ -68,8 +68,13 @@ class Served:
         self.target = f"127.0.0.1:{grpc_port}"
         self.channel = loop.run_until_complete(_channel(self.target))
 
-    def run(self, coro):
-        return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
+    def run(self, call):
+        """Run `call()` (an awaitable factory) on the server's loop. A factory, not an awaitable: grpc.aio
+        binds a call to the loop current when it is made, and outside the loop there may be none."""
+        async def inside():
+            return await call()
+
+        return self.loop.run_until_complete(asyncio.wait_for(inside(), 60))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,7 @@ def _check_same(served, labels, scores, boxes, polygons):
 # ---- TorchServe REST ------------------------------------------------------------------------
 
 def test_rest_query_parameters_carry_every_knob(served):
-    response = served.run(served.http.post(f"/predictions/{MODEL}", params=KNOBS, content=IMAGE))
+    response = served.run(lambda: served.http.post(f"/predictions/{MODEL}", params=KNOBS, content=IMAGE))
     assert response.status_code == 200, response.text
     dets = response.json()
     assert all("segmentation" not in d for d in dets)
@@ -141,7 +146,7 @@ def test_rest_query_parameters_carry_every_knob(served):
 
 
 def test_rest_mask_format_none_and_default_xyxy(served):
-    response = served.run(served.http.post(f"/predictions/{MODEL}", params={"mask_format": "none"}, content=IMAGE))
+    response = served.run(lambda: served.http.post(f"/predictions/{MODEL}", params={"mask_format": "none"}, content=IMAGE))
     dets = response.json()
     assert response.status_code == 200 and dets
     assert all("segmentation" not in d and "polygons" not in d for d in dets)
@@ -151,7 +156,7 @@ def test_rest_mask_format_none_and_default_xyxy(served):
 
 @pytest.mark.parametrize("name, value, allowed", BAD)
 def test_rest_bad_knob_is_400_naming_parameter_and_allowed_values(served, name, value, allowed):
-    response = served.run(served.http.post(f"/predictions/{MODEL}", params={name: value}, content=IMAGE))
+    response = served.run(lambda: served.http.post(f"/predictions/{MODEL}", params={name: value}, content=IMAGE))
     assert response.status_code == 400
     message = response.json()["message"]
     assert name in message and allowed in message
@@ -170,7 +175,7 @@ def _json_knobs() -> dict:
 
 
 def test_kserve_rest_parameters_carry_every_knob(served):
-    response = served.run(served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body(_json_knobs())))
+    response = served.run(lambda: served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body(_json_knobs())))
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert "masks_rle" not in outputs
@@ -181,14 +186,14 @@ def test_kserve_rest_parameters_carry_every_knob(served):
 
 
 def test_kserve_rest_mask_format_none_has_no_mask_output(served):
-    response = served.run(served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body({"mask_format": "none"})))
+    response = served.run(lambda: served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body({"mask_format": "none"})))
     assert response.status_code == 200
     assert [o["name"] for o in response.json()["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
 
 
 @pytest.mark.parametrize("name, value, allowed", BAD[:4] + BAD[5:6])
 def test_kserve_rest_bad_knob_is_400(served, name, value, allowed):
-    response = served.run(served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body({name: value})))
+    response = served.run(lambda: served.http.post(f"/v2/models/{MODEL}/infer", json=_v2_body({name: value})))
     assert response.status_code == 400
     body = response.json()
     assert name in body["error"] if "error" in body else name in body["message"]
@@ -215,7 +220,7 @@ def _kserve_request(parameters: dict) -> kpb.ModelInferRequest:
 
 def test_kserve_grpc_parameters_carry_every_knob(served):
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(served.channel)
-    response = served.run(stub.ModelInfer(_kserve_request(_json_knobs())))
+    response = served.run(lambda: stub.ModelInfer(_kserve_request(_json_knobs())))
     raw = dict(zip([o.name for o in response.outputs], response.raw_output_contents))
     shapes = {o.name: list(o.shape) for o in response.outputs}
     from service.protocols.kserve_codec import unpack_bytes_elements
@@ -232,7 +237,7 @@ def test_kserve_grpc_parameters_carry_every_knob(served):
 def test_kserve_grpc_bad_knob_is_invalid_argument(served, name, value, allowed):
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(served.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        served.run(stub.ModelInfer(_kserve_request({name: value})))
+        served.run(lambda: stub.ModelInfer(_kserve_request({name: value})))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert name in caught.value.details() and allowed in caught.value.details()
 
@@ -242,7 +247,7 @@ def test_kserve_grpc_bad_knob_is_invalid_argument(served, name, value, allowed):
 def test_detserve_grpc_fields_carry_every_knob(served):
     stub = detserve_pb2_grpc.DetectorStub(served.channel)
     request = pb.DetectRequest(model=MODEL, image=pb.Image(encoded=IMAGE), options=convert.options_to_proto(EXPECTED))
-    response = served.run(stub.Detect(request))
+    response = served.run(lambda: stub.Detect(request))
     dets = response.detections
     assert all(not d.HasField("mask") for d in dets)
     _check_same(served, [d.label for d in dets], [d.score for d in dets], [list(d.bbox) for d in dets],
@@ -262,7 +267,7 @@ def test_detserve_grpc_bad_knob_is_invalid_argument(served, field, value, allowe
     options = pb.DetectOptions()
     setattr(options, field, value)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        served.run(stub.Detect(pb.DetectRequest(model=MODEL, image=pb.Image(encoded=IMAGE), options=options)))
+        served.run(lambda: stub.Detect(pb.DetectRequest(model=MODEL, image=pb.Image(encoded=IMAGE), options=options)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details() and allowed in caught.value.details()
 
@@ -279,7 +284,7 @@ def test_grpc_client_carries_the_knobs_and_returns_polygons(served):
             return await client.detect(IMAGE, model=MODEL, score_thr=0.05, iou_thr=0.3, class_agnostic=True,
                                        mask_format="polygon", tile=512, tile_overlap=0.25, tile_merge="nmm")
 
-    result = served.run(call())
+    result = served.run(call)
     got = served.engine.options[-1]
     rounded = {f: round(getattr(got, f), 6) for f in ("score_thr", "iou_thr", "tile_overlap")}
     # box_format / normalized are the caller's to render (protocols/render.py): the client returns xyxy pixels
