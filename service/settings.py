@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import enum
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelNotFound
 
 MODEL_CONFIG_FILE = "model.toml"
 
@@ -45,6 +46,7 @@ class TestConfig(_Strict):
     min_bbox_size: float = Field(0.0, ge=0)
     score_thr: float = Field(0.05, ge=0, le=1)
     iou_threshold: float = Field(0.65, gt=0, le=1)
+    class_agnostic: bool = False  # mmdet's nms.class_agnostic: one NMS over all classes
     max_per_img: int = Field(100, ge=1)
     mask_thr_binary: float = Field(0.5, ge=0, le=1)
     # Upstream clamps boxes to the padded input only, so a box can reach past the image edge.
@@ -201,6 +203,26 @@ def load_model_config(folder: str | Path, **overrides) -> ModelConfig:
         return ModelConfig(**data, root=folder.resolve())
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+# The model a request or command that names none gets when nothing else decides (docs/api.md):
+# `make serve` sets DETSERVE_DEFAULT_MODEL to it, and a fresh clone's store holds it.
+BUNDLED_DEFAULT_MODEL = "rtmdet"
+
+
+def default_model_name(configured: str | None, available: Sequence[str]) -> str:
+    """The default model, the one rule for every entry point (the gRPC doors, `detserve predict`):
+    `default_model` (DETSERVE_DEFAULT_MODEL) when set, else the only model there is, else the
+    bundled default when it is there. ModelNotFound otherwise, listing what there is."""
+    if configured:
+        return configured
+    names = list(available)
+    if len(names) == 1:
+        return names[0]
+    if BUNDLED_DEFAULT_MODEL in names:
+        return BUNDLED_DEFAULT_MODEL
+    raise ModelNotFound(f"no model given and no default model configured (default_model / DETSERVE_DEFAULT_MODEL); "
+                        f"models: {names[:20]}")
 
 
 def discover_models(store: str | Path) -> dict[str, Path]:

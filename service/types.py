@@ -119,6 +119,9 @@ class Detection:
     score: float
     box_xyxy: tuple[float, float, float, float]  # original-image pixels
     mask: RLEMask | None = None
+    # mask_format=polygon: outer contours as flat (x0, y0, x1, y1, ...) in original pixels, biggest
+    # first; `mask` is then None (the worker converts, the front only moves numbers).
+    polygons: tuple[tuple[float, ...], ...] | None = None
 
     def to_torchserve(self) -> dict:
         """The MMDetection TorchServe handler's JSON shape, plus `segmentation` for mask models."""
@@ -130,6 +133,8 @@ class Detection:
         }
         if self.mask is not None:
             out["segmentation"] = self.mask.to_coco()
+        if self.polygons is not None:
+            out["polygons"] = [list(p) for p in self.polygons]
         return out
 
 

@@ -157,6 +157,7 @@ class BlobEngine:
         self.max_in_flight = 0
         self.calls = 0
         self.priorities = []
+        self.options = []  # the DetectOptions of every detect call
 
     def live(self):
         return True
@@ -175,6 +176,7 @@ class BlobEngine:
         self.model_info(model)
         self.calls += 1
         self.priorities.append(priority)
+        self.options.append(options)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

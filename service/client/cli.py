@@ -38,7 +38,10 @@ def remote_detector(args: argparse.Namespace):
     def detect(images: Sequence[ImageInput], options: DetectOptions) -> list[DetectResult | DetserveError]:
         try:
             return client.detect_batch(images, score_thr=options.score_thr, max_dets=options.max_dets,
-                                       classes=options.classes)
+                                       classes=options.classes, iou_thr=options.iou_thr,
+                                       class_agnostic=options.class_agnostic, mask_format=options.mask_format,
+                                       tile=options.tile, tile_overlap=options.tile_overlap,
+                                       tile_merge=options.tile_merge)
         except DetserveError as err:  # one image per call in predict, so the error is that image's
             return [err] * len(images)
 

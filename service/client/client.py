@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from .. import errors
-from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, ModelInfo
+from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, MaskFormat, ModelInfo, TileMerge
 from .transports import CallOptions, GrpcTransport, RestTransport
 
 T = TypeVar("T")
@@ -88,18 +88,28 @@ class AsyncDetserveClient:
         score_thr: float | None = None,
         max_dets: int | None = None,
         classes: Sequence[str] | None = None,
+        iou_thr: float | None = None,
+        class_agnostic: bool | None = None,
+        mask_format: MaskFormat | str | None = None,
+        tile: int | str | None = None,
+        tile_overlap: float | None = None,
+        tile_merge: TileMerge | str | None = None,
         timeout_s: float | None = None,
     ) -> list[DetectResult]:
-        """One result per image, in order (one call: the server batches the images with other traffic)."""
-        options = DetectOptions(score_thr=score_thr, max_dets=max_dets, classes=tuple(classes) if classes else None)
+        """One result per image, in order (one call: the server batches the images with other traffic).
+        Boxes come back xyxy in original pixels; write them in another format with
+        `service.protocols.render.box_to` (what the server's doors use for `box_format` / `normalized`)."""
+        options = DetectOptions(
+            score_thr=score_thr, max_dets=max_dets, classes=tuple(classes) if classes else None, iou_thr=iou_thr,
+            class_agnostic=class_agnostic, mask_format=MaskFormat(mask_format) if mask_format else None,
+            tile=tile, tile_overlap=tile_overlap, tile_merge=TileMerge(tile_merge) if tile_merge else None,
+        )
         inputs, name, call = [_as_image(i) for i in images], self._model(model), self._call(timeout_s)
         return await self._retrying(lambda: self._transport.detect(name, inputs, options, call))
 
-    async def detect(self, image: bytes | ImageInput, *, model: str | None = None, score_thr: float | None = None,
-                     max_dets: int | None = None, classes: Sequence[str] | None = None,
-                     timeout_s: float | None = None) -> DetectResult:
-        results = await self.detect_batch([image], model=model, score_thr=score_thr, max_dets=max_dets,
-                                          classes=classes, timeout_s=timeout_s)
+    async def detect(self, image: bytes | ImageInput, *, model: str | None = None, **knobs) -> DetectResult:
+        """`detect_batch` for one image; takes the same keyword arguments."""
+        results = await self.detect_batch([image], model=model, **knobs)
         return results[0]
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:

@@ -2,6 +2,7 @@
 service.types and raise service.errors, so the client above them is protocol-neutral."""
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -9,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from .. import errors
 from ..protocols.grpc import convert
@@ -86,13 +88,7 @@ class RestTransport:
                      call: CallOptions) -> list[DetectResult]:
         if any(isinstance(image, RawImage) for image in images):
             raise errors.InvalidRequest("the REST client sends encoded images only; use gRPC for raw pixels")
-        params = {}
-        if options.score_thr is not None:
-            params["score_thr"] = options.score_thr
-        if options.max_dets is not None:
-            params["max_dets"] = options.max_dets
-        if options.classes:
-            params["classes"] = ",".join(options.classes)
+        params = query_params(options)
         url = f"{self.url}/predictions/{model}"
         if len(images) == 1:
             response = await self._request("POST", url, call, params=params, content=images[0].data)
@@ -101,7 +97,9 @@ class RestTransport:
             files = [("data", (f"image{i}", image.data, "application/octet-stream")) for i, image in enumerate(images)]
             response = await self._request("POST", url, call, params=params, files=files)
             per_image = response.json()
-        return [DetectResult([_detection_from_json(d) for d in dets], 0, 0, model_name=model) for dets in per_image]
+        # The TorchServe JSON has no image size; the image's own header gives it (for normalized boxes).
+        return [DetectResult([_detection_from_json(d) for d in dets], *_encoded_size(image.data), model_name=model)
+                for dets, image in zip(per_image, images)]
 
     async def list_models(self, call: CallOptions) -> list[ModelInfo]:
         names = [m["modelName"] for m in (await self._request("GET", f"{self.management_url}/models", call)).json()["models"]]
@@ -117,6 +115,36 @@ class RestTransport:
         except errors.DetserveError:
             return False
         return True
+
+
+# Sent as query parameters when set; box_format / normalized are not: the client returns xyxy pixels.
+QUERY_OPTIONS = ("score_thr", "max_dets", "iou_thr", "class_agnostic", "mask_format", "tile", "tile_overlap",
+                  "tile_merge")
+
+
+def query_params(options: DetectOptions) -> dict[str, str | int | float]:
+    params: dict[str, str | int | float] = {}
+    for name in QUERY_OPTIONS:
+        value = getattr(options, name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        params[name] = getattr(value, "value", value)
+    if options.classes:
+        params["classes"] = ",".join(options.classes)
+    return params
+
+
+def _encoded_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as the server sees the image: EXIF orientation 5-8 swaps them. (0, 0) if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - the server decoded it; a size we cannot read is just unknown
+        return 0, 0
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _next_port(url: str) -> str:
@@ -144,7 +172,9 @@ def _rest_error(response: httpx.Response) -> errors.DetserveError:
 def _detection_from_json(d: dict) -> Detection:
     seg = d.get("segmentation")
     mask = RLEMask(seg["size"][0], seg["size"][1], seg["counts"]) if seg else None
-    return Detection(int(d["class_label"]), d["class_name"], float(d["score"]), tuple(float(v) for v in d["bbox"]), mask)
+    polygons = tuple(tuple(float(v) for v in p) for p in d["polygons"]) if "polygons" in d else None
+    return Detection(int(d["class_label"]), d["class_name"], float(d["score"]), tuple(float(v) for v in d["bbox"]), mask,
+                     polygons)
 
 
 def _model_from_describe(d: dict) -> ModelInfo:

@@ -1,17 +1,21 @@
-"""`detserve predict IMAGE... --model NAME_OR_DIR`: one TorchServe-style JSON list per image on stdout.
+"""`detserve predict IMAGE... [--model NAME_OR_DIR]`: one TorchServe-style JSON list per image on stdout.
 
-Runs the model in this process. Remote modes (a running server over REST or gRPC) plug in as
-another `Detector` factory in `_detector_for`; parsing, output and --draw stay the same.
+Runs the model in this process; without --model, the default model (settings.default_model_name, the
+rule the server uses too). Remote modes (a running server over REST or gRPC) plug in as another
+`Detector` factory in `_detector_for`; parsing, output and --draw stay the same. The request knobs
+are the server's (docs/api.md); the output's boxes are written by protocols/render.py, as the doors do.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..client.cli import add_remote_arguments, remote_detector, wants_remote
-from ..errors import DetserveError, ModelNotFound
+from ..engine.dataplane import knob_options
+from ..errors import DetserveError, InvalidRequest, ModelNotFound
 from ..settings import MODEL_CONFIG_FILE
 from ..types import DetectOptions, DetectResult, EncodedImage, RenderFormat
 
@@ -22,11 +26,22 @@ Detector = Callable[[Sequence[EncodedImage], DetectOptions], list[DetectResult |
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="detect objects in image files and print JSON")
     p.add_argument("images", nargs="+", type=Path, help="JPEG, PNG, WebP or BMP files")
-    p.add_argument("--model", required=True, help="model name in the store, or a model folder")
+    p.add_argument("--model", help="model name in the store, or a model folder (default: the default model: "
+                   "DETSERVE_DEFAULT_MODEL, else the store's only model, else rtmdet)")
     p.add_argument("--model-store", type=Path, default=Path("models"), help="folder of model folders (default: models)")
     p.add_argument("--score-thr", type=float, help="keep detections scoring at least this (default: the model's)")
     p.add_argument("--max-dets", type=int, help="at most this many detections per image")
     p.add_argument("--classes", help="comma-separated class names to keep")
+    p.add_argument("--iou-thr", help="final NMS IoU threshold in (0, 1] (default: the model's test_cfg)")
+    p.add_argument("--class-agnostic", nargs="?", const="true", metavar="BOOL",
+                   help="one NMS over all classes (true/false; the flag alone means true)")
+    p.add_argument("--box-format", help="bbox as xyxy (default), xywh or cxcywh")
+    p.add_argument("--normalized", nargs="?", const="true", metavar="BOOL",
+                   help="bbox divided by the image width/height (true/false; the flag alone means true)")
+    p.add_argument("--mask-format", help="rle (default), polygon or none")
+    p.add_argument("--tile", help="sliced inference: auto, off or a tile side in pixels (default: the model's)")
+    p.add_argument("--tile-overlap", help="fraction of a tile shared with the next, [0, 0.5]")
+    p.add_argument("--tile-merge", help="how tiles' detections merge: nms or nmm")
     p.add_argument("--draw", type=Path, help="write the annotated image (.png or .jpg); with several images "
                    "each gets NAME-<image stem>.EXT")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the model's setting)")
@@ -37,7 +52,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import orjson
 
-    options = options_from_args(args)
+    from ..protocols.render import torchserve_result
+
+    try:
+        options = options_from_args(args)
+    except InvalidRequest as err:
+        print(f"detserve: {err.message}", file=sys.stderr)
+        return 2
     detect = _detector_for(args)
     failed = False
     for path in args.images:
@@ -52,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"detserve: {path}: {result.code}: {result.message}", file=sys.stderr)
             failed = True
             continue
-        sys.stdout.buffer.write(orjson.dumps(result.to_torchserve()) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(torchserve_result(result, options)) + b"\n")
         sys.stdout.flush()
         if args.draw is not None and result.rendered is not None:
             target = draw_path(args.draw, path, several=len(args.images) > 1)
@@ -67,7 +88,12 @@ def options_from_args(args: argparse.Namespace) -> DetectOptions:
     render = None
     if args.draw is not None:
         render = RenderFormat.JPEG if args.draw.suffix.lower() in (".jpg", ".jpeg") else RenderFormat.PNG
-    return DetectOptions(score_thr=args.score_thr, max_dets=args.max_dets, classes=classes, render=render)
+    # Checked by the server's own rules (engine/dataplane.py), so a bad flag reads like a bad parameter.
+    knobs = knob_options(
+        iou_thr=args.iou_thr, class_agnostic=args.class_agnostic, box_format=args.box_format,
+        normalized=args.normalized, mask_format=args.mask_format, tile=args.tile, tile_overlap=args.tile_overlap,
+        tile_merge=args.tile_merge)
+    return dataclasses.replace(knobs, score_thr=args.score_thr, max_dets=args.max_dets, classes=classes, render=render)
 
 
 def draw_path(draw: Path, image: Path, *, several: bool) -> Path:
@@ -87,6 +113,13 @@ def resolve_model_folder(name_or_dir: str, store: Path) -> Path:
     raise ModelNotFound(f"model {name_or_dir!r} not found: no {MODEL_CONFIG_FILE} in {direct} or {in_store}")
 
 
+def default_model(store: Path) -> str:
+    """The model `detserve predict` runs without --model: the server's rule over the store's folders."""
+    from ..settings import default_model_name, discover_models, load_server_settings
+
+    return default_model_name(load_server_settings().default_model, list(discover_models(store)))
+
+
 def _detector_for(args: argparse.Namespace) -> Detector:
     if wants_remote(args):  # --url / --grpc: a running server does the work (service.client)
         return remote_detector(args)
@@ -97,7 +130,7 @@ def _local_detector(args: argparse.Namespace) -> Detector:
     from ..pipeline.predictor import Predictor
     from ..settings import load_model_config
 
-    cfg = load_model_config(resolve_model_folder(args.model, args.model_store))
+    cfg = load_model_config(resolve_model_folder(args.model or default_model(args.model_store), args.model_store))
     predictor = Predictor.from_config(cfg, device=args.device)
 
     def detect(images: Sequence[EncodedImage], options: DetectOptions) -> list[DetectResult | DetserveError]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +44,29 @@ class ImageMetaLike(Protocol):
 
     ori_h: int
     ori_w: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageNms:
+    """One image's final NMS (after the network, on its raw outputs): test_cfg's, or a request's
+    `iou_thr` / `class_agnostic` in its place. Families take one per image so that a batch holding
+    different settings decodes once, each image exactly as a model configured that way would."""
+
+    iou_threshold: float
+    class_agnostic: bool = False
+
+    @classmethod
+    def of(cls, test_cfg) -> "ImageNms":
+        return cls(test_cfg.iou_threshold, bool(getattr(test_cfg, "class_agnostic", False)))
+
+
+def nms_per_image(nms: Sequence[ImageNms] | None, test_cfg, count: int) -> list[ImageNms]:
+    """`nms` checked against the batch, or test_cfg's for every image when the caller gave none."""
+    if nms is None:
+        return [ImageNms.of(test_cfg)] * count
+    if len(nms) != count:
+        raise ValueError(f"{len(nms)} NMS settings for a batch of {count} images")
+    return list(nms)
 
 
 class Detector(ABC):
@@ -82,18 +106,21 @@ class Detector(ABC):
         """Network-input pixels -> original-image pixels: the inverse `decode` applies."""
 
     def run(self, backend: "Backend", inputs: Any, metas: Sequence[ImageMetaLike],
-            test_cfg: "TestConfig") -> "RawOutputs":
+            test_cfg: "TestConfig", nms: Sequence[ImageNms] | None = None) -> "RawOutputs":
         """Drive the backend over the preprocessed batch; single-graph families just call `infer`.
 
         Multi-piece families (two-stage) run each network piece through the backend's runner with their
-        host-side selection steps in between, which is why the metas and test_cfg are passed here too.
+        host-side selection steps in between, which is why the metas, test_cfg and the per-image final
+        NMS settings (`nms`, see `decode`) are passed here too.
         """
         return backend.infer(inputs)
 
     @abstractmethod
     def decode(self, raw: "RawOutputs", metas: Sequence[ImageMetaLike],
-               test_cfg: "TestConfig") -> list["ImageDetections"]:
-        """Raw outputs of a batch -> per image, score-sorted detections with xyxy boxes in original pixels."""
+               test_cfg: "TestConfig", nms: Sequence[ImageNms] | None = None) -> list["ImageDetections"]:
+        """Raw outputs of a batch -> per image, score-sorted detections with xyxy boxes in original pixels.
+        `nms`: one final-NMS setting per image (None: test_cfg's for all); families whose NMS already
+        ran in `run` ignore it here."""
 
     def masks(self, dets: "ImageDetections", meta: ImageMetaLike, raw: "RawOutputs", slot: int,
               threshold: float) -> list["RLEMask"] | None:

@@ -1,8 +1,9 @@
 """The protocol-neutral data plane every door calls in front of the engine.
 
 One place for what used to be repeated per door with different rules:
-- request options (`score_thr`, `max_dets`, `classes`) parsed from whatever the wire carried (query
-  strings, JSON values, protobuf fields) and checked with one set of bounds and one message;
+- request options (`OPTION_NAMES`: score_thr, max_dets, classes and the issue-18 knobs) parsed from
+  whatever the wire carried (query strings, JSON values, protobuf fields) and checked with one set of
+  bounds and one message naming the parameter and what it accepts;
 - the per-request image cap and the model lookup;
 - readiness: start-up, draining and the engine's own view (models loaded, live workers, which
   excludes hung ones), used by /ping, /readyz, KServe ready, gRPC ServerReady and grpc.health;
@@ -13,19 +14,30 @@ Doors stay thin adapters: frame the wire, call `resolve`, `options`, `detect`, `
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from .. import errors
 from ..observability import metrics
-from ..types import DetectOptions, DetectResult, ImageInput, ModelInfo, RenderFormat
+from ..types import (
+    TILE_AUTO, TILE_OFF, BoxFormat, DetectOptions, DetectResult, ImageInput, MaskFormat, ModelInfo, RenderFormat,
+    TileMerge,
+)
 from ..types import Protocol as Door
 
 UNKNOWN_MODEL = metrics.UNKNOWN_MODEL
 MAX_DETS_LIMIT = 10_000  # the bound when a model reports no max_per_img (fakes, older engines)
 MAX_CLASS_NAMES = 1024
 DEFAULT_MAX_IMAGES = 64
+TILE_MIN, TILE_MAX = 64, 4096  # tile side in pixels
+TILE_OVERLAP_MAX = 0.5
+# The request options every door reads under these names (query parameters, KServe `parameters`,
+# proto fields); `render` is not one of them: each door has its own way to ask for an image.
+OPTION_NAMES = ("score_thr", "max_dets", "classes", "iou_thr", "class_agnostic", "box_format", "normalized",
+                "mask_format", "tile", "tile_overlap", "tile_merge")
 
 
 class DataPlane:
@@ -68,14 +80,24 @@ class DataPlane:
         return info
 
     def options(self, info: ModelInfo, *, score_thr: Any = None, max_dets: Any = None, classes: Any = None,
-                render: RenderFormat | None = None) -> DetectOptions:
-        """Options from raw wire values (str, int, float, list...); InvalidRequest names the field."""
-        return DetectOptions(
+                render: RenderFormat | None = None, iou_thr: Any = None, class_agnostic: Any = None,
+                box_format: Any = None, normalized: Any = None, mask_format: Any = None, tile: Any = None,
+                tile_overlap: Any = None, tile_merge: Any = None) -> DetectOptions:
+        """Options from raw wire values (str, int, float, list...); InvalidRequest names the field.
+        None (or an empty string from a query or proto field, for the knobs) means the model's default."""
+        return dataclasses.replace(
+            knob_options(iou_thr=iou_thr, class_agnostic=class_agnostic, box_format=box_format, normalized=normalized,
+                         mask_format=mask_format, tile=tile, tile_overlap=tile_overlap, tile_merge=tile_merge),
             score_thr=_score_thr(score_thr),
             max_dets=_max_dets(max_dets, info.max_per_img),
             classes=_classes(classes, info.classes),
             render=render,
         )
+
+    def options_from(self, info: ModelInfo, params: Any, *, render: RenderFormat | None = None) -> DetectOptions:
+        """`options` from a mapping keyed by OPTION_NAMES (query dict, KServe parameters); other keys
+        are left alone, as every door has always ignored parameters it does not know."""
+        return self.options(info, render=render, **{name: params.get(name) for name in OPTION_NAMES})
 
     def check_images(self, count: int) -> None:
         if count == 0:
@@ -121,6 +143,22 @@ def dataplane_for(state) -> DataPlane:
 
 
 # ---- option parsers: one rule and one message per field ------------------------------------
+
+def knob_options(*, iou_thr: Any = None, class_agnostic: Any = None, box_format: Any = None, normalized: Any = None,
+                 mask_format: Any = None, tile: Any = None, tile_overlap: Any = None,
+                 tile_merge: Any = None) -> DetectOptions:
+    """The issue-18 knobs alone, which need no model to check (`detserve predict` checks its flags here)."""
+    return DetectOptions(
+        iou_thr=_iou_thr(_unset_if_empty(iou_thr)),
+        class_agnostic=_bool("class_agnostic", _unset_if_empty(class_agnostic)),
+        box_format=_choice("box_format", _unset_if_empty(box_format), BoxFormat),
+        normalized=_bool("normalized", _unset_if_empty(normalized)),
+        mask_format=_choice("mask_format", _unset_if_empty(mask_format), MaskFormat),
+        tile=_tile(_unset_if_empty(tile)),
+        tile_overlap=_tile_overlap(_unset_if_empty(tile_overlap)),
+        tile_merge=_choice("tile_merge", _unset_if_empty(tile_merge), TileMerge),
+    )
+
 
 def _number(field: str, value: Any) -> float:
     if isinstance(value, bool):
@@ -185,6 +223,76 @@ def _classes(value: Any, known: Sequence[str]) -> tuple[str, ...] | None:
         shown = list(known[:20]) + (["..."] if len(known) > 20 else [])
         raise errors.InvalidRequest(f"classes: unknown class name(s) {_show(unknown)}; this model knows {shown}")
     return tuple(names)
+
+
+def _unset_if_empty(value: Any) -> Any:
+    """Query strings and proto3 strings cannot say "unset" other than by being empty."""
+    return None if isinstance(value, (str, bytes)) and not value.strip() else value
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _iou_thr(value: Any) -> float | None:
+    if value is None:
+        return None
+    iou = _number("iou_thr", value)
+    if not 0.0 < iou <= 1.0:
+        raise errors.InvalidRequest(f"iou_thr must be within (0, 1] (greater than 0, at most 1), got {_show(value)}")
+    return iou
+
+
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _bool(field: str, value: Any) -> bool | None:
+    """JSON/proto booleans, and true/false/1/0 from query strings (any case)."""
+    if value is None or isinstance(value, bool):
+        return value
+    value = _text(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise errors.InvalidRequest(f"{field} must be one of true, false, 1, 0, got {_show(value)}")
+
+
+def _choice(field: str, value: Any, kind: type[enum.Enum]) -> Any:
+    if value is None:
+        return None
+    value = _text(value)
+    allowed = [member.value for member in kind]
+    if isinstance(value, str) and value.strip().lower() in allowed:
+        return kind(value.strip().lower())
+    raise errors.InvalidRequest(f"{field} must be one of {', '.join(allowed)}, got {_show(value)}")
+
+
+def _tile(value: Any) -> int | str | None:
+    if value is None:
+        return None
+    allowed = f"{TILE_AUTO}, {TILE_OFF} or a tile side in pixels within [{TILE_MIN}, {TILE_MAX}]"
+    value = _text(value)
+    if isinstance(value, str) and value.strip().lower() in (TILE_AUTO, TILE_OFF):
+        return value.strip().lower()
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}")
+    try:
+        side = float(value)
+    except ValueError:
+        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}") from None
+    if not math.isfinite(side) or side != int(side) or not TILE_MIN <= side <= TILE_MAX:
+        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}")
+    return int(side)
+
+
+def _tile_overlap(value: Any) -> float | None:
+    if value is None:
+        return None
+    overlap = _number("tile_overlap", value)
+    if not 0.0 <= overlap <= TILE_OVERLAP_MAX:
+        raise errors.InvalidRequest(f"tile_overlap must be within [0, {TILE_OVERLAP_MAX}], got {_show(value)}")
+    return overlap
 
 
 def _show(value: Any, limit: int = 80) -> str:

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms as class_agnostic_nms
 
 from ..backends.base import InputDetections
+from ..detectors.base import ImageNms, nms_per_image
 from ..detectors.rtmdet.outputs import HeadOutputs
 from ..detectors.rtmdet.priors import STRIDES, single_level_grid_priors
 from ..settings import TestConfig
@@ -110,10 +111,10 @@ def _level_candidates(
 
 def postprocess_head_outputs(
     outputs: HeadOutputs | Sequence[torch.Tensor], metas: Sequence[ImageMeta], cfg: TestConfig,
-    strides: Sequence[int] = STRIDES,
+    strides: Sequence[int] = STRIDES, nms: Sequence[ImageNms] | None = None,
 ) -> list[ImageDetections]:
     """Raw head outputs of a batch (named, or the backend's flat tuple) -> one ImageDetections per image
-    (spec §3 and §5 steps 1-2)."""
+    (spec §3 and §5 steps 1-2). `nms`: each image's final NMS (default: cfg's for all)."""
     if not isinstance(outputs, HeadOutputs):
         outputs = HeadOutputs.from_flat(outputs, len(strides))
     if outputs.batch_size != len(metas):
@@ -121,6 +122,7 @@ def postprocess_head_outputs(
     if len(outputs.cls_scores) != len(strides):
         raise ValueError(f"expected {len(strides)} levels, got {len(outputs.cls_scores)}")
     input_size = metas[0].input_size if metas else 0
+    per_image_nms = nms_per_image(nms, cfg, len(metas))
     kernel_preds = outputs.kernel_preds or [None] * len(strides)
     levels = [
         _level_candidates(cls, reg, ker, stride, input_size, cfg)
@@ -139,27 +141,40 @@ def postprocess_head_outputs(
             priors=torch.cat([lv.priors[i][m] for lv, m in zip(levels, keep)]),
         )
         candidates = replace(candidates, boxes_xyxy=rescale_boxes(candidates.boxes_xyxy, meta))
-        results.append(_filter_and_nms(candidates, cfg))
+        results.append(_filter_and_nms(candidates, cfg, per_image_nms[i]))
     return results
 
 
-def _filter_and_nms(dets: ImageDetections, cfg: TestConfig) -> ImageDetections:
-    """Min-size filter (strict >), class-aware NMS sorted by score, first `max_per_img`."""
+def _filter_and_nms(dets: ImageDetections, cfg: TestConfig, nms: ImageNms) -> ImageDetections:
+    """Min-size filter (strict >), NMS (class-aware unless `nms.class_agnostic`) sorted by score,
+    first `max_per_img`."""
     widths = dets.boxes_xyxy[:, 2] - dets.boxes_xyxy[:, 0]
     heights = dets.boxes_xyxy[:, 3] - dets.boxes_xyxy[:, 1]
     dets = dets.select((widths > cfg.min_bbox_size) & (heights > cfg.min_bbox_size))
     if len(dets) == 0:
         return dets
-    keep = batched_nms(dets.boxes_xyxy, dets.scores, dets.labels, cfg.iou_threshold)
-    return dets.select(keep[: cfg.max_per_img])
+    return dets.select(_nms_keep(dets, nms)[: cfg.max_per_img])
+
+
+def _nms_keep(dets: ImageDetections, nms: ImageNms) -> torch.Tensor:
+    """Kept indices, by descending score."""
+    if nms.class_agnostic:
+        return class_agnostic_nms(dets.boxes_xyxy, dets.scores, nms.iou_threshold)
+    return batched_nms(dets.boxes_xyxy, dets.scores, dets.labels, nms.iou_threshold)
 
 
 def postprocess_input_detections(
-    outputs: InputDetections, metas: Sequence[ImageMeta], cfg: TestConfig
+    outputs: InputDetections, metas: Sequence[ImageMeta], cfg: TestConfig, nms: Sequence[ImageNms] | None = None,
 ) -> list[ImageDetections]:
-    """End2end graphs (decode + NMS inside): clamp, rescale and filter their input-space detections."""
+    """End2end graphs (decode + NMS inside): clamp, rescale and filter their input-space detections.
+
+    Their NMS ran inside the graph with cfg's settings; an image asking for other ones gets a second
+    NMS over the graph's survivors. That can only remove boxes: a looser iou_thr than the graph's
+    keeps the graph's result (docs/api.md says so; the network-only graphs and eager are exact)."""
     if outputs.batch_size != len(metas):
         raise ValueError(f"end2end outputs hold {outputs.batch_size} images but {len(metas)} metas were given")
+    graph_nms = ImageNms.of(cfg)
+    per_image_nms = nms_per_image(nms, cfg, len(metas))
     results = []
     for i, meta in enumerate(metas):
         dets = outputs.dets[i].float()
@@ -179,6 +194,8 @@ def postprocess_input_detections(
         widths = candidates.boxes_xyxy[:, 2] - candidates.boxes_xyxy[:, 0]
         heights = candidates.boxes_xyxy[:, 3] - candidates.boxes_xyxy[:, 1]
         candidates = candidates.select((widths > cfg.min_bbox_size) & (heights > cfg.min_bbox_size))
+        if per_image_nms[i] != graph_nms and len(candidates):
+            candidates = candidates.select(_nms_keep(candidates, per_image_nms[i]))
         results.append(candidates.first(cfg.max_per_img))
     return results
 

@@ -19,12 +19,15 @@ import torch
 
 from ..backends import create_backend
 from ..backends.base import Backend, RawOutputs, check_batch
-from ..detectors.base import Detector, ImageMetaLike, get_detector
+from ..detectors.base import Detector, ImageMetaLike, ImageNms, get_detector
 from ..errors import ConfigError, DetserveError, InternalError, InvalidRequest
 from ..settings import BackendKind, ModelConfig, TestConfig
-from ..types import Detection, DetectOptions, DetectResult, EncodedImage, ImageInput, RawImage, RLEMask, StageTimes
+from ..types import (
+    Detection, DetectOptions, DetectResult, EncodedImage, ImageInput, MaskFormat, RawImage, RLEMask, StageTimes,
+)
 from .decode import decode_image, raw_image_to_bgr
 from .draw import draw_detections, encode_image
+from .polygons import rle_polygons
 from .postprocess import ImageDetections, clip_to_image, filter_for_request
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ class _RequestFilter:
     max_dets: int | None
     class_ids: tuple[int, ...] | None
     options: DetectOptions
+    nms: ImageNms  # the final NMS this request asked for (iou_thr, class_agnostic), else test_cfg's
+    mask_format: MaskFormat
 
 
 @dataclass
@@ -241,13 +246,16 @@ class Predictor:
 
         start = time.perf_counter()
         test_cfg = self._pre_nms_cfg(pending)
-        outputs = check_batch(detector.run(self._backend, inputs, metas, test_cfg), len(pending), self.backend_name)
+        # Per image, so one request's iou_thr / class_agnostic never changes what its batch-mates get.
+        nms = [p.request.nms for p in pending]
+        outputs = check_batch(detector.run(self._backend, inputs, metas, test_cfg, nms), len(pending),
+                              self.backend_name)
         _synchronize(outputs)
         inference_s = time.perf_counter() - start
 
         start = time.perf_counter()
         with torch.inference_mode():
-            per_image = detector.decode(outputs, metas, test_cfg)
+            per_image = detector.decode(outputs, metas, test_cfg, nms)
         if len(per_image) != len(pending):
             raise RuntimeError(f"arch {self.arch!r} decoded {len(per_image)} images of a batch of {len(pending)}")
         batch_post_s = (time.perf_counter() - start) / len(pending)
@@ -297,17 +305,20 @@ class Predictor:
         above = min(self.cfg.test_cfg.score_thr, req.score_thr)
         dets = filter_for_request(dets, score_thr=req.score_thr, max_dets=req.max_dets, class_ids=req.class_ids,
                                   above=above)
-        masks = self._masks(dets, meta, outputs, slot)
+        # mask_format=none skips the paste entirely: it is most of the postprocessing of a mask model.
+        masks = self._masks(dets, meta, outputs, slot) if req.mask_format is not MaskFormat.NONE else None
         boxes = dets.boxes_xyxy.cpu().tolist()
         scores = dets.scores.cpu().tolist()
         labels = dets.labels.cpu().tolist()
+        polygons = masks is not None and req.mask_format is MaskFormat.POLYGON
         detections = [
             Detection(
                 label=label,
                 class_name=self.classes[label],
                 score=score,
                 box_xyxy=(box[0], box[1], box[2], box[3]),
-                mask=masks[k] if masks is not None else None,
+                mask=masks[k] if masks is not None and not polygons else None,
+                polygons=rle_polygons(masks[k]) if polygons else None,
             )
             for k, (box, score, label) in enumerate(zip(boxes, scores, labels))
         ]
@@ -350,7 +361,13 @@ class Predictor:
                 known = ", ".join(self.classes[:10]) + (", ..." if len(self.classes) > 10 else "")
                 raise InvalidRequest(f"unknown class name(s) {unknown} for model {self.name!r} (classes: {known})")
             class_ids = tuple(self._class_index[c] for c in options.classes)
-        return _RequestFilter(score_thr, options.max_dets, class_ids, options)
+        base = self.cfg.test_cfg
+        iou = base.iou_threshold if options.iou_thr is None else float(options.iou_thr)
+        if not 0.0 < iou <= 1.0:
+            raise InvalidRequest(f"iou_thr must be within (0, 1] (greater than 0, at most 1), got {iou}")
+        agnostic = base.class_agnostic if options.class_agnostic is None else bool(options.class_agnostic)
+        mask_format = MaskFormat.RLE if options.mask_format is None else MaskFormat(options.mask_format)
+        return _RequestFilter(score_thr, options.max_dets, class_ids, options, ImageNms(iou, agnostic), mask_format)
 
     def _empty_result(self) -> DetectResult:
         return DetectResult(detections=[], image_width=0, image_height=0, model_name=self.name, model_version=self.version)

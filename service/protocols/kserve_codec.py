@@ -7,9 +7,11 @@ request parameters) lives here, once.
 Inputs: one tensor, either BYTES [N] (or [N,1], [1]) of encoded image files, or UINT8 [N,H,W,3] /
 [H,W,3] pixels (RGB unless the `channel_order` parameter says BGR).
 Outputs (K = most detections of any image in the batch; shorter rows are zero-padded):
-`boxes` FP32 [N,K,4] xyxy original-image pixels, `scores` FP32 [N,K], `labels` INT32 [N,K],
-`num_detections` INT32 [N], and for mask models `masks_rle` BYTES [N,K] (a COCO RLE JSON per
-detection, "" for padding).
+`boxes` FP32 [N,K,4] xyxy original-image pixels (or as the `box_format` / `normalized` parameters
+ask), `scores` FP32 [N,K], `labels` INT32 [N,K], `num_detections` INT32 [N], and for mask models
+`masks_rle` BYTES [N,K] (a COCO RLE JSON per detection, "" for padding); with the parameter
+`mask_format=polygon` it is `masks_polygon` instead (a JSON list of flat [x0, y0, x1, y1, ...]
+outlines per detection), with `mask_format=none` there is no mask output.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequest, ModelNotFound, PayloadTooLarge
-from ..types import DetectResult, EncodedImage, ImageInput, ModelInfo, RawImage
+from ..types import DetectOptions, DetectResult, EncodedImage, ImageInput, MaskFormat, ModelInfo, RawImage
+from .render import rendered_box
 
 SERVER_NAME = "detserve"
 EXTENSIONS = ("binary_tensor_data",)
@@ -184,15 +187,20 @@ def input_specs() -> list[TensorSpec]:
     return [TensorSpec(INPUT_NAME, BYTES, (-1,))]
 
 
-def output_specs(has_masks: bool) -> list[TensorSpec]:
+MASK_OUTPUTS = {MaskFormat.RLE: "masks_rle", MaskFormat.POLYGON: "masks_polygon"}
+
+
+def output_specs(has_masks: bool, mask_format: MaskFormat | None = None) -> list[TensorSpec]:
+    """The outputs a request gets; metadata shows the default (`mask_format` rle)."""
     specs = [
         TensorSpec("boxes", "FP32", (-1, -1, 4)),
         TensorSpec("scores", "FP32", (-1, -1)),
         TensorSpec("labels", "INT32", (-1, -1)),
         TensorSpec("num_detections", "INT32", (-1,)),
     ]
-    if has_masks:
-        specs.append(TensorSpec("masks_rle", BYTES, (-1, -1)))
+    mask_output = MASK_OUTPUTS.get(mask_format or MaskFormat.RLE)
+    if has_masks and mask_output:
+        specs.append(TensorSpec(mask_output, BYTES, (-1, -1)))
     return specs
 
 
@@ -258,23 +266,25 @@ def parameters_object(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def detection_outputs(results: Sequence[DetectResult], has_masks: bool) -> list[Tensor]:
-    """Every declared output for a batch of results, zero-padded to the longest detection list."""
+def detection_outputs(results: Sequence[DetectResult], has_masks: bool,
+                      options: DetectOptions = DetectOptions()) -> list[Tensor]:
+    """Every output of `output_specs` for a batch of results, zero-padded to the longest detection list."""
     n = len(results)
     k = max((len(r.detections) for r in results), default=0)
     boxes = np.zeros((n, k, 4), dtype=np.float32)
     scores = np.zeros((n, k), dtype=np.float32)
     labels = np.zeros((n, k), dtype=np.int32)
     counts = np.zeros((n,), dtype=np.int32)
+    mask_output = MASK_OUTPUTS.get(options.mask_format or MaskFormat.RLE) if has_masks else None
     masks: list[bytes] = []
     for i, result in enumerate(results):
         counts[i] = len(result.detections)
         for j, det in enumerate(result.detections):
-            boxes[i, j] = det.box_xyxy
+            boxes[i, j] = rendered_box(det, options, result.image_width, result.image_height)
             scores[i, j] = det.score
             labels[i, j] = det.label
-        if has_masks:
-            row = [json.dumps(d.mask.to_coco()).encode() if d.mask else b"" for d in result.detections]
+        if mask_output is not None:
+            row = [_mask_element(d) for d in result.detections]
             masks += row + [b""] * (k - len(row))
     tensors = [
         Tensor("boxes", "FP32", (n, k, 4), boxes),
@@ -282,9 +292,15 @@ def detection_outputs(results: Sequence[DetectResult], has_masks: bool) -> list[
         Tensor("labels", "INT32", (n, k), labels),
         Tensor("num_detections", "INT32", (n,), counts),
     ]
-    if has_masks:
-        tensors.append(Tensor("masks_rle", BYTES, (n, k), masks))
+    if mask_output is not None:
+        tensors.append(Tensor(mask_output, BYTES, (n, k), masks))
     return tensors
+
+
+def _mask_element(det) -> bytes:
+    if det.polygons is not None:
+        return json.dumps([list(p) for p in det.polygons]).encode()
+    return json.dumps(det.mask.to_coco()).encode() if det.mask else b""
 
 
 def select_outputs(tensors: list[Tensor], requested: Sequence[str]) -> list[Tensor]:
@@ -320,18 +336,18 @@ async def infer(
     timeout_s: float | None = None,
 ) -> InferOutcome:
     """Validate the request against the model, run it through the data plane, build the outputs.
-    Request parameters `score_thr`, `max_dets` and `classes` are checked by the data plane."""
+    Request parameters (`score_thr`, `max_dets`, `classes`, `iou_thr`, `box_format`, `mask_format`,
+    `tile`, ...: engine/dataplane.py OPTION_NAMES) are checked by the data plane; others are ignored."""
     info = dp.resolve(model, None)
     check_version(info, version)
     images = images_from_inputs(inputs)
-    options = dp.options(info, score_thr=parameters.get("score_thr"), max_dets=parameters.get("max_dets"),
-                         classes=parameters.get("classes"))
-    outputs_for = output_specs(info.has_masks)
+    options = dp.options_from(info, parameters)
+    outputs_for = output_specs(info.has_masks, options.mask_format)
     unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
     if unknown:  # refuse before spending compute
         raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
     results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
-    outputs = select_outputs(detection_outputs(results, info.has_masks), requested)
+    outputs = select_outputs(detection_outputs(results, info.has_masks, options), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)
     return InferOutcome(info.name, served_version, outputs)
 

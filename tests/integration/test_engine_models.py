@@ -80,3 +80,40 @@ def test_tiny_rtmdet_with_random_weights_in_a_worker_process(tmp_path):
             assert sample("detserve_stage_latency_seconds_count", {"model": "tiny-proc", "stage": "inference"}) >= 5
 
     run(scenario())
+
+
+@pytest.mark.slow  # the bundled rtmdet-ins in a spawned worker
+def test_request_knobs_cross_the_process_boundary(tmp_path):
+    """iou_thr, class_agnostic and mask_format ride DetectOptions to the worker; polygons ride back."""
+    import os
+    from pathlib import Path
+
+    from service.pipeline.predictor import Predictor
+    from service.settings import load_model_config
+    from service.types import DetectOptions, MaskFormat
+
+    bundled = Path(__file__).resolve().parents[2] / "models" / "rtmdet-ins"
+    folder = tmp_path / "ins"
+    folder.mkdir()
+    os.symlink(bundled / "weights.pth", folder / "weights.pth")
+    (folder / "model.toml").write_text('backend = "eager"\ndevice = "cpu"\n' + (bundled / "model.toml").read_text()
+                                       .replace('name = "rtmdet-ins"', 'name = "ins"') + "\n[workers]\nthreads = 1\n")
+    image = EncodedImage((bundled / "demo.jpg").read_bytes())
+    options = [DetectOptions(score_thr=0.05, iou_thr=0.3, class_agnostic=True, mask_format=MaskFormat.POLYGON),
+               DetectOptions(mask_format=MaskFormat.NONE)]
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, factory=None) as engine:
+            return [(await engine.detect("ins", [image], opts))[0] for opts in options]
+
+    served = run(scenario())
+    predictor = Predictor.from_config(load_model_config(folder), threads=1)
+    try:
+        local = [predictor.predict([image], [opts])[0] for opts in options]
+    finally:
+        predictor.close()
+    for got, want in zip(served, local):
+        assert [(d.label, d.polygons is None, d.mask is None) for d in got.detections] == \
+               [(d.label, d.polygons is None, d.mask is None) for d in want.detections]
+        assert [d.polygons for d in got.detections] == [d.polygons for d in want.detections]
+    assert served[0].detections and all(d.polygons for d in served[0].detections)

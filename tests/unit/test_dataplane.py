@@ -115,3 +115,58 @@ def _series() -> set[tuple]:
             if "model" in s.labels:
                 out.add(tuple(sorted(s.labels.items())))
     return out
+
+
+# ---- the issue-18 knobs: one rule each, one message naming the parameter and what it accepts ------
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("iou_thr", 0, "(0, 1]"),
+    ("iou_thr", "1.01", "(0, 1]"),
+    ("iou_thr", "nan", "finite"),
+    ("iou_thr", True, "boolean"),
+    ("class_agnostic", "yes", "true, false, 1, 0"),
+    ("class_agnostic", 2, "true, false, 1, 0"),
+    ("class_agnostic", [True], "true, false, 1, 0"),
+    ("normalized", "maybe", "true, false, 1, 0"),
+    ("box_format", "xyxyxy", "xyxy, xywh, cxcywh"),
+    ("box_format", 3, "xyxy, xywh, cxcywh"),
+    ("mask_format", "bitmap", "rle, polygon, none"),
+    ("tile", "big", "auto, off or a tile side in pixels within [64, 4096]"),
+    ("tile", 63, "[64, 4096]"),
+    ("tile", "4097", "[64, 4096]"),
+    ("tile", 512.5, "[64, 4096]"),
+    ("tile", "inf", "[64, 4096]"),
+    ("tile", True, "[64, 4096]"),
+    ("tile_overlap", 0.51, "[0, 0.5]"),
+    ("tile_overlap", -0.1, "[0, 0.5]"),
+    ("tile_overlap", "x", "must be a number"),
+    ("tile_merge", "wbf", "nms, nmm"),
+])
+def test_every_bad_knob_is_one_invalid_request_naming_parameter_and_allowed_values(field, value, allowed):
+    with pytest.raises(errors.InvalidRequest) as caught:
+        DataPlane(object()).options(_info(), **{field: value})
+    assert caught.value.message.startswith(field) and allowed in caught.value.message
+    assert errors.http_status(caught.value) == 400
+
+
+def test_knobs_from_query_strings_json_and_proto_agree():
+    from service.types import BoxFormat, MaskFormat, TileMerge
+
+    dp = DataPlane(object())
+    query = dp.options_from(_info(), {"iou_thr": "0.4", "class_agnostic": "TRUE", "box_format": "xywh",
+                                      "normalized": "1", "mask_format": "polygon", "tile": "512",
+                                      "tile_overlap": "0.25", "tile_merge": "NMM", "unknown": "ignored"})
+    json_like = dp.options_from(_info(), {"iou_thr": 0.4, "class_agnostic": True, "box_format": "xywh",
+                                          "normalized": 1, "mask_format": "polygon", "tile": 512.0,
+                                          "tile_overlap": 0.25, "tile_merge": "nmm"})
+    assert query == json_like
+    assert (query.iou_thr, query.class_agnostic, query.box_format, query.normalized, query.mask_format,
+            query.tile, query.tile_overlap, query.tile_merge) == (
+        0.4, True, BoxFormat.XYWH, True, MaskFormat.POLYGON, 512, 0.25, TileMerge.NMM)
+    assert dp.options(_info(), tile="AUTO").tile == "auto" and dp.options(_info(), tile="off").tile == "off"
+    assert dp.options(_info(), class_agnostic="0").class_agnostic is False
+    assert dp.options(_info(), iou_thr=1).iou_thr == 1.0 and dp.options(_info(), tile_overlap=0).tile_overlap == 0.0
+    # proto3 strings and blank query values cannot say "unset" otherwise: empty is the model's default
+    blank = dp.options_from(_info(), {name: "" for name in ("iou_thr", "class_agnostic", "box_format", "normalized",
+                                                            "mask_format", "tile", "tile_overlap", "tile_merge")})
+    assert blank == dp.options(_info())

@@ -403,3 +403,18 @@ def test_label_studio_routes_follow_the_data_plane_readiness():
     dataplane.starting = False
     dataplane.draining = True  # accepted while draining, as on every door: the listeners stop new connections
     assert client.post("/labelstudio/blobs/predict", json=predict_body(task)).status_code == 200
+
+
+def test_predict_detects_with_the_projects_tiling_and_skips_masks_for_boxes():
+    from service.types import MaskFormat, TileMerge
+
+    engine = BlobEngine()
+    config = RECT_CONFIG.replace('toName="image"', 'toName="image" model_tile="640" model_tile_merge="nmm"')
+    tasks = [{"id": 1, "data": {"image": png_data_uri(80, 50, (10, 5, 40, 30))}}]
+    resp = client_for(engine).post("/labelstudio/blobs/predict", json=predict_body(tasks, config))
+    assert resp.status_code == 200 and resp.json()["results"][0]["result"]
+    (options,) = engine.options
+    assert (options.tile, options.tile_merge, options.mask_format) == (640, TileMerge.NMM, MaskFormat.NONE)
+    bad = client_for(engine).post("/labelstudio/blobs/setup", json={
+        "project": "1.1", "schema": RECT_CONFIG.replace('toName="image"', 'toName="image" model_tile="7"')})
+    assert bad.status_code == 400 and "model_tile" in bad.json()["message"]

@@ -112,3 +112,51 @@ def test_entities_and_doctype_are_refused():
 def test_model_skip_attribute_hides_a_tag():
     xml = RECT.replace('toName="image"', 'toName="image" model_skip="true"')
     assert parse_label_config(xml) == ()
+
+
+# ---- per-project tiling and what one image is detected with (issue 18) -------------------------
+
+def _tiled(attrs: str, kind: str = "RectangleLabels") -> str:
+    return (f'<View><Image name="image" value="$image"/><{kind} name="label" toName="image" {attrs}>'
+            f'<Label value="circle"/></{kind}></View>')
+
+
+def _bind(config: str, has_masks: bool = True):
+    return bind_controls(parse_label_config(config), model="m", classes=("circle",), has_masks=has_masks,
+                         default_score_thr=0.3)
+
+
+def test_tiling_attributes_set_the_projects_detect_options():
+    from service.protocols.labelstudio.config import detect_options
+    from service.types import MaskFormat, TileMerge
+
+    options = detect_options(_bind(_tiled('model_tile="512" model_tile_overlap="0.25" model_tile_merge="NMM" '
+                                          'model_score_threshold="0.4"')))
+    assert (options.tile, options.tile_overlap, options.tile_merge, options.score_thr) == (512, 0.25, TileMerge.NMM, 0.4)
+    assert options.mask_format is MaskFormat.NONE  # rectangles only: the worker need not paste masks
+    assert detect_options(_bind(_tiled('model_tile="auto"'))).tile == "auto"
+    plain = detect_options(_bind(_tiled("")))
+    assert (plain.tile, plain.tile_overlap, plain.tile_merge) == (None, None, None)  # the model's defaults
+    assert detect_options(_bind(_tiled("", "PolygonLabels"))).mask_format is None  # masks wanted: rle
+
+
+@pytest.mark.parametrize("attrs, allowed", [
+    ('model_tile="huge"', "auto, off or a tile side in pixels within [64, 4096]"),
+    ('model_tile="32"', "[64, 4096]"),
+    ('model_tile_overlap="0.8"', "[0, 0.5]"),
+    ('model_tile_merge="wbf"', "nms, nmm"),
+])
+def test_bad_tiling_attribute_is_a_config_error_naming_it_and_the_allowed_values(attrs, allowed):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_label_config(_tiled(attrs))
+    assert http_status(caught.value) == 400
+    assert attrs.split("=")[0] in caught.value.message and allowed in caught.value.message
+
+
+def test_controls_of_one_image_that_disagree_on_tiling_are_refused():
+    config = """<View><Image name="image" value="$image"/>
+    <RectangleLabels name="a" toName="image" model_tile="512"><Label value="circle"/></RectangleLabels>
+    <PolygonLabels name="b" toName="image" model_tile="1024"><Label value="circle"/></PolygonLabels></View>"""
+    with pytest.raises(InvalidRequest) as caught:
+        _bind(config)
+    assert "model_tile" in caught.value.message and '"a"' in caught.value.message

@@ -240,3 +240,28 @@ def test_batched_path_matches_the_upstream_style_reference(nms_pre):
         torch.testing.assert_close(ours[i].scores, scores)
         torch.testing.assert_close(ours[i].boxes_xyxy, boxes)
         assert torch.equal(ours[i].labels, labels)
+
+
+def test_end2end_detections_get_a_second_nms_only_when_a_request_asks_for_another_one():
+    from service.detectors.base import ImageNms
+
+    # two overlapping boxes of different classes (IoU 0.5) that the graph's class-wise NMS kept
+    dets = torch.tensor([[[10.0, 10.0, 30.0, 30.0, 0.9], [10.0, 16.67, 30.0, 36.67, 0.8]]])
+    labels = torch.tensor([[0, 1]])
+    graph = InputDetections(dets, labels)
+    assert len(postprocess_input_detections(graph, [META], CFG, [ImageNms.of(CFG)])[0]) == 2
+    (agnostic,) = postprocess_input_detections(graph, [META], CFG, [ImageNms(0.6, class_agnostic=True)])
+    assert len(agnostic) == 2  # IoU 0.5 <= 0.6: nothing to suppress
+    (strict,) = postprocess_input_detections(graph, [META], CFG, [ImageNms(0.4, class_agnostic=True)])
+    assert strict.scores.tolist() == pytest.approx([0.9])
+
+
+def test_head_outputs_take_one_nms_setting_per_image():
+    from service.detectors.base import ImageNms
+
+    out = blank_outputs(batch=2)
+    for image in range(2):  # the same two overlapping boxes of different classes in both images
+        put(out, level=0, row=4, col=4, label=0, score=0.9, ltrb=(8, 8, 8, 8), image=image)
+        put(out, level=0, row=4, col=5, label=1, score=0.8, ltrb=(8, 8, 8, 8), image=image)
+    first, second = postprocess_head_outputs(out, [META, META], CFG, nms=[ImageNms(0.3, True), ImageNms.of(CFG)])  # IoU 1/3
+    assert first.labels.tolist() == [0] and second.labels.tolist() == [0, 1]

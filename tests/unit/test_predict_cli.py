@@ -104,3 +104,96 @@ def test_console_entry_point(store, image):
     )
     assert proc.returncode == 0, proc.stderr
     assert isinstance(json.loads(proc.stdout), list)
+
+
+# ---- issue 18: the default model and the knob flags ------------------------------------------
+
+def _copy_model(src: Path, dst: Path, classes: list[str] | None = None) -> None:
+    dst.mkdir(parents=True)
+    os.symlink(src / "weights.pth", dst / "weights.pth")
+    toml = (src / "model.toml").read_text()
+    (dst / "model.toml").write_text(toml + (f"classes = {json.dumps(classes)}\n" if classes else ""))
+
+
+def test_predict_without_model_uses_the_default_model(store, image, tmp_path, monkeypatch, capsys):
+    from service.settings import BUNDLED_DEFAULT_MODEL
+
+    two = tmp_path / "two"
+    _copy_model(store / "shapes", two / BUNDLED_DEFAULT_MODEL)
+    _copy_model(store / "shapes", two / "zeta", ["x", "y"])
+    monkeypatch.delenv("DETSERVE_DEFAULT_MODEL", raising=False)
+
+    def classes_printed(*argv) -> set[str]:
+        assert main(["predict", str(image), "--score-thr", "0", *argv]) == 0
+        names = {d["class_name"] for d in json.loads(capsys.readouterr().out)}
+        assert names  # score_thr 0: the random model always has detections, so the classes tell the model
+        return names
+
+    assert classes_printed("--model-store", str(two)) <= set(CLASSES)  # the bundled default, as `make serve`
+    monkeypatch.setenv("DETSERVE_DEFAULT_MODEL", "zeta")
+    assert classes_printed("--model-store", str(two)) <= {"x", "y"}  # the configured default wins
+    monkeypatch.delenv("DETSERVE_DEFAULT_MODEL")
+    assert classes_printed("--model-store", str(store)) <= set(CLASSES)  # the only model of a store
+    (two / BUNDLED_DEFAULT_MODEL / "model.toml").unlink()
+    _copy_model(store / "shapes", two / "omega")
+    assert main(["predict", str(image), "--model-store", str(two)]) == 2
+    assert "DETSERVE_DEFAULT_MODEL" in capsys.readouterr().err
+
+
+def test_default_model_rule_is_the_grpc_doors_rule():
+    from service.errors import ModelNotFound
+    from service.settings import default_model_name
+
+    assert default_model_name("b", ["a", "b"]) == "b" and default_model_name(None, ["a"]) == "a"
+    assert default_model_name(None, ["a", "rtmdet", "z"]) == "rtmdet"
+    with pytest.raises(ModelNotFound):
+        default_model_name(None, ["a", "z"])
+
+
+def test_knob_flags_give_the_predictors_result_rendered_as_asked(store, image, capsys):
+    from service.pipeline.predictor import Predictor
+    from service.protocols.render import box_to
+    from service.settings import load_model_config
+    from service.types import BoxFormat, DetectOptions, EncodedImage
+
+    rc = main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--score-thr", "0.01",
+               "--iou-thr", "0.3", "--class-agnostic", "--box-format", "xywh", "--normalized", "--mask-format", "none",
+               "--tile", "off", "--tile-overlap", "0.1", "--tile-merge", "nms"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    predictor = Predictor.from_config(load_model_config(store / "shapes"), threads=1)
+    try:
+        (want,) = predictor.predict([EncodedImage(image.read_bytes())],
+                                    [DetectOptions(score_thr=0.01, iou_thr=0.3, class_agnostic=True)])
+        (plain,) = predictor.predict([EncodedImage(image.read_bytes())], [DetectOptions(score_thr=0.01)])
+    finally:
+        predictor.close()
+    assert len(printed) == len(want.detections) < len(plain.detections)
+    for got, det in zip(printed, want.detections):
+        expected = box_to(det.box_xyxy, BoxFormat.XYWH, True, 240, 150)
+        assert np.allclose(got["bbox"], expected, atol=1e-5) and got["class_name"] == det.class_name
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--box-format", "yolo", "xyxy, xywh, cxcywh"), ("--iou-thr", "0", "(0, 1]"), ("--tile", "9", "[64, 4096]"),
+    ("--normalized", "sure", "true, false, 1, 0"), ("--mask-format", "png", "rle, polygon, none"),
+    ("--tile-merge", "wbf", "nms, nmm"), ("--tile-overlap", "0.6", "[0, 0.5]"),
+])
+def test_bad_knob_flag_exits_2_naming_the_parameter_and_allowed_values(store, image, capsys, flag, value, allowed):
+    assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag[2:].replace("-", "_") in err and allowed in err
+
+
+def test_client_query_parameters_read_back_as_the_same_options():
+    """The REST client's wire encoding of the knobs, parsed by the server's own rules."""
+    from service.client.transports import query_params
+    from service.engine.dataplane import DataPlane
+    from service.types import BatchSettings, DetectOptions, MaskFormat, ModelInfo, TileMerge
+
+    info = ModelInfo("m", "m-1", "rtmdet-tiny", "eager", ("a", "b"), 64, True, True, BatchSettings(), max_per_img=100)
+    sent = DetectOptions(score_thr=0.25, max_dets=7, classes=("b",), iou_thr=0.4, class_agnostic=False,
+                         mask_format=MaskFormat.POLYGON, tile=512, tile_overlap=0.2, tile_merge=TileMerge.NMM)
+    params = {k: str(v) for k, v in query_params(sent).items()}  # what reaches the query string
+    assert DataPlane(None).options_from(info, params) == sent
+    assert DataPlane(None).options_from(info, query_params(DetectOptions(tile="auto"))).tile == "auto"

@@ -71,13 +71,13 @@ class RTMDetDetector(Detector):
 
         return rescale_boxes(boxes_xyxy, meta)
 
-    def decode(self, raw, metas, test_cfg):
+    def decode(self, raw, metas, test_cfg, nms=None):
         from service.backends.base import InputDetections
         from service.pipeline.postprocess import postprocess_head_outputs, postprocess_input_detections
 
         if isinstance(raw, InputDetections):
-            return postprocess_input_detections(raw, metas, test_cfg)
-        return postprocess_head_outputs(self._head(raw), metas, test_cfg, self.spec.strides)
+            return postprocess_input_detections(raw, metas, test_cfg, nms)
+        return postprocess_head_outputs(self._head(raw), metas, test_cfg, self.spec.strides, nms)
 
     def masks(self, dets, meta, raw, slot, threshold):
         from service.pipeline.masks import instance_masks, masks_from_input_probs

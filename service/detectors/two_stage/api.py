@@ -5,7 +5,7 @@ service/detectors/base.py); `predict` is the standalone whole-pipeline call used
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +15,7 @@ import torch
 
 from service.errors import ConfigError, InvalidImage
 
+from ..base import ImageNms
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from .config import TwoStageTestConfig
 from .decode import ImageDetections, decode_bboxes, mask_probabilities, paste_masks_rle, rois_from
@@ -143,8 +144,9 @@ def _predict_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[Tw
 
 
 def detect_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[TwoStageMeta],
-                  cfg: TwoStageTestConfig) -> list[StageDetections]:
+                  cfg: TwoStageTestConfig, nms: Sequence[ImageNms] | None = None) -> list[StageDetections]:
     """One padded batch [B, 3, Hb, Wb] through the stages, the RoI heads over all B images at once.
+    `nms`: each image's final (R-CNN) NMS setting, default cfg's; the RPN's NMS is the model's.
 
     Host-side between the network pieces: proposal selection after the RPN, class-wise NMS after the
     bbox head (spec §5.1), so an eager module and ONNX sessions share every line of it.
@@ -157,7 +159,8 @@ def detect_padded(model: TwoStageNetwork, inputs: torch.Tensor, metas: list[TwoS
                                     max_per_img=cfg.rpn.max_per_img)
     rois = rois_from(proposals)
     cls_logits, bbox_deltas = model.bbox_forward(rpn.feats, rois)
-    per_image = decode_bboxes(cls_logits, bbox_deltas, rois, metas, cfg, rescale_before_nms=not model.with_mask)
+    per_image = decode_bboxes(cls_logits, bbox_deltas, rois, metas, cfg, rescale_before_nms=not model.with_mask,
+                              nms=nms)
     if not model.with_mask:
         return [StageDetections(boxes.cpu(), scores.cpu(), labels.cpu(), None) for boxes, scores, labels in per_image]
     det_rois = rois_from([boxes for boxes, _, _ in per_image])

@@ -8,6 +8,7 @@ original-size uint8 frame plus a band, whatever the number of instances.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from service.detectors.base import ImageNms
 from service.types import RLEMask
 
 from .box_ops import RCNN_STDS, batched_nms, delta2bbox
@@ -38,8 +40,11 @@ def rois_from(boxes_per_image: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rois, dim=0) if rois else torch.zeros((0, 5))
 
 
-def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, cfg: TwoStageTestConfig):
-    """boxes [K, C, 4], scores [K, C] (background dropped) -> (boxes [n, 4], scores [n], labels [n])."""
+def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, cfg: TwoStageTestConfig,
+                   nms: ImageNms | None = None):
+    """boxes [K, C, 4], scores [K, C] (background dropped) -> (boxes [n, 4], scores [n], labels [n]).
+    `nms`: this image's IoU threshold and class-agnostic switch (default: cfg's, class-wise)."""
+    nms = nms or ImageNms(cfg.iou_threshold)
     num_rois, num_classes = scores.shape
     flat_boxes = boxes.reshape(-1, 4)  # row r*C + c
     flat_scores = scores.reshape(-1)
@@ -48,14 +53,18 @@ def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, cfg: TwoStageTestC
     flat_boxes, flat_scores, labels = flat_boxes[idx], flat_scores[idx], labels[idx]
     if flat_boxes.numel() == 0:
         return boxes.new_zeros((0, 4)), scores.new_zeros(0), labels.new_zeros(0)
-    keep, kept_scores = batched_nms(flat_boxes, flat_scores, labels, cfg.iou_threshold)
+    # mmcv's class_agnostic NMS is its batched_nms without the per-class offsets: one group.
+    groups = torch.zeros_like(labels) if nms.class_agnostic else labels
+    keep, kept_scores = batched_nms(flat_boxes, flat_scores, groups, nms.iou_threshold)
     keep = keep[: cfg.max_per_img]
     return flat_boxes[keep], kept_scores[: cfg.max_per_img], labels[keep]
 
 
 def decode_bboxes(cls_logits: torch.Tensor, bbox_deltas: torch.Tensor, rois: torch.Tensor,
-                  metas: list[TwoStageMeta], cfg: TwoStageTestConfig, *, rescale_before_nms: bool):
+                  metas: list[TwoStageMeta], cfg: TwoStageTestConfig, *, rescale_before_nms: bool,
+                  nms: Sequence[ImageNms] | None = None):
     """Batched R-CNN outputs [K, C+1], [K, 4C] over rois [K, 5] -> per image (boxes, scores, labels).
+    `nms`: one final-NMS setting per image (default: cfg's for all).
 
     rescale_before_nms (Faster R-CNN): boxes go to original pixels before NMS. Otherwise (Mask R-CNN) they
     stay in resized-image pixels, because the mask RoIs are built from them.
@@ -74,7 +83,8 @@ def decode_bboxes(cls_logits: torch.Tensor, bbox_deltas: torch.Tensor, rois: tor
         boxes = delta2bbox(repeated, deltas.reshape(-1, 4), RCNN_STDS, max_shape=meta.img_shape)
         if rescale_before_nms:
             boxes = boxes_to_original(boxes, meta, Rescale.MULTIPLY_RECIPROCAL)
-        results.append(multiclass_nms(boxes.view(-1, num_classes, 4), scores[:, :num_classes], cfg))
+        results.append(multiclass_nms(boxes.view(-1, num_classes, 4), scores[:, :num_classes], cfg,
+                                      nms[i] if nms is not None else None))
     return results
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from service.errors import ConfigError
 
-from ..base import Detector, register
+from ..base import Detector, nms_per_image, register
 from .api import CLASSIFIER_KEY, REGISTRY, StageDetections, TwoStageSpec, build, detect_padded, num_classes_in
 from .config import RPNTestConfig, TwoStageTestConfig
 from .decode import paste_masks_rle
@@ -102,9 +102,11 @@ class RCNNDetector(Detector):
         # Mask R-CNN divides by the scale factor, Faster R-CNN multiplies by its reciprocal (pitfall 9)
         return boxes_to_original(boxes_xyxy, meta, Rescale.DIVIDE if self.has_masks else Rescale.MULTIPLY_RECIPROCAL)
 
-    def run(self, backend, inputs: TwoStageInputs, metas, test_cfg) -> TwoStageOutputs:
+    def run(self, backend, inputs: TwoStageInputs, metas, test_cfg, nms=None) -> TwoStageOutputs:
+        """The final NMS runs here, between the bbox and mask heads, so the per-image `nms` does too."""
         network = self._network(backend)
         cfg = stage_test_config(test_cfg)
+        per_image_nms = nms_per_image(nms, test_cfg, len(metas))
         groups: dict[tuple[int, int], list[int]] = {}
         for i, meta in enumerate(metas):
             groups.setdefault(padded_shape([meta.img_shape]), []).append(i)
@@ -112,11 +114,12 @@ class RCNNDetector(Detector):
         with torch.inference_mode():
             for members in groups.values():
                 batch = pad_batch([inputs.tensors[i] for i in members])
-                for i, dets in zip(members, detect_padded(network, batch, [metas[i] for i in members], cfg)):
+                group_nms = [per_image_nms[i] for i in members]
+                for i, dets in zip(members, detect_padded(network, batch, [metas[i] for i in members], cfg, group_nms)):
                     results[i] = dets
         return TwoStageOutputs(results)  # type: ignore[arg-type]
 
-    def decode(self, raw: TwoStageOutputs, metas, test_cfg):
+    def decode(self, raw: TwoStageOutputs, metas, test_cfg, nms=None):
         from service.pipeline.postprocess import ImageDetections
 
         if not isinstance(raw, TwoStageOutputs):

@@ -10,8 +10,9 @@ from typing import TypeVar
 
 import grpc
 
-from ...errors import DetserveError, InternalError, ModelNotFound, grpc_status
+from ...errors import DetserveError, InternalError, grpc_status
 from ...engine.dataplane import DataPlane
+from ...settings import default_model_name
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,7 @@ def _drain(queue: asyncio.Queue) -> list[asyncio.Task]:
 
 
 def resolve_model(dp: DataPlane, default_model: str | None, name: str) -> str:
-    """An empty model name means the configured default, or the only model served."""
+    """An empty model name means the default model (settings.default_model_name: every entry point's rule)."""
     if name:
         return name
-    if default_model:
-        return default_model
-    names = [m.name for m in dp.engine.models()]
-    if len(names) == 1:
-        return names[0]
-    raise ModelNotFound(f"no model given and no default model configured; models: {names}")
+    return default_model_name(default_model, [m.name for m in dp.engine.models()])

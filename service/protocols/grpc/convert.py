@@ -13,25 +13,35 @@ from ...types import (
     BatchSettings, DetectOptions, DetectResult, Detection, EncodedImage, ImageInput, ModelInfo, RawImage, RLEMask,
 )
 from .. import kserve_codec as codec
+from ..render import rendered_box
 from .generated import detserve_pb2 as pb
 from .generated import grpc_service_pb2 as kpb
 
 
 # --- detserve.v1 -----------------------------------------------------------------------------
 
+_OPTIONAL_FIELDS = ("score_thr", "max_dets", "iou_thr", "class_agnostic", "normalized", "tile_overlap")
+_STRING_FIELDS = ("box_format", "mask_format", "tile", "tile_merge")  # proto3: "" is unset
+
+
 def options_from_proto(msg: pb.DetectOptions) -> dict[str, Any]:
     """The raw option values for the data plane, which checks them (one rule for every door)."""
-    return dict(score_thr=msg.score_thr if msg.HasField("score_thr") else None,
-                max_dets=msg.max_dets if msg.HasField("max_dets") else None,
-                classes=list(msg.classes) or None)
+    values: dict[str, Any] = {name: getattr(msg, name) if msg.HasField(name) else None for name in _OPTIONAL_FIELDS}
+    values.update({name: getattr(msg, name) or None for name in _STRING_FIELDS})
+    values["classes"] = list(msg.classes) or None
+    return values
 
 
 def options_to_proto(options: DetectOptions) -> pb.DetectOptions:
     msg = pb.DetectOptions(classes=list(options.classes or ()))
-    if options.score_thr is not None:
-        msg.score_thr = options.score_thr
-    if options.max_dets is not None:
-        msg.max_dets = options.max_dets
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(options, name)
+        if value is not None:
+            setattr(msg, name, value)
+    for name in _STRING_FIELDS:
+        value = getattr(options, name)
+        if value is not None:
+            setattr(msg, name, str(getattr(value, "value", value)))
     return msg
 
 
@@ -59,22 +69,25 @@ def image_to_proto(image: ImageInput) -> pb.Image:
                                     channel_order=image.channel_order))
 
 
-def result_to_proto(result: DetectResult) -> pb.DetectResult:
+def result_to_proto(result: DetectResult, options: DetectOptions = DetectOptions()) -> pb.DetectResult:
     return pb.DetectResult(
         model_name=result.model_name,
         model_version=result.model_version,
         image_width=result.image_width,
         image_height=result.image_height,
-        detections=[_detection_to_proto(d) for d in result.detections],
+        detections=[_detection_to_proto(d, rendered_box(d, options, result.image_width, result.image_height))
+                    for d in result.detections],
     )
 
 
-def _detection_to_proto(det: Detection) -> pb.Detection:
+def _detection_to_proto(det: Detection, bbox: tuple[float, float, float, float]) -> pb.Detection:
     x1, y1, x2, y2 = det.box_xyxy
     msg = pb.Detection(label=det.label, class_name=det.class_name, score=det.score,
-                       box=pb.BoxXYXY(x1=x1, y1=y1, x2=x2, y2=y2))
+                       box=pb.BoxXYXY(x1=x1, y1=y1, x2=x2, y2=y2), bbox=bbox)
     if det.mask is not None:
         msg.mask.CopyFrom(pb.RLEMask(height=det.mask.height, width=det.mask.width, counts=det.mask.counts))
+    if det.polygons is not None:
+        msg.polygons.extend(pb.Polygon(points=p) for p in det.polygons)
     return msg
 
 
@@ -82,7 +95,9 @@ def result_from_proto(msg: pb.DetectResult) -> DetectResult:
     detections = []
     for d in msg.detections:
         mask = RLEMask(d.mask.height, d.mask.width, d.mask.counts) if d.HasField("mask") else None
-        detections.append(Detection(d.label, d.class_name, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2), mask))
+        polygons = tuple(tuple(p.points) for p in d.polygons) or None
+        detections.append(Detection(d.label, d.class_name, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2), mask,
+                                    polygons))
     return DetectResult(detections=detections, image_width=msg.image_width, image_height=msg.image_height,
                         model_name=msg.model_name, model_version=msg.model_version)
 

@@ -25,10 +25,12 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         call.model = resolve_model(self._dp, self._default_model, name)
         return self._dp.resolve(call.model)
 
-    async def _detect(self, info: ModelInfo, images, options_msg: pb.DetectOptions, request_id: str, context):
+    async def _detect(self, info: ModelInfo, images, options_msg: pb.DetectOptions, request_id: str,
+                      context) -> list[pb.DetectResult]:
         options = self._dp.options(info, **convert.options_from_proto(options_msg))
-        return await self._dp.detect(info.name, images, options, protocol=PROTOCOL, request_id=request_id or None,
-                                     timeout_s=timeout_from(context))
+        results = await self._dp.detect(info.name, images, options, protocol=PROTOCOL,
+                                        request_id=request_id or None, timeout_s=timeout_from(context))
+        return [convert.result_to_proto(r, options) for r in results]
 
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResult:
         async with door(context, self._dp, request.model, PROTOCOL.value) as call:
@@ -37,7 +39,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 raise InvalidRequest("DetectRequest.image is required")
             results = await self._detect(info, [convert.image_from_proto(request.image)], request.options,
                                          request.request_id, context)
-            return convert.result_to_proto(results[0])
+            return results[0]
 
     async def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:
         async with door(context, self._dp, request.model, PROTOCOL.value) as call:
@@ -45,7 +47,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             self._dp.check_images(len(request.images))  # before converting any of them
             results = await self._detect(info, [convert.image_from_proto(img) for img in request.images],
                                          request.options, request.request_id, context)
-            return pb.DetectBatchResponse(results=[convert.result_to_proto(r) for r in results])
+            return pb.DetectBatchResponse(results=results)
 
     async def DetectStream(self, request_iterator, context):
         async def one_frame(frame: pb.StreamFrame) -> pb.StreamResult:
@@ -59,7 +61,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             except Exception as exc:  # noqa: BLE001 - a bad frame is answered in-stream; the stream goes on
                 err = as_detserve_error(exc)
                 return pb.StreamResult(frame_id=frame.frame_id, error=convert.frame_error_to_proto(err, status_code(err).name))
-            return pb.StreamResult(frame_id=frame.frame_id, result=convert.result_to_proto(results[0]))
+            return pb.StreamResult(frame_id=frame.frame_id, result=results[0])
 
         try:
             async for result in ordered_window(request_iterator, one_frame):

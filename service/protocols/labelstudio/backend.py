@@ -19,9 +19,9 @@ from pathlib import Path
 from ...engine.api import EngineAPI
 from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge
 from ...settings import LabelStudioSettings, ServerSettings
-from ...types import DetectOptions, DetectResult, EncodedImage, ModelInfo, Priority
+from ...types import DetectResult, EncodedImage, ModelInfo, Priority
 from ...types import Protocol as Door
-from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, parse_label_config
+from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, detect_options, parse_label_config
 from .fetch import FetchConfig, ImageFetcher, TokenCache
 from .outbound import ByteBudget, FetchUnavailable, pinned_client
 from .results import task_prediction
@@ -291,7 +291,7 @@ class PredictRun:
         self.request_id = request_id
         self.failed = 0
         # No class filter here: the regions stay exactly what /predictions returns for the image.
-        self.options = DetectOptions(score_thr=min(c.score_threshold for c in controls))
+        self.options = detect_options(controls)
         self.deadline = time.monotonic() + max(PREDICT_DEADLINE_S, info.batch.request_timeout_ms / 1000)
         # Only background work names a priority: engines that predate priorities still serve /predict.
         self._priority = {"priority": priority} if priority is not Priority.NORMAL else {}

@@ -4,6 +4,10 @@ A Label Studio project's config is XML such as
 `<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
 <Label value="Car" predicted_values="car,truck"/></RectangleLabels></View>`. We fill
 RectangleLabels always, PolygonLabels and BrushLabels for mask models.
+
+Per-project settings live on the control tags, as Label Studio's own `model_score_threshold` does:
+`model_tile="auto|off|<px>"`, `model_tile_overlap="0.2"`, `model_tile_merge="nms|nmm"` (sliced
+inference, docs/labelstudio.md), checked by the same rules as every door's parameters.
 """
 from __future__ import annotations
 
@@ -12,10 +16,14 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.parsers import expat
 
+from ...engine.dataplane import knob_options
 from ...errors import InvalidRequest
+from ...types import DetectOptions, MaskFormat, TileMerge
 
 SCORE_THRESHOLD_ATTR = "model_score_threshold"
 SKIP_ATTR = "model_skip"
+# control-tag attribute -> the request option it sets
+TILING_ATTRS = {"model_tile": "tile", "model_tile_overlap": "tile_overlap", "model_tile_merge": "tile_merge"}
 
 
 class ControlKind(str, enum.Enum):
@@ -52,6 +60,9 @@ class ControlTag:
     image_key: str  # the <Image value="$key"> without the dollar
     labels: tuple[LabelTag, ...]
     score_threshold: float | None = None  # the tag's model_score_threshold attribute
+    tile: int | str | None = None  # model_tile, model_tile_overlap, model_tile_merge; None: the model's default
+    tile_overlap: float | None = None
+    tile_merge: TileMerge | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +142,20 @@ def parse_label_config(text: str) -> tuple[ControlTag, ...]:
                 image_key=images[to_name],
                 labels=labels,
                 score_threshold=_threshold(el),
+                **_tiling(el),
             )
         )
     return tuple(controls)
+
+
+def _tiling(el: ET.Element) -> dict:
+    raw = {option: el.get(attr) for attr, option in TILING_ATTRS.items()}
+    try:
+        options = knob_options(**raw)
+    except InvalidRequest as err:
+        attrs = " ".join(f'{a}="{el.get(a)}"' for a in TILING_ATTRS if el.get(a) is not None)
+        raise ConfigInvalid(f'<{el.tag} name="{el.get("name")}"> has {attrs}: {err.message}') from None
+    return {option: getattr(options, option) for option in TILING_ATTRS.values()}
 
 
 def _threshold(el: ET.Element) -> float | None:
@@ -202,6 +224,8 @@ def bind_controls(
         if label_map:
             thr = control.score_threshold if control.score_threshold is not None else default_score_thr
             bound.append(BoundControl(tag=control, label_map=label_map, score_threshold=thr))
+    if bound:
+        detect_options(bound)  # controls that disagree on tiling fail here, at /setup, with the reason
     if not bound:
         names = ", ".join(f'<{c.kind.tag} name="{c.from_name}">' for c in usable)
         shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
@@ -210,3 +234,21 @@ def bind_controls(
             'name labels after the classes or map them with predicted_values="class1,class2"'
         )
     return bound
+
+
+def detect_options(controls: list[BoundControl]) -> DetectOptions:
+    """The options one image of these controls is detected with: the lowest threshold (each control
+    filters its own regions), the project's tiling, and no masks when no control draws them (the
+    worker then skips pasting them). Box format knobs do not apply: regions are in percent."""
+    tiling = {}
+    for option in TILING_ATTRS.values():
+        values = {getattr(c.tag, option) for c in controls} - {None}
+        if len(values) > 1:
+            attr = next(a for a, o in TILING_ATTRS.items() if o == option)
+            names = ", ".join(f'"{c.tag.from_name}"' for c in controls if getattr(c.tag, option) is not None)
+            raise ConfigInvalid(f"control tags {names} set different {attr} values {sorted(map(str, values))}; "
+                                "one image is detected once, so set it on one tag or to the same value")
+        tiling[option] = values.pop() if values else None
+    needs_masks = any(c.tag.kind.needs_masks for c in controls)
+    return DetectOptions(score_thr=min(c.score_threshold for c in controls),
+                         mask_format=None if needs_masks else MaskFormat.NONE, **tiling)

@@ -1,15 +1,12 @@
 """DetectResult -> one Label Studio prediction: regions in percent of the original image."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from ...types import Detection, DetectResult, RLEMask
+from ...pipeline.polygons import decode_mask, mask_polygons
+from ...types import Detection, DetectResult
 from .brush import mask_to_brush_rle
 from .config import BoundControl, ControlKind
-
-MIN_POLYGON_AREA_PX = 4.0  # contours smaller than this are speckles, not regions
 
 
 def _pct(value: float, total: int) -> float:
@@ -41,23 +38,6 @@ def rectangle_value(box_xyxy: tuple[float, float, float, float], width: int, hei
         "rotation": 0,
         "rectanglelabels": [label],
     }
-
-
-def decode_mask(rle: RLEMask) -> np.ndarray:
-    """COCO compressed RLE -> [H, W] uint8 0/1 in C order."""
-    return np.ascontiguousarray(mask_utils.decode({"size": [rle.height, rle.width], "counts": rle.counts.encode()}))
-
-
-def mask_polygons(mask: np.ndarray) -> list[list[list[float]]]:
-    """Outer contours of a 0/1 mask as pixel polygons, biggest first. A contour runs through the
-    centres of border pixels, so +0.5 puts it on the pixel grid the percentages are taken on."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = []
-    for contour in sorted(contours, key=cv2.contourArea, reverse=True):
-        if len(contour) < 3 or cv2.contourArea(contour) < MIN_POLYGON_AREA_PX:
-            continue
-        polygons.append([[float(x) + 0.5, float(y) + 0.5] for x, y in contour.reshape(-1, 2)])
-    return polygons
 
 
 def detection_regions(det: Detection, label: str, control: BoundControl, width: int, height: int) -> list[dict]:

@@ -18,10 +18,11 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...engine.dataplane import DataPlane, dataplane_for
+from ...engine.dataplane import OPTION_NAMES, DataPlane, dataplane_for
 from ...errors import DetserveError, InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, http_status
 from ...types import DetectResult, EncodedImage, RenderFormat
 from ...types import Protocol as Door
+from ..render import torchserve_result
 
 router = APIRouter()
 
@@ -90,6 +91,18 @@ class _Query:
     max_dets: str | None = None
     classes: str | None = None
     render: RenderFormat | None = None
+    iou_thr: str | None = None
+    class_agnostic: str | None = None
+    box_format: str | None = None
+    normalized: str | None = None
+    mask_format: str | None = None
+    tile: str | None = None
+    tile_overlap: str | None = None
+    tile_merge: str | None = None
+
+    def option_values(self) -> dict[str, str | None]:
+        """The data plane's options by name (engine/dataplane.py OPTION_NAMES)."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
 
 
 _NO_QUERY = _Query()
@@ -110,7 +123,7 @@ def _parse_query(raw: bytes) -> _Query:
     if image_format not in _IMAGE_FORMATS:
         raise InvalidRequest(f"image_format: must be one of {list(_IMAGE_FORMATS)}, got {image_format[:40]!r}")
     render = _IMAGE_FORMATS[image_format] if fmt == "image" else None
-    return _Query(params.get("score_thr"), params.get("max_dets"), params.get("classes"), render)
+    return _Query(render=render, **{name: params.get(name) for name in OPTION_NAMES})
 
 
 async def _predict(request: Request, model: str, version: str | None) -> Response:
@@ -131,8 +144,7 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
 async def _predict_inner(dp: DataPlane, request: Request, model: str, version: str | None) -> Response:
     query = _parse_query(request.scope["query_string"])
     info = dp.resolve(model, version)  # 503 while starting, 404 before reading a large body
-    options = dp.options(info, score_thr=query.score_thr, max_dets=query.max_dets, classes=query.classes,
-                         render=query.render)
+    options = dp.options(info, render=query.render, **query.option_values())
     images, many = await _read_images(request, dp.max_images_per_request)
     if options.render is not None and many:
         raise InvalidRequest("format=image takes exactly one image per request")
@@ -143,8 +155,8 @@ async def _predict_inner(dp: DataPlane, request: Request, model: str, version: s
     if options.render is not None:
         return _rendered(results[0], options.render)
     if many:
-        return _json([r.to_torchserve() for r in results])
-    return _json(results[0].to_torchserve())
+        return _json([torchserve_result(r, options) for r in results])
+    return _json(torchserve_result(results[0], options))
 
 
 def _timeout_s(request: Request) -> float | None:

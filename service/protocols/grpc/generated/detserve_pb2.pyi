@@ -7,14 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectOptions(_message.Message):
-    __slots__ = ("score_thr", "max_dets", "classes")
+    __slots__ = ("score_thr", "max_dets", "classes", "iou_thr", "class_agnostic", "box_format", "normalized", "mask_format", "tile", "tile_overlap", "tile_merge")
     SCORE_THR_FIELD_NUMBER: _ClassVar[int]
     MAX_DETS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IOU_THR_FIELD_NUMBER: _ClassVar[int]
+    CLASS_AGNOSTIC_FIELD_NUMBER: _ClassVar[int]
+    BOX_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    MASK_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    TILE_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    TILE_MERGE_FIELD_NUMBER: _ClassVar[int]
     score_thr: float
     max_dets: int
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, score_thr: _Optional[float] = ..., max_dets: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    iou_thr: float
+    class_agnostic: bool
+    box_format: str
+    normalized: bool
+    mask_format: str
+    tile: str
+    tile_overlap: float
+    tile_merge: str
+    def __init__(self, score_thr: _Optional[float] = ..., max_dets: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., iou_thr: _Optional[float] = ..., class_agnostic: _Optional[bool] = ..., box_format: _Optional[str] = ..., normalized: _Optional[bool] = ..., mask_format: _Optional[str] = ..., tile: _Optional[str] = ..., tile_overlap: _Optional[float] = ..., tile_merge: _Optional[str] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("pixels", "height", "width", "channel_order")
@@ -82,19 +98,29 @@ class RLEMask(_message.Message):
     counts: str
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., counts: _Optional[str] = ...) -> None: ...
 
+class Polygon(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, points: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class Detection(_message.Message):
-    __slots__ = ("label", "class_name", "score", "box", "mask")
+    __slots__ = ("label", "class_name", "score", "box", "mask", "bbox", "polygons")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
+    BBOX_FIELD_NUMBER: _ClassVar[int]
+    POLYGONS_FIELD_NUMBER: _ClassVar[int]
     label: int
     class_name: str
     score: float
     box: BoxXYXY
     mask: RLEMask
-    def __init__(self, label: _Optional[int] = ..., class_name: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[BoxXYXY, _Mapping]] = ..., mask: _Optional[_Union[RLEMask, _Mapping]] = ...) -> None: ...
+    bbox: _containers.RepeatedScalarFieldContainer[float]
+    polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
+    def __init__(self, label: _Optional[int] = ..., class_name: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[BoxXYXY, _Mapping]] = ..., mask: _Optional[_Union[RLEMask, _Mapping]] = ..., bbox: _Optional[_Iterable[float]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ...) -> None: ...
 
 class DetectResult(_message.Message):
     __slots__ = ("model_name", "model_version", "image_width", "image_height", "detections")
