@@ -236,16 +236,17 @@ def predict_tiled(predictor, images: Sequence[ImageInput], options: DetectOption
 
     cfg = predictor.cfg
     size = batch_size or cfg.batch.max_batch_size
-    out: list = []
+    out: list = [None] * len(images)
+    whole: list[int] = []
     for index, image in enumerate(images):
         try:
             plan = plan_tiles(image, options, cfg.tiling, input_size=predictor.input_size,
                               max_pixels=cfg.max_image_pixels)
         except errors.DetserveError as exc:
-            out.append(exc)
+            out[index] = exc
             continue
         if plan is None:
-            out.extend(predictor.predict([image], [options]))
+            whole.append(index)  # detected together below, one batch as without tiling
             continue
         tiles = tile_images(image, plan, key=f"inprocess-{id(predictor)}-{index}")
         per_tile = tile_options(options)
@@ -255,10 +256,13 @@ def predict_tiled(predictor, images: Sequence[ImageInput], options: DetectOption
             results.extend(predictor.predict(chunk, [per_tile] * len(chunk)))
         failed = next((r for r in results if not isinstance(r, DetectResult)), None)
         if failed is not None:
-            out.append(failed)
+            out[index] = failed
             continue
         merged = merge_image(plan, results, options, max_per_img=cfg.test_cfg.max_per_img)
         if options.render is not None:
             merged.rendered = predictor.render(image, merged, options.render)
-        out.append(merged)
+        out[index] = merged
+    if whole:
+        for index, result in zip(whole, predictor.predict([images[i] for i in whole], [options] * len(whole))):
+            out[index] = result
     return out
