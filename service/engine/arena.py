@@ -68,9 +68,12 @@ class FrontArena:
         placed: dict[int, ArenaBytes] = {}  # id(payload) -> where it went: the tiles of one image share it
         for item in request.items:
             data = _payload(item.image)
-            ref = placed.get(id(data)) if data is not None else None
+            tile = isinstance(item.image, TileImage)
+            ref = placed.get(id(data)) if tile else None
             if ref is None and data is not None and len(data) >= MIN_SHARED_BYTES and offset + len(data) <= self.size:
-                ref = placed[id(data)] = ArenaBytes(offset, len(data))
+                ref = ArenaBytes(offset, len(data))
+                if tile:
+                    placed[id(data)] = ref
                 self._map[offset:offset + len(data)] = data
                 offset += len(data)
             if ref is not None:

@@ -18,6 +18,7 @@ from .tiling import TileImage, TilePlan, TileWindow
 
 # A box side within this many pixels of an inner tile edge counts as cut by that edge.
 EDGE_TOLERANCE_PX = 2.0
+_WHOLE, _FULL_PASS, _CUT = 0, 1, 2  # merge ranks (merge_tiles)
 
 
 # --- COCO compressed RLE <-> run lengths --------------------------------------------------------
@@ -126,44 +127,51 @@ def merge_tiles(parts: Sequence[TileDetections], image_width: int, image_height:
                 match_threshold: float, max_dets: int, class_agnostic: bool = False) -> list[Detection]:
     """All tiles' detections -> one list for the image, sorted by descending score, at most `max_dets`.
 
-    Greedy and class-wise (one pass over all classes with `class_agnostic`). Whole boxes are visited
-    before boxes cut by an inner tile edge, each group by descending score, so a partial view never
-    suppresses (NMS) or heads (NMM) the whole view of its object that a neighbour tile or the full pass
-    saw. A candidate joins the current head's cluster when
-      - it is whole and its IoU with the head is >= match_threshold (two whole views of one object), or
-      - it is cut and its intersection-over-smaller is >= match_threshold: a partial lies inside the
-        whole box, with an IoU as low as its share of the object, which plain IoU would keep.
+    Greedy and class-wise (one pass over all classes with `class_agnostic`). Boxes are visited in three
+    ranks, each by descending score: whole boxes of tiles, then boxes of the full pass (a part whose
+    window is the whole image), then boxes cut by an inner tile edge. So a partial view never
+    suppresses (NMS) or heads (NMM) the whole view of its object, and the full pass, which sees a small
+    object at a fraction of the tile scale and boxes it coarsely, only speaks for objects no tile saw
+    whole. A candidate joins the current head's cluster when
+      - it is a whole tile box and its IoU with the head is >= match_threshold (two views of one object), or
+      - it is a full-pass or cut box and its intersection-over-smaller is >= match_threshold: a partial
+        lies inside the whole box, and a coarse full-pass box around a small object contains the tile's
+        precise one, both with an IoU as low as 0.3-0.5, which plain IoU would keep.
     NMS keeps the head; NMM (SAHI's greedy merging) keeps the union of the cluster's boxes and masks
-    with the head's score. A cut box nothing whole covers survives: it is the best view there is.
+    with the head's score, leaving out full-pass boxes when the head is a whole tile box. A cut box nothing whole covers survives: it is the best view there is.
 
     Cost: each head compares against the remaining boxes of its class with one numpy pass, so
     O(N * clusters) with N bounded by max_tiles * max_per_img; pycocotools merges masks in RLE.
     """
     flat: list[Detection] = []
-    boxes_list, cut_list = [], []
+    boxes_list, rank_list = [], []
     for part in parts:
         if not part.detections:
             continue
         boxes = np.asarray([d.box_xyxy for d in part.detections], dtype=np.float64).reshape(-1, 4)
         flat.extend(part.detections)
         boxes_list.append(boxes)
-        cut_list.append(cut_by_inner_edge(boxes, part.window, image_width, image_height))
+        w = part.window
+        if (w.x0, w.y0, w.x1, w.y1) == (0, 0, image_width, image_height):
+            rank_list.append(np.full(len(boxes), _FULL_PASS))
+        else:
+            rank_list.append(np.where(cut_by_inner_edge(boxes, w, image_width, image_height), _CUT, _WHOLE))
     if not flat:
         return []
     boxes = np.concatenate(boxes_list)
-    cut = np.concatenate(cut_list)
+    rank = np.concatenate(rank_list)
     scores = np.asarray([d.score for d in flat])
     labels = np.zeros(len(flat), dtype=np.int64) if class_agnostic else np.asarray([d.label for d in flat])
     kept: list[Detection] = []
     for label in np.unique(labels):
         members = np.nonzero(labels == label)[0]
-        order = members[np.lexsort((-scores[members], cut[members]))]  # whole first, then by score
-        kept.extend(_greedy(order, flat, boxes, cut, method, match_threshold))
+        order = members[np.lexsort((-scores[members], rank[members]))]  # by rank, then by score
+        kept.extend(_greedy(order, flat, boxes, rank, method, match_threshold))
     kept.sort(key=lambda d: -d.score)
     return kept[:max_dets]
 
 
-def _greedy(order: np.ndarray, flat: Sequence[Detection], boxes: np.ndarray, cut: np.ndarray,
+def _greedy(order: np.ndarray, flat: Sequence[Detection], boxes: np.ndarray, rank: np.ndarray,
             method: TileMerge, match_threshold: float) -> list[Detection]:
     alive = np.ones(order.size, dtype=bool)
     out: list[Detection] = []
@@ -174,9 +182,13 @@ def _greedy(order: np.ndarray, flat: Sequence[Detection], boxes: np.ndarray, cut
         rest_pos = pos + 1 + np.nonzero(alive[pos + 1:])[0]
         rest = order[rest_pos]
         iou, ios = _overlaps(boxes[head], boxes[rest])
-        joins = np.where(cut[rest], ios >= match_threshold, iou >= match_threshold)
+        joins = np.where(rank[rest] > _WHOLE, ios >= match_threshold, iou >= match_threshold)
         alive[rest_pos[joins]] = False
         cluster = rest[joins]
+        if rank[head] == _WHOLE:
+            # A tile saw this object whole at full resolution: a full-pass box of it only adds blur to
+            # the union (it is suppressed, not merged).
+            cluster = cluster[rank[cluster] != _FULL_PASS]
         out.append(flat[head] if method is TileMerge.NMS or cluster.size == 0
                    else _union(flat[head], [flat[i] for i in cluster], boxes[np.concatenate([[head], cluster])]))
     return out

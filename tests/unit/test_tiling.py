@@ -232,3 +232,24 @@ def test_distinct_neighbours_of_one_class_both_survive():
     for method in TileMerge:
         assert len(merge_tiles([TileDetections(LEFT, [a, b])], W, H, method=method, match_threshold=0.5,
                                max_dets=100)) == 2
+
+
+def test_a_coarse_full_pass_box_yields_to_the_tiles_precise_one_but_speaks_for_large_objects():
+    full = TileWindow(0, 0, W, H)
+    precise = _det((100, 100, 135, 135), score=0.6)
+    coarse = _det((94, 96, 144, 146), score=0.9)  # IoU 0.49 with the precise box
+    large = _det((200, 50, 500, 250), score=0.7)  # no tile sees it whole
+    part_left = _det((200, 50, 320, 250), score=0.95)
+    part_right = _det((280, 50, 500, 250), score=0.9)
+    merged = merge_tiles([TileDetections(LEFT, [precise, part_left]), TileDetections(RIGHT, [part_right]),
+                          TileDetections(full, [coarse, large])], W, H, method=TileMerge.NMS,
+                         match_threshold=0.5, max_dets=100)
+    assert sorted(d.box_xyxy for d in merged) == sorted([precise.box_xyxy, large.box_xyxy])
+
+
+def test_nmm_does_not_blur_a_whole_tile_box_with_the_full_pass_box():
+    precise = _det((100, 100, 135, 135), score=0.6)
+    coarse = _det((94, 96, 144, 146), score=0.9)
+    (merged,) = merge_tiles([TileDetections(LEFT, [precise]), TileDetections(TileWindow(0, 0, W, H), [coarse])],
+                            W, H, method=TileMerge.NMM, match_threshold=0.5, max_dets=100)
+    assert merged.box_xyxy == precise.box_xyxy
