@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -119,3 +123,48 @@ def test_requests_whose_tiles_can_never_fit_are_413_not_429(tmp_path):
                 await engine.detect("small-queue", [big], DetectOptions(tile="huge"))
 
     run(scenario())
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import sys, cv2, numpy as np
+    from service.demo.dataset import render_small_shapes
+    from service.pipeline.predictor import Predictor
+    from service.pipeline.tiling import TileImage, TileWindow, predict_tiled
+    from service.settings import load_model_config
+    from service.types import DetectOptions, EncodedImage
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    image, anns = render_small_shapes(np.random.default_rng(1), 4000, 3000, num_shapes=100)
+    data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+    del image
+    predictor = Predictor.from_config(load_model_config(sys.argv[1], backend="eager"), threads=2)
+    warm = EncodedImage(cv2.imencode(".jpg", np.zeros((320, 320, 3), np.uint8))[1].tobytes())
+    predictor.predict([warm] * 8, [DetectOptions()] * 8)  # the allocator's steady state for a batch
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = rss("VmRSS:")
+    (result,) = predict_tiled(predictor, [EncodedImage(data)], DetectOptions(tile=320, max_dets=100))
+    extra = rss("VmHWM:") - before
+    print(extra, len(result.detections), sum(d.mask is not None for d in result.detections), len(anns))
+    """
+)
+
+
+@pytest.mark.slow  # ~190 tiles of RTMDet-Ins on CPU: a minute or more on a busy 2-core box
+def test_a_tiled_4000x3000_rtmdet_ins_request_with_100_instances_stays_under_300_mb_extra():
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak RSS cannot be reset here")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root / "models" / "rtmdet-ins")], cwd=root,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extra, detections, with_masks, shapes = (int(v) for v in proc.stdout.split()[-4:])
+    print(f"tiled 4000x3000 RTMDet-Ins: {detections} detections, extra peak RSS {extra / 2**20:.0f} MiB")
+    assert shapes == 100 and detections >= 90 and with_masks == detections
+    assert extra < 300 * 1024 * 1024, f"extra peak {extra / 2**20:.0f} MiB"
