@@ -76,6 +76,9 @@ class TilingConfig(_Strict):
     match_threshold: float = Field(0.5, gt=0.0, le=1.0)  # IoU (whole boxes) / IoS (cut boxes) that merges
     full_pass: bool = True  # one more item: the whole image, for objects larger than a tile
     max_tiles: int = Field(256, ge=1, le=4096)  # per image; more is refused with 413
+    # Detections a tiled image returns at most when the request sets no max_dets (test_cfg.max_per_img
+    # bounds each tile): a 4000x3000 image holds more objects than one 320 px view.
+    max_dets: int = Field(1000, ge=1, le=100_000)
 
 
 class WorkerConfig(_Strict):

@@ -319,7 +319,7 @@ class Engine:
         for outcome in outcomes:
             if isinstance(outcome, errors.DetserveError):
                 raise outcome
-        return await assemble(work, outcomes, options, runtime.cfg.test_cfg.max_per_img)
+        return await assemble(work, outcomes, options, runtime.cfg.tiling.max_dets)
 
     # -- management -----------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:

@@ -49,7 +49,7 @@ def item_count(work: Sequence[ImageWork]) -> int:
 
 
 async def assemble(work: Sequence[ImageWork], outcomes: Sequence[DetectResult], options: DetectOptions,
-                   max_per_img: int) -> list[DetectResult]:
+                   max_dets: int) -> list[DetectResult]:
     """Item outcomes (all DetectResults, in item order) -> one result per image, tiles merged."""
     results: list[DetectResult] = []
     position = 0
@@ -61,5 +61,5 @@ async def assemble(work: Sequence[ImageWork], outcomes: Sequence[DetectResult], 
             continue
         # Merging is numpy and pycocotools work over every tile's detections (tens of ms for a few
         # thousand); in a thread, so one large image never stalls the event loop serving everyone else.
-        results.append(await asyncio.to_thread(merge_image, w.plan, mine, options, max_per_img=max_per_img))
+        results.append(await asyncio.to_thread(merge_image, w.plan, mine, options, max_dets=max_dets))
     return results

@@ -225,18 +225,20 @@ def tile_result_to_image(result: DetectResult, tile: TileImage) -> DetectResult:
 
 
 def merge_image(plan: TilePlan, results: Sequence[DetectResult], options: DetectOptions, *,
-                max_per_img: int) -> DetectResult:
+                max_dets: int) -> DetectResult:
     """The tiles' results of one image (in plan order, image pixels) -> its one DetectResult."""
     if len(results) != len(plan.windows):
         raise ValueError(f"{len(results)} tile results for a plan of {len(plan.windows)} tiles")
     parts = [TileDetections(window, r.detections) for window, r in zip(plan.windows, results)]
     detections = merge_tiles(parts, plan.width, plan.height, method=plan.merge,
-                             match_threshold=plan.match_threshold, max_dets=options.max_dets or max_per_img,
+                             match_threshold=plan.match_threshold, max_dets=options.max_dets or max_dets,
                              class_agnostic=bool(options.class_agnostic))
+    # Each item reports the time of the whole batch it ran in, and the tiles of one image share
+    # batches, so a sum would count a batch once per tile: the longest batch is what is known.
     times = StageTimes()
-    for r in results:  # worker time spent on this image, over all its tiles
+    for r in results:
         for stage in ("decode", "preprocess", "inference", "postprocess"):
-            setattr(times, stage, getattr(times, stage) + getattr(r.times, stage))
+            setattr(times, stage, max(getattr(times, stage), getattr(r.times, stage)))
     first = results[0]
     return DetectResult(detections=detections, image_width=plan.width, image_height=plan.height,
                         model_name=first.model_name, model_version=first.model_version, times=times)

@@ -258,7 +258,7 @@ def predict_tiled(predictor, images: Sequence[ImageInput], options: DetectOption
         if failed is not None:
             out[index] = failed
             continue
-        merged = merge_image(plan, results, options, max_per_img=cfg.test_cfg.max_per_img)
+        merged = merge_image(plan, results, options, max_dets=cfg.tiling.max_dets)
         if options.render is not None:
             merged.rendered = predictor.render(image, merged, options.render)
         out[index] = merged

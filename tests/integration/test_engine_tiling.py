@@ -168,3 +168,19 @@ def test_a_tiled_4000x3000_rtmdet_ins_request_with_100_instances_stays_under_300
     print(f"tiled 4000x3000 RTMDet-Ins: {detections} detections, extra peak RSS {extra / 2**20:.0f} MiB")
     assert shapes == 100 and detections >= 90 and with_masks == detections
     assert extra < 300 * 1024 * 1024, f"extra peak {extra / 2**20:.0f} MiB"
+
+
+def test_tiles_cross_the_process_boundary_and_merge_into_one_result(tmp_path, scene):
+    jpeg, _ = scene
+    write_model(tmp_path, "null-tiles", arch="null", batch={"max_batch_size": 4})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, factory=None) as engine:
+            labels = {"model": "null-tiles"}
+            before = sample("detserve_batch_size_sum", labels)
+            (result,) = await engine.detect("null-tiles", [EncodedImage(jpeg)], DetectOptions(tile=TILE))
+            assert sample("detserve_batch_size_sum", labels) - before == len(tile_layout(WIDTH, HEIGHT, TILE, 0.2)) + 1
+            return result
+
+    result = run(scenario())
+    assert (result.image_width, result.image_height) == (WIDTH, HEIGHT) and result.detections == []
