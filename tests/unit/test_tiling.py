@@ -253,3 +253,22 @@ def test_nmm_does_not_blur_a_whole_tile_box_with_the_full_pass_box():
     (merged,) = merge_tiles([TileDetections(LEFT, [precise]), TileDetections(TileWindow(0, 0, W, H), [coarse])],
                             W, H, method=TileMerge.NMM, match_threshold=0.5, max_dets=100)
     assert merged.box_xyxy == precise.box_xyxy
+
+
+def test_tiling_section_of_model_toml_is_typed_and_bounded(tmp_path):
+    from service.errors import ConfigError
+    from service.settings import load_model_config
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    base = 'arch = "null"\n[tiling]\n'
+    (folder / "model.toml").write_text(base + 'mode = 320\nmerge = "nmm"\noverlap = 0.3\n')
+    tiling = load_model_config(folder).tiling
+    assert (tiling.mode, tiling.merge, tiling.overlap, tiling.full_pass) == (320, TileMerge.NMM, 0.3, True)
+    assert tiling.max_tiles == 256 and tiling.max_dets == 1000
+    for bad, field in (('mode = "sometimes"', "tiling.mode"), ("mode = 8", "tiling.mode"),
+                       ("overlap = 0.9", "tiling.overlap"), ('merge = "avg"', "tiling.merge"),
+                       ("max_tiles = 0", "tiling.max_tiles"), ("tiles = 3", "tiling.tiles")):
+        (folder / "model.toml").write_text(base + bad + "\n")
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_model_config(folder)
