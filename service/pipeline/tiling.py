@@ -205,22 +205,29 @@ class DecodedImages:
 
     def __init__(self, max_entries: int = DECODED_CACHE_ENTRIES):
         self.max_entries = max_entries
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        # A failed decode is kept too: a corrupt image behind a valid header must cost one decode,
+        # not one per tile.
+        self._images: OrderedDict[str, np.ndarray | errors.DetserveError] = OrderedDict()
         self.decodes = 0  # how many times a full image was decoded (tests)
 
     def crop(self, tile: TileImage, decode: Callable[[ImageInput], np.ndarray]) -> np.ndarray:
         full = self._images.get(tile.key)
         if full is None:
-            full = decode(tile.source)
             self.decodes += 1
-            if full.shape[:2] != (tile.image_height, tile.image_width):
-                raise errors.InvalidImage(f"image decodes to {full.shape[1]}x{full.shape[0]}, but its header "
-                                          f"declares {tile.image_width}x{tile.image_height}")
+            try:
+                full = decode(tile.source)
+                if full.shape[:2] != (tile.image_height, tile.image_width):
+                    raise errors.InvalidImage(f"image decodes to {full.shape[1]}x{full.shape[0]}, but its header "
+                                              f"declares {tile.image_width}x{tile.image_height}")
+            except errors.DetserveError as exc:
+                full = exc
             self._images[tile.key] = full
             while len(self._images) > self.max_entries:
                 self._images.popitem(last=False)
         else:
             self._images.move_to_end(tile.key)
+        if isinstance(full, errors.DetserveError):
+            raise full
         w = tile.window
         if (w.x0, w.y0, w.x1, w.y1) == (0, 0, tile.image_width, tile.image_height):
             return full

@@ -131,6 +131,14 @@ def test_decoded_images_decode_once_per_key_and_stay_bounded():
     with pytest.raises(errors.InvalidImage, match="header"):
         cache.crop(tile("d", TileWindow(0, 0, 5, 5)), lambda _: full[:10])
 
+    def corrupt(_):
+        raise errors.InvalidImage("corrupt or truncated image")
+
+    for x in (0, 10, 20):  # every tile of a corrupt image fails, after one decode attempt
+        with pytest.raises(errors.InvalidImage, match="truncated"):
+            cache.crop(tile("e", TileWindow(x, 0, x + 10, 10)), corrupt)
+    assert cache.decodes == 5
+
 
 # --- RLE in run space ---------------------------------------------------------------------------
 
