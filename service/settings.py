@@ -7,12 +7,13 @@ import enum
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, ModelNotFound
+from .types import TileMerge
 
 MODEL_CONFIG_FILE = "model.toml"
 
@@ -60,6 +61,26 @@ class BatchConfig(_Strict):
     max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # 0: never wait while a worker is idle
     max_queue_size: int = Field(256, ge=1)
     request_timeout_ms: float = Field(30_000.0, gt=0)
+
+
+class TilingConfig(_Strict):
+    """`[tiling]`: the model's default for sliced inference (docs/tiling.md); a request's tile,
+    tile_overlap and tile_merge options override mode, overlap and merge."""
+
+    # "off": never (the default: tiling multiplies the cost of an image by its tile count, so it is
+    # asked for, not sprung on clients); "auto": only images whose long side exceeds auto_above x the
+    # input size; a number: tiles of that side for any image longer than it.
+    mode: Literal["auto", "off"] | Annotated[int, Field(ge=32, le=8192)] = "off"
+    tile_size: int | None = Field(None, ge=32, le=8192)  # the side `auto` uses; None: input_size
+    auto_above: float = Field(2.0, ge=1.0, le=100.0)
+    overlap: float = Field(0.2, ge=0.0, le=0.5)  # fraction of the side shared by neighbouring tiles
+    merge: TileMerge = TileMerge.NMS
+    match_threshold: float = Field(0.5, gt=0.0, le=1.0)  # IoU (whole boxes) / IoS (cut boxes) that merges
+    full_pass: bool = True  # one more item: the whole image, for objects larger than a tile
+    max_tiles: int = Field(256, ge=1, le=4096)  # per image; more is refused with 413
+    # Detections a tiled image returns at most when the request sets no max_dets (test_cfg.max_per_img
+    # bounds each tile): a 4000x3000 image holds more objects than one 320 px view.
+    max_dets: int = Field(1000, ge=1, le=100_000)
 
 
 class WorkerConfig(_Strict):
@@ -164,6 +185,7 @@ class ModelConfig(_Strict):
     workers: WorkerConfig = WorkerConfig()
     eager: EagerConfig = EagerConfig()
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    tiling: TilingConfig = TilingConfig()
 
     @field_validator("resize_scale")
     @classmethod

@@ -59,6 +59,16 @@ def register(subparsers) -> None:
     _common(inp)
     inp.set_defaults(func=cmd_in_process)
 
+    tiles = sub.add_parser("tiles", help="one tiled request (tiles batched) vs the same tiles sent one by one")
+    tiles.add_argument("model", nargs="?", default="models/rtmdet", help="model folder (default models/rtmdet)")
+    tiles.add_argument("--image", type=Path, help="image file (default: a generated 4000x3000 small-shapes image)")
+    tiles.add_argument("--tile", type=int, help="tile side (default: the model's input size)")
+    tiles.add_argument("--max-batch-size", type=int, default=8)
+    tiles.add_argument("--rounds", type=int, default=3)
+    tiles.add_argument("--device", help="cpu, cuda or cuda:N (default: the model's)")
+    tiles.add_argument("--json", dest="json_out", help="also write the result as JSON here")
+    tiles.set_defaults(func=cmd_tiles)
+
     rep = sub.add_parser("report", help="measure everything side by side and write docs/benchmarks.md")
     rep.add_argument("--out", default="docs/benchmarks.md")
     rep.add_argument("--json", dest="json_out", default="bench/results/latest.json")
@@ -181,3 +191,15 @@ if __name__ == "__main__":
     register(_parser.add_subparsers())
     _args = _parser.parse_args(["bench", *sys.argv[1:]])
     sys.exit(int(_args.func(_args) or 0))
+
+
+def cmd_tiles(args) -> int:
+    from ..bench.tiles import MARKDOWN_HEADER, bench_tiles
+
+    result = bench_tiles(Path(args.model), args.image, tile=args.tile, max_batch_size=args.max_batch_size,
+                         rounds=args.rounds, device=args.device)
+    print(MARKDOWN_HEADER)
+    print(result.markdown())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0

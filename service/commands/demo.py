@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--min-side", type=int, default=200)
     make.add_argument("--max-side", type=int, default=4000)
+    make.add_argument("--small-shapes", type=int, default=None, metavar="N",
+                      help="instead: 4000x3000 images with N non-overlapping 20-40 px shapes each (tiling, "
+                           "docs/tiling.md); --min-side/--max-side are ignored")
     make.set_defaults(func=_make_dataset)
 
     train = sub.add_parser("train", help="train rtmdet-tiny / rtmdet-ins-tiny on shapes (CPU)")
@@ -39,9 +42,12 @@ def register(subparsers) -> None:
 
 
 def _make_dataset(args: argparse.Namespace) -> int:
-    from service.demo.dataset import make_dataset
+    from service.demo.dataset import make_dataset, make_small_shapes_dataset
 
-    path = make_dataset(args.out, args.num, args.seed, min_side=args.min_side, max_side=args.max_side)
+    if args.small_shapes is not None:
+        path = make_small_shapes_dataset(args.out, args.num, args.seed, num_shapes=args.small_shapes)
+    else:
+        path = make_dataset(args.out, args.num, args.seed, min_side=args.min_side, max_side=args.max_side)
     print(path)
     return 0
 

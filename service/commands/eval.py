@@ -5,6 +5,16 @@ import argparse
 from pathlib import Path
 
 from service.errors import ConfigError
+from service.types import TILE_AUTO, TILE_OFF, DetectOptions, TileMerge
+
+
+def _tile(value: str) -> int | str:
+    if value in (TILE_AUTO, TILE_OFF):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a side in pixels, got {value!r}") from None
 
 
 def register(subparsers) -> None:
@@ -18,6 +28,13 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tile", type=_tile, default=None,
+                        help="auto, off or a tile side in pixels (default: the model's [tiling] mode); docs/tiling.md")
+    parser.add_argument("--tile-overlap", type=float, default=None, help="fraction of the side tiles share (0-0.5)")
+    parser.add_argument("--tile-merge", choices=[m.value for m in TileMerge], default=None,
+                        help="how overlapping tiles' detections merge (default: the model's)")
+    parser.add_argument("--recall-score-thr", type=float, default=None,
+                        help="score floor of the recall figure (default: the model's default_score_thr)")
     parser.set_defaults(func=run)
 
 
@@ -36,14 +53,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.ann.is_file():
         raise ConfigError(f"annotation file {args.ann} does not exist")
     images = args.images or args.ann.parent
+    tiling = DetectOptions(tile=args.tile, tile_overlap=args.tile_overlap,
+                           tile_merge=TileMerge(args.tile_merge) if args.tile_merge else None)
     if args.url:
         name = Path(args.model).name if (Path(args.model) / "model.toml").is_file() else args.model
         headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
-        report = evaluate_over_http(args.url, name, args.ann, images, progress=not args.quiet, headers=headers)
+        report = evaluate_over_http(args.url, name, args.ann, images, progress=not args.quiet, headers=headers,
+                                    tiling=tiling, recall_score_thr=0.3 if args.recall_score_thr is None
+                                    else args.recall_score_thr)
     else:
         model_dir = resolve_model_dir(args.model, args.store)
         report = evaluate_in_process(model_dir, args.ann, images, batch_size=args.batch_size,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, tiling=tiling, recall_score_thr=args.recall_score_thr)
     print(format_report(report))
     if args.json:
         dump_json(report, args.json)

@@ -220,3 +220,83 @@ def make_dataset(
     path = out / "instances.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": coco_categories()}))
     return path
+
+
+# --- large images with small shapes (tiled inference, docs/tiling.md) -----------------------------
+
+def render_small_shapes(
+    rng: np.random.Generator,
+    width: int = 4000,
+    height: int = 3000,
+    *,
+    num_shapes: int = 60,
+    min_size: int = 20,
+    max_size: int = 40,
+    margin: int = 4,
+) -> tuple[np.ndarray, list[dict]]:
+    """A large image (BGR uint8) with `num_shapes` shapes whose circumscribed diameter is min_size..max_size px,
+    and their COCO annotations (no ids yet).
+
+    Unlike `render_sample`, shapes never overlap (placements closer than `margin` px to another
+    shape's box are redrawn) and every mask is rasterised in its own small box and pasted into the
+    image's RLE in run space, so 100 instances of a 4000x3000 image never hold 100 full-size masks.
+    """
+    from service.pipeline.tile_merge import paste_rle
+    from service.pipeline.tiling import TileWindow
+    from service.types import RLEMask
+
+    image = _background(rng, height, width)
+    background = image.copy()
+    placed: list[tuple[int, int, int, int]] = []
+    annotations: list[dict] = []
+    for _ in range(num_shapes * 50):
+        if len(annotations) == num_shapes:
+            break
+        label = int(rng.integers(0, len(CLASSES)))
+        radius = float(rng.uniform(min_size, max_size)) / 2
+        cx, cy = rng.uniform(radius + 1, width - radius - 1), rng.uniform(radius + 1, height - radius - 1)
+        poly = shape_polygon(label, cx, cy, radius, float(rng.uniform(0, 2 * math.pi)))
+        x0, y0 = np.maximum(poly.min(axis=0), 0)
+        x1, y1 = np.minimum(poly.max(axis=0) + 1, [width, height])
+        if any(x0 < bx1 + margin and bx0 < x1 + margin and y0 < by1 + margin and by0 < y1 + margin
+               for bx0, by0, bx1, by1 in placed):
+            continue
+        local = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+        cv2.fillPoly(local, [poly - [x0, y0]], 1, lineType=cv2.LINE_8)
+        covered = local.astype(bool)
+        ys, xs = np.nonzero(covered)
+        if len(xs) < 16:
+            continue
+        color = _shape_color(rng, background, poly)
+        shade = rng.normal(0, rng.uniform(0, 12), size=(len(xs), 1))
+        image[y0:y1, x0:x1][covered] = color + shade
+        placed.append((int(x0), int(y0), int(x1), int(y1)))
+        rle = mask_utils.encode(np.asfortranarray(local))
+        window = TileWindow(int(x0), int(y0), int(x1), int(y1))
+        full = paste_rle(RLEMask(int(y1 - y0), int(x1 - x0), rle["counts"].decode("ascii")), window, height, width)
+        bx0, by0 = int(x0 + xs.min()), int(y0 + ys.min())
+        bw, bh = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+        annotations.append({"category_id": label + 1, "bbox": [bx0, by0, bw, bh], "area": int(len(xs)),
+                            "segmentation": full.to_coco(), "iscrowd": 0})
+    return np.clip(image, 0, 255).astype(np.uint8), annotations
+
+
+def make_small_shapes_dataset(out_dir: str | Path, num: int, seed: int, *, width: int = 4000, height: int = 3000,
+                              num_shapes: int = 60, min_size: int = 20, max_size: int = 40) -> Path:
+    """`num` JPEGs of `render_small_shapes` and their instances.json; same seed, same files."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in range(num):
+        image, anns = render_small_shapes(rng, width, height, num_shapes=num_shapes, min_size=min_size,
+                                          max_size=max_size)
+        file_name = f"images/small_{seed}_{i:04d}.jpg"
+        if not cv2.imwrite(str(out / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, 92]):
+            raise OSError(f"cannot write {out / file_name}")
+        images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
+        for ann in anns:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, **ann})
+    path = out / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": coco_categories()}))
+    return path

@@ -30,9 +30,14 @@ class EvalReport:
     bbox: dict[str, float]
     segm: dict[str, float] | None = None
     text: dict[str, str] = field(default_factory=dict)  # pycocotools' printed summaries
+    # Share of ground-truth objects found (IoU >= 0.5, right class) among the detections a client
+    # gets by default (score >= the model's default_score_thr); the tiling acceptance metric.
+    recall50: float | None = None
+    recall_score_thr: float | None = None
 
     def to_dict(self) -> dict:
-        return {"num_images": self.num_images, "bbox": self.bbox, "segm": self.segm}
+        return {"num_images": self.num_images, "bbox": self.bbox, "segm": self.segm, "recall50": self.recall50,
+                "recall_score_thr": self.recall_score_thr}
 
 
 def load_coco(ann_file: str | Path) -> COCO:
@@ -85,6 +90,32 @@ def evaluate_results(coco: COCO, results: list[dict], *, with_masks: bool) -> Ev
     return report
 
 
+def recall_at_iou(coco: COCO, results: list[dict], *, iou: float = 0.5, score_thr: float = 0.0) -> float:
+    """Fraction of (non-crowd) ground-truth boxes matched one-to-one by a detection of the same
+    category with box IoU >= `iou`, detections at score >= `score_thr` taken greedily by score."""
+    from pycocotools import mask as mask_utils
+
+    by_image: dict[tuple[int, int], list[dict]] = {}
+    for r in results:
+        if r["score"] >= score_thr:
+            by_image.setdefault((r["image_id"], r["category_id"]), []).append(r)
+    found, total = 0, len(coco.getAnnIds(iscrowd=False))
+    for (image_id, cat), dets in by_image.items():
+        gts = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[cat], iscrowd=False))
+        if not gts:
+            continue
+        dets.sort(key=lambda r: -r["score"])
+        ious = mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts))
+        taken = np.zeros(len(gts), dtype=bool)
+        for row in np.asarray(ious).reshape(len(dets), len(gts)):
+            row = np.where(taken, -1.0, row)
+            best = int(row.argmax())
+            if row[best] >= iou:
+                taken[best] = True
+        found += int(taken.sum())
+    return found / total if total else 0.0
+
+
 def _image_paths(coco: COCO, images_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for image_id in sorted(coco.getImgIds()):
@@ -97,33 +128,42 @@ def _image_paths(coco: COCO, images_dir: Path) -> list[tuple[int, Path]]:
 
 
 def evaluate_in_process(model_dir: Path, ann_file: Path, images_dir: Path, *, batch_size: int = 4,
-                        progress: bool = False) -> EvalReport:
-    """Run the model through service.pipeline's Predictor, exactly as a worker would."""
+                        progress: bool = False, tiling: DetectOptions = DetectOptions(),
+                        recall_score_thr: float | None = None) -> EvalReport:
+    """Run the model through service.pipeline's Predictor, exactly as a worker would; `tiling`'s
+    tile, tile_overlap and tile_merge (None: the model's [tiling] default) go with every image."""
     from service.pipeline.predictor import Predictor
+    from service.pipeline.tiling import predict_tiled
     from service.settings import load_model_config
 
     coco = load_coco(ann_file)
     cat_ids = category_ids_by_name(coco)
     predictor = Predictor.from_config(load_model_config(model_dir))
-    options = DetectOptions(score_thr=EVAL_SCORE_THR, max_dets=EVAL_MAX_DETS)
+    options = DetectOptions(score_thr=EVAL_SCORE_THR, max_dets=EVAL_MAX_DETS, tile=tiling.tile,
+                            tile_overlap=tiling.tile_overlap, tile_merge=tiling.tile_merge)
     results: list[dict] = []
     items = _image_paths(coco, images_dir)
     try:
         for start in _progress(range(0, len(items), batch_size), progress, len(items), batch_size):
             chunk = items[start:start + batch_size]
             images = [EncodedImage(path.read_bytes()) for _, path in chunk]
-            for (image_id, path), res in zip(chunk, predictor.predict(images, [options] * len(chunk))):
+            for (image_id, path), res in zip(chunk, predict_tiled(predictor, images, options)):
                 if isinstance(res, DetserveError):
                     raise RuntimeError(f"{path}: {res.code}: {res.message}")
                 results.extend(detections_to_coco(image_id, _as_json(res), cat_ids))
-        return evaluate_results(coco, results, with_masks=predictor.has_masks)
+        report = evaluate_results(coco, results, with_masks=predictor.has_masks)
+        report.recall_score_thr = predictor.cfg.default_score_thr if recall_score_thr is None else recall_score_thr
+        report.recall50 = recall_at_iou(coco, results, score_thr=report.recall_score_thr)
+        return report
     finally:
         predictor.close()
 
 
 def evaluate_over_http(url: str, model: str, ann_file: Path, images_dir: Path, *, timeout_s: float = 60.0,
-                       progress: bool = False, headers: dict[str, str] | None = None) -> EvalReport:
-    """POST each image's bytes to `{url}/predictions/{model}` (TorchServe API) and score the answers."""
+                       progress: bool = False, headers: dict[str, str] | None = None,
+                       tiling: DetectOptions = DetectOptions(), recall_score_thr: float = 0.3) -> EvalReport:
+    """POST each image's bytes to `{url}/predictions/{model}` (TorchServe API) and score the answers;
+    `tiling`'s options travel as the tile, tile_overlap and tile_merge query parameters."""
     import httpx
 
     coco = load_coco(ann_file)
@@ -131,6 +171,10 @@ def evaluate_over_http(url: str, model: str, ann_file: Path, images_dir: Path, *
     results: list[dict] = []
     with_masks = False
     params = {"score_thr": EVAL_SCORE_THR, "max_dets": EVAL_MAX_DETS}
+    for name in ("tile", "tile_overlap", "tile_merge"):
+        value = getattr(tiling, name)
+        if value is not None:
+            params[name] = getattr(value, "value", value)
     with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
         items = _image_paths(coco, images_dir)
         for i in _progress(range(len(items)), progress, len(items), 1):
@@ -141,7 +185,10 @@ def evaluate_over_http(url: str, model: str, ann_file: Path, images_dir: Path, *
             dets = response.json()
             with_masks = with_masks or any("segmentation" in d for d in dets)
             results.extend(detections_to_coco(image_id, dets, cat_ids))
-    return evaluate_results(coco, results, with_masks=with_masks)
+    report = evaluate_results(coco, results, with_masks=with_masks)
+    report.recall_score_thr = recall_score_thr
+    report.recall50 = recall_at_iou(coco, results, score_thr=recall_score_thr)
+    return report
 
 
 def _as_json(result: DetectResult) -> list[dict]:
@@ -171,6 +218,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def format_report(report: EvalReport) -> str:
     lines = [f"images: {report.num_images}"]
+    if report.recall50 is not None:
+        lines.append(f"recall (IoU >= 0.5, right class, score >= {report.recall_score_thr}): {report.recall50:.3f}")
     for kind in ("bbox", "segm"):
         stats = getattr(report, kind)
         if stats is None:

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 
+from ..pipeline.tiling import TileImage
 from ..types import EncodedImage, RawImage
 from .messages import ArenaBytes, ArenaSpec, BatchRequest, WorkItem
 
@@ -64,13 +65,20 @@ class FrontArena:
         if self.batch_id is not None:
             return request
         offset, items, moved = 0, [], False
+        placed: dict[int, ArenaBytes] = {}  # id(payload) -> where it went: the tiles of one image share it
         for item in request.items:
             data = _payload(item.image)
-            if data is not None and len(data) >= MIN_SHARED_BYTES and offset + len(data) <= self.size:
-                end = offset + len(data)
-                self._map[offset:end] = data
-                item = WorkItem(item.item_id, _with_payload(item.image, ArenaBytes(offset, len(data))), item.options)
-                offset, moved = end, True
+            tile = isinstance(item.image, TileImage)
+            ref = placed.get(id(data)) if tile else None
+            if ref is None and data is not None and len(data) >= MIN_SHARED_BYTES and offset + len(data) <= self.size:
+                ref = ArenaBytes(offset, len(data))
+                if tile:
+                    placed[id(data)] = ref
+                self._map[offset:offset + len(data)] = data
+                offset += len(data)
+            if ref is not None:
+                item = WorkItem(item.item_id, _with_payload(item.image, ref), item.options)
+                moved = True
             items.append(item)
         if not moved:
             return request
@@ -109,16 +117,21 @@ class WorkerArena:
         """Copy referenced payloads out of the arena: decoders get plain bytes and the arena is never
         read after the result is sent (the front reuses it for the next batch)."""
         items = []
+        copies: dict[ArenaBytes, bytes] = {}  # one copy per payload, however many tiles reference it
         for item in request.items:
             data = _payload(item.image)
             if isinstance(data, ArenaBytes):
-                payload = self._map[data.offset:data.offset + data.length]
+                payload = copies.get(data)
+                if payload is None:
+                    payload = copies[data] = self._map[data.offset:data.offset + data.length]
                 item = WorkItem(item.item_id, _with_payload(item.image, payload), item.options)
             items.append(item)
         return BatchRequest(request.batch_id, tuple(items))
 
 
 def _payload(image):
+    if isinstance(image, TileImage):
+        return _payload(image.source)
     if isinstance(image, EncodedImage):
         return image.data
     if isinstance(image, RawImage):
@@ -127,6 +140,8 @@ def _payload(image):
 
 
 def _with_payload(image, payload):
+    if isinstance(image, TileImage):
+        return dataclasses.replace(image, source=_with_payload(image.source, payload))
     if isinstance(image, EncodedImage):
         return EncodedImage(payload)
     return dataclasses.replace(image, pixels=payload)

@@ -25,6 +25,7 @@ from ..types import Protocol as Door
 from .messages import BatchRequest, BatchResult, WorkItem
 from .pool import InlinePool, ProcessPool
 from .scheduler import Dispatch, QueueItem, Scheduler
+from .tiling import assemble, expand, item_count
 
 log = logging.getLogger("detserve.engine")
 
@@ -65,6 +66,11 @@ class _ModelRuntime:
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def input_size(self) -> int:
+        facts = self.pool.facts
+        return facts.input_size if facts else self.cfg.input_size
 
     async def start(self, workers: int) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"dispatch-{self.name}")
@@ -274,6 +280,12 @@ class Engine:
             # Not 429: retrying can never succeed, the request does not fit even an empty queue.
             raise errors.PayloadTooLarge(f"{len(images)} images in one request exceed the whole queue of {model!r} "
                                          f"(max_queue_size {runtime.batch.max_queue_size})")
+        work = expand(images, options, runtime.cfg, runtime.input_size)  # tiled images: one item per tile
+        count = item_count(work)
+        if count > runtime.batch.max_queue_size:
+            raise errors.PayloadTooLarge(f"{len(images)} image(s) cut into {count} tiles exceed the whole queue of "
+                                         f"{model!r} (max_queue_size {runtime.batch.max_queue_size}); use a larger "
+                                         f"tile side or fewer images per request")
         longest = runtime.batch.request_timeout_ms / 1000.0
         if timeout_s is not None and not timeout_s > 0:
             raise errors.InvalidRequest(f"request timeout must be positive, got {timeout_s} s")
@@ -284,10 +296,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = []
-        for image in images:
-            item_id = next(self._item_ids)
-            work = _Work(WorkItem(item_id, image, options), loop.create_future())
-            items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, work, priority=priority))
+        for image_work in work:
+            for image in image_work.inputs:
+                item_id = next(self._item_ids)
+                payload = _Work(WorkItem(item_id, image, image_work.options), loop.create_future())
+                items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, payload, priority=priority))
         try:
             runtime.scheduler.add_all(items)
         except errors.Overloaded:
@@ -306,7 +319,7 @@ class Engine:
         for outcome in outcomes:
             if isinstance(outcome, errors.DetserveError):
                 raise outcome
-        return outcomes
+        return await assemble(work, outcomes, options, runtime.cfg.tiling.max_dets)
 
     # -- management -----------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:

@@ -29,6 +29,8 @@ from .decode import decode_image, raw_image_to_bgr
 from .draw import draw_detections, encode_image
 from .polygons import rle_polygons
 from .postprocess import ImageDetections, clip_to_image, filter_for_request
+from .tile_merge import tile_result_to_image
+from .tiling import DecodedImages, TileImage
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class Predictor:
         # MMDetection parity leaves boxes reaching into the padding; a test_cfg.clip_to_image = false
         # (when the config grows that field) keeps them.
         self.clip_to_image = bool(getattr(cfg.test_cfg, "clip_to_image", True))
+        self._decoded = DecodedImages()  # full images whose tiles are still arriving (pipeline/tiling.py)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, device: str | None = None, threads: int | None = None) -> "Predictor":
@@ -229,6 +232,9 @@ class Predictor:
                 error = exc if isinstance(exc, DetserveError) else InternalError(f"inference failed: {exc}")
                 for p in pending:
                     results[p.index] = error
+        for i, image in enumerate(images):  # a tile's detections, back in original-image pixels
+            if isinstance(image, TileImage) and isinstance(results[i], DetectResult):
+                results[i] = tile_result_to_image(results[i], image)
         return results  # type: ignore[return-value]
 
     def _run_batch(self, pending: list[_Pending], results: list, times: list[StageTimes]) -> None:
@@ -339,11 +345,17 @@ class Predictor:
         return self._detector.masks(dets, meta, outputs, slot, self.cfg.test_cfg.mask_thr_binary)
 
     def _decode(self, image: ImageInput) -> np.ndarray:
+        if isinstance(image, TileImage):
+            return self._decoded.crop(image, self._decode)
         if isinstance(image, EncodedImage):
             return decode_image(image.data, max_pixels=self.cfg.max_image_pixels)
         if isinstance(image, RawImage):
             return raw_image_to_bgr(image, max_pixels=self.cfg.max_image_pixels)
         raise InvalidRequest(f"unsupported image input type {type(image).__name__}")
+
+    def render(self, image: ImageInput, result: DetectResult, fmt) -> bytes:
+        """`result` drawn on `image` (a merged tiled result: the tiles themselves are never drawn)."""
+        return encode_image(draw_detections(self._decode(image), result), fmt)
 
     def _request_filter(self, options: DetectOptions) -> _RequestFilter:
         score_thr = self.cfg.default_score_thr if options.score_thr is None else float(options.score_thr)

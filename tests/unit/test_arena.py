@@ -54,3 +54,22 @@ def test_a_held_arena_or_an_oversized_payload_falls_back_to_inline_bytes():
         assert [type(p) for p in payloads(third)] == [ArenaBytes, bytes, bytes]  # 2 x 600 KB > 1 MiB
     finally:
         front.close()
+
+
+def test_tiles_of_one_image_write_its_payload_once_and_resolve_to_one_copy():
+    from service.pipeline.tiling import TileImage, TileWindow
+
+    front = FrontArena(1 << 20)
+    try:
+        source = EncodedImage(os.urandom(400_000))  # 3 copies of it would not fit the 1 MiB arena
+        tiles = [TileImage(source, "k", TileWindow(x, 0, x + 10, 10), 100, 10) for x in (0, 40, 80)]
+        placed = front.place(batch(3, *tiles, EncodedImage(os.urandom(400_000))))
+        refs = [item.image.source.data if isinstance(item.image, TileImage) else item.image.data
+                for item in placed.items]
+        assert refs[0] == refs[1] == refs[2] == ArenaBytes(0, 400_000) and refs[3] == ArenaBytes(400_000, 400_000)
+        resolved = WorkerArena(front.spec()).resolve(placed)
+        datas = [item.image.source.data for item in resolved.items[:3]]
+        assert datas[0] == source.data and datas[0] is datas[1] is datas[2]
+        assert [item.image.window for item in resolved.items[:3]] == [t.window for t in tiles]
+    finally:
+        front.close()

@@ -59,7 +59,8 @@ def test_eval_over_rest_scores_perfect_answers_as_ap_1(dataset, tmp_path, capsys
     try:
         out = tmp_path / "metrics.json"
         rc = main(["eval", "--model", "shapes", "--ann", str(ann), "--url",
-                   f"http://127.0.0.1:{server.server_address[1]}", "--json", str(out), "--quiet"])
+                   f"http://127.0.0.1:{server.server_address[1]}", "--json", str(out), "--quiet",
+                   "--tile", "256", "--tile-merge", "nmm"])
     finally:
         server.shutdown()
         server.server_close()
@@ -67,6 +68,8 @@ def test_eval_over_rest_scores_perfect_answers_as_ap_1(dataset, tmp_path, capsys
     metrics = json.loads(out.read_text())
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
     assert len(seen_paths) == len(SIZES) and all(p.startswith("/predictions/shapes?") for p in seen_paths)
+    assert all("tile=256" in p and "tile_merge=nmm" in p and "tile_overlap" not in p for p in seen_paths)
+    assert metrics["recall50"] == pytest.approx(1.0)
     assert "bbox: AP=1.000" in capsys.readouterr().out
 
 
@@ -83,3 +86,21 @@ def test_eval_reports_a_missing_model_clearly(dataset, capsys):
     _, ann = dataset
     assert main(["eval", "--model", "no-such-model", "--ann", str(ann)]) == 2
     assert "no model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_recall_counts_each_ground_truth_once_with_the_right_class_above_the_score_floor(dataset):
+    from service.demo.evaluate import load_coco, recall_at_iou
+
+    _, ann = dataset
+    coco = load_coco(ann)
+    gts = coco.loadAnns(coco.getAnnIds())
+    hit = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+           for a in gts]
+    assert recall_at_iou(coco, hit) == pytest.approx(1.0)
+    first = gts[0]
+    wrong_class = {**hit[0], "category_id": first["category_id"] % 5 + 1}
+    shifted = {**hit[0], "bbox": [first["bbox"][0] + first["bbox"][2] * 0.6, *first["bbox"][1:]]}  # IoU 0.25
+    rest = hit[1:]
+    for extra in (wrong_class, shifted, {**hit[0], "score": 0.1}):
+        assert recall_at_iou(coco, rest + [extra], score_thr=0.3) == pytest.approx((len(gts) - 1) / len(gts))
+    assert recall_at_iou(coco, rest + [hit[1]]) == pytest.approx((len(gts) - 1) / len(gts))  # one box, one object
