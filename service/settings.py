@@ -211,6 +211,9 @@ class LabelStudioJobSettings(_Strict):
     give_up_after_s: float = Field(3600.0, gt=0)  # Label Studio unreachable this long: the job fails
     # Projects whose TASKS_CREATED webhook queues a job for the new tasks (pre-annotate on import).
     on_import_projects: list[int] = Field(default_factory=list)
+    # Predictions written per Label Studio request (its predictions import); 1 writes each task
+    # with its own POST /api/predictions.
+    write_batch: int = Field(100, ge=1, le=500)
 
 
 class LabelStudioSettings(_Strict):
