@@ -122,6 +122,20 @@ def test_reading_predicting_and_writing_overlap_across_chunks(tmp_path):
         assert sum(i < first_write for i in reads) >= 8 + 2  # 8 pages of ids, then chunks read ahead of the writes
 
 
+def test_a_job_reads_uploads_from_the_upload_root_when_it_has_them(tmp_path):
+    with fake_label_studio(project(6)) as ls:
+        root = tmp_path / "upload"
+        (root / "1").mkdir(parents=True)
+        for name in ("1.png", "2.png", "3.png"):  # the other three only Label Studio has
+            (root / "1" / name).write_bytes(ls.images[name])
+        settings = settings_for(ls, tmp_path)
+        settings = settings.model_copy(update={"labelstudio": settings.labelstudio.model_copy(update={"upload_root": root})})
+        view = run_job(settings, JobSpec(project=1))
+        assert (view.done, view.failed) == (6, 0) and one_per_task(ls)
+        served = sorted(p.rsplit("/", 1)[-1] for m, p in ls.requests if p.startswith("/data/upload/"))
+        assert served == ["4.png", "5.png", "6.png"]
+
+
 def test_tasks_with_a_prediction_of_this_version_are_skipped_unless_force(tmp_path):
     with fake_label_studio(project(12)) as ls:
         settings = settings_for(ls, tmp_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -327,7 +328,8 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def _context(self, job: JobRecord):
-        config = fetch_config(self.settings)
+        # Only jobs read Label Studio's upload folder: /predict keeps fetching through Label Studio.
+        config = dataclasses.replace(fetch_config(self.settings), upload_root=self.settings.labelstudio.upload_root)
         async with pinned_client(verify=config.verify_ssl, timeout_s=config.timeout_s) as client:
             budget = ByteBudget(self.settings.labelstudio.max_call_bytes)
             fetcher = ImageFetcher(config, client, self.backend.tokens, budgets=(budget, self.backend.image_bytes))
