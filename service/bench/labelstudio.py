@@ -58,6 +58,7 @@ class RunningLabelStudio:
     pat: str  # a personal access token (JWT refresh token), what detserve is configured with
     log: Path
     python: Path
+    pid: int  # the `label-studio start` process (its children serve too)
     token: str = LEGACY_TOKEN
 
     def client(self) -> "LsClient":
@@ -104,7 +105,7 @@ class LabelStudio:
         except BaseException:
             self.stop()
             raise
-        return RunningLabelStudio(url=url, pat=pat.json()["token"], log=log, python=python)
+        return RunningLabelStudio(url=url, pat=pat.json()["token"], log=log, python=python, pid=self.proc.pid)
 
     def _wait(self, url: str, log: Path) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -199,4 +200,4 @@ class LsClient:
         return self._ok(self.http.post("/api/ml", json=body)).json()
 
     def webhooks(self, project: int) -> list[dict]:
-        return self._ok(self.http.get("/api/webhooks", params={"task__project": project})).json()
+        return self._ok(self.http.get("/api/webhooks", params={"project": project})).json()

@@ -1,20 +1,26 @@
 """Job throughput and interactive latency against a real Label Studio, side by side with /predictions.
 
-`python -m service.bench.lsjobs --tasks 200` generates shape images, uploads them into a fresh
-Label Studio 1.23.2 project (service/bench/labelstudio.py), starts `detserve serve` with the
-bundled `rtmdet` and measures, in this order, on the same machine and the same images:
+`python -m service.bench.lsjobs --tasks 200` generates shape images, uploads them into a Label
+Studio 1.23.2 project (service/bench/labelstudio.py; three more projects import the same uploaded
+files as JSON tasks), starts `detserve serve` with the bundled `rtmdet` and measures, on the same
+machine and the same images:
 
-1. interactive p50 idle: one client, `models/rtmdet/demo.jpg`, one request at a time;
+1. interactive p50 idle: one client sending `models/rtmdet/demo.jpg`, one request at a time,
+   `--think-s` (0.5 s) between the answer and the next request (a person opening images), and
+   closed-loop (no pause);
 2. `/predictions` throughput on the files read from disk (`--clients` in parallel, each file once);
 3. `/predictions` throughput with the fetch: each client first GETs the image from Label Studio
-   (`/data/upload/...`, with the token), then sends it, as a job must;
-4. job throughput: one job over the whole project (tasks/s from POST to "done");
-5. interactive p50 during a second job (another project over the same uploaded images), and that
-   job's own rate.
+   (`/data/upload/...`, with the token), then sends it, as a job fetching through Label Studio must;
+4. a job over the whole project, fetching its images from Label Studio (tasks/s from POST to done);
+5. interactive p50 (with think time) during a second job, and that job's rate;
+then a second server with `labelstudio.upload_root` set to Label Studio's upload folder:
+6. `/predictions` from disk again, a job reading the uploads from that folder, and closed-loop
+   interactive p50 during another job.
 
-So (4)/(2) is what issue 17 asks for (the job against the engine fed from disk), and (4)/(3) says
-how much of the gap is Label Studio serving the images. Everything shares the machine's cores:
-Label Studio (its development server, SQLite), detserve's front and worker, and these clients.
+(4)/(2) and (6)/(2) are issue 17's "job vs the engine's /predictions on the same images"; (4)/(3)
+says how much of the gap is Label Studio serving the images. CPU seconds per process (Label
+Studio, detserve's front, its worker) are recorded for (2), (3), (4) and (6). Everything shares
+the machine's cores: Label Studio (its development server, SQLite), detserve and these clients.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from .labelstudio import LabelStudio, LsClient, RunningLabelStudio
-from .servers import ROOT, free_port, stop_process, wait_http
+from .servers import ROOT, children_of, free_port, stop_process, wait_http
 
 RECT_CONFIG = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="label" toName="image"><Label value="circle"/><Label value="square"/>
@@ -52,8 +58,10 @@ class Detserve:
     """`detserve serve` with the bundled models, Label Studio's URL and key, a job store; kill-able."""
 
     def __init__(self, work: Path, ls: RunningLabelStudio, *, store: Path | None = None,
-                 models: tuple[str, ...] = ("rtmdet",), config: str = "", basic_auth: tuple[str, str] | None = None):
+                 models: tuple[str, ...] = ("rtmdet",), config: str = "", basic_auth: tuple[str, str] | None = None,
+                 env: dict[str, str] | None = None):
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         self.ports = {k: free_port() for k in ("inference", "management", "metrics")}
         self.url = f"http://127.0.0.1:{self.ports['inference']}"
         config_path = work / "server.toml"
@@ -69,6 +77,7 @@ class Detserve:
                     "DETSERVE_LABELSTUDIO__JOBS__STORE_PATH": str(work / "jobs.sqlite3")}
         if basic_auth:
             self.env.update(BASIC_AUTH_USER=basic_auth[0], BASIC_AUTH_PASS=basic_auth[1])
+        self.env.update(env or {})
         self.log = work / "detserve.log"
         self.proc: subprocess.Popen | None = None
 
@@ -102,8 +111,9 @@ def p50_ms(samples: list[float]) -> float:
 
 
 def interactive(url: str, *, count: int | None = None, until: threading.Event | None = None,
-                model: str = "rtmdet") -> list[float]:
-    """Seconds per /predictions call of demo.jpg, one at a time: `count` calls, or until `until`."""
+                think_s: float = 0.0, model: str = "rtmdet") -> list[float]:
+    """Seconds per /predictions call of demo.jpg, one at a time with `think_s` between calls (a
+    person opening one image after another), `count` calls or until `until` is set."""
     body = DEMO.read_bytes()
     out = []
     with httpx.Client(timeout=120, trust_env=False) as http:
@@ -112,6 +122,7 @@ def interactive(url: str, *, count: int | None = None, until: threading.Event | 
             started = time.perf_counter()
             http.put(f"{url}/predictions/{model}", content=body).raise_for_status()
             out.append(time.perf_counter() - started)
+            time.sleep(think_s)
     return out
 
 
@@ -153,59 +164,129 @@ def run_job(url: str, project: int, *, model: str = "rtmdet", auth=None, poll_s:
             view = http.get(f"{base}/{view['id']}").json()
         elapsed = time.perf_counter() - started
     finished = view["done"] + view["skipped"] + view["failed"]
-    return {**view, "seconds": round(elapsed, 2), "per_s": round(finished / elapsed, 3)}
+    return {**{k: view[k] for k in ("state", "done", "skipped", "failed")},
+            "seconds": round(elapsed, 2), "per_s": round(finished / elapsed, 3)}
 
 
 def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def measure(work: Path, tasks: int, clients: int, idle_calls: int = 40) -> dict:
+class CpuMeter:
+    """CPU seconds (user + system) used by process trees while a block runs: where the time goes."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, **roots: int):
+        self.roots = roots  # name -> pid; a tree's descendants count too, except named roots
+        self.used: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        named = set(self.roots.values())
+        out = {}
+        for name, pid in self.roots.items():
+            pids = [pid] + [c for c in children_of(pid) if c not in named]
+            out[name] = sum(_cpu_s(p) for p in pids)
+        return out
+
+    def __enter__(self) -> "CpuMeter":
+        self._start, self._wall = self._sample(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        self.used = {name: round(end[name] - self._start[name], 1) for name in end}
+        self.used["wall"] = round(time.perf_counter() - self._wall, 1)
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CpuMeter.TICK  # utime, stime
+
+
+def _cpu_roots(ls: RunningLabelStudio, ds: Detserve) -> dict[str, int]:
+    workers = children_of(ds.proc.pid)
+    return {"label_studio": ls.pid, "detserve_front": ds.proc.pid,
+            **({"detserve_worker": workers[0]} if workers else {})}
+
+
+def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
+    """The figures of the module docstring (a dict: rates per second, p50 in ms, CPU seconds)."""
     files = shape_files(work / "shapes", tasks)
-    out: dict = {"tasks": tasks, "clients": clients, "cores": os.cpu_count(), "load_before": load_average()}
-    with LabelStudio(work / "label-studio") as ls, Detserve(work, ls) as ds:
-        client = ls.client()
-        project = client.create_project("bench job", RECT_CONFIG)
-        client.upload(project, files)
-        uploads = [t["data"]["image"] for t in client.tasks(project)]
-        out["idle_p50_ms"] = p50_ms(interactive(ds.url, count=idle_calls))
-        out["predictions_disk"] = predictions_rate(ds.url, files, clients)
-        out["predictions_fetched"] = predictions_rate(ds.url, uploads, clients, fetch=client)
-        out["load_before_job"] = load_average()
-        out["job"] = {k: v for k, v in run_job(ds.url, project).items() if k != "failures"}
-        second = client.create_project("bench job, interactive", RECT_CONFIG)
-        client.import_tasks(second, [{"image": u} for u in uploads])
-        stop = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
-            during = pool.submit(interactive, ds.url, until=stop)
-            time.sleep(1.0)  # the interactive client is warm before the job starts
-            job2 = run_job(ds.url, second)
-            stop.set()
-            samples = during.result()
-        out["job_during_interactive"] = {k: v for k, v in job2.items() if k != "failures"}
-        out["busy_p50_ms"] = p50_ms(samples)
-        out["busy_calls"] = len(samples)
-        out["load_after"] = load_average()
-        client.close()
-    out["job_vs_disk"] = round(out["job"]["per_s"] / out["predictions_disk"]["per_s"], 3)
-    out["job_vs_fetched"] = round(out["job"]["per_s"] / out["predictions_fetched"]["per_s"], 3)
+    out: dict = {"tasks": tasks, "clients": clients, "cores": os.cpu_count(), "think_s": think_s,
+                 "load_before": load_average()}
+    with LabelStudio(work / "label-studio") as running:
+        ls = LsClient(running.url)
+        projects = [ls.create_project(f"bench job {i}", RECT_CONFIG) for i in range(4)]
+        ls.upload(projects[0], files)
+        uploads = [t["data"]["image"] for t in ls.tasks(projects[0])]
+        for project in projects[1:]:  # the same uploaded files, no second upload
+            ls.import_tasks(project, [{"image": u} for u in uploads])
+        with Detserve(work / "http", running) as ds:
+            roots = _cpu_roots(running, ds)
+            out["idle_p50_ms"] = p50_ms(interactive(ds.url, count=20, think_s=think_s))
+            out["idle_closed_loop_p50_ms"] = p50_ms(interactive(ds.url, count=40))
+            with CpuMeter(**roots) as cpu:
+                out["predictions_disk"] = predictions_rate(ds.url, files, clients)
+            out["predictions_disk"]["cpu_s"] = cpu.used
+            with CpuMeter(**roots) as cpu:
+                out["predictions_fetched"] = predictions_rate(ds.url, uploads, clients, fetch=ls)
+            out["predictions_fetched"]["cpu_s"] = cpu.used
+            out["load_before_job"] = load_average()
+            with CpuMeter(**roots) as cpu:
+                out["job_fetching"] = run_job(ds.url, projects[0])
+            out["job_fetching"]["cpu_s"] = cpu.used
+            out["busy_p50_ms"], out["job_during_interactive"] = _job_with_interactive(ds.url, projects[1], think_s)
+        upload_root = work / "label-studio" / "media" / "upload"
+        with Detserve(work / "shared", running, env={"DETSERVE_LABELSTUDIO__UPLOAD_ROOT": str(upload_root)}) as ds:
+            roots = _cpu_roots(running, ds)
+            out["predictions_disk_again"] = predictions_rate(ds.url, files, clients)
+            with CpuMeter(**roots) as cpu:
+                out["job_upload_root"] = run_job(ds.url, projects[2])
+            out["job_upload_root"]["cpu_s"] = cpu.used
+            out["busy_closed_loop_p50_ms"], out["job_during_closed_loop"] = _job_with_interactive(ds.url, projects[3], 0.0)
+        ls.close()
+    out["load_after"] = load_average()
+    disk = max(out["predictions_disk"]["per_s"], out["predictions_disk_again"]["per_s"])
+    out["job_fetching_vs_disk"] = round(out["job_fetching"]["per_s"] / disk, 3)
+    out["job_fetching_vs_fetched"] = round(out["job_fetching"]["per_s"] / out["predictions_fetched"]["per_s"], 3)
+    out["job_upload_root_vs_disk"] = round(out["job_upload_root"]["per_s"] / disk, 3)
     out["busy_vs_idle"] = round(out["busy_p50_ms"] / out["idle_p50_ms"], 3)
+    out["busy_closed_loop_vs_idle"] = round(out["busy_closed_loop_p50_ms"] / out["idle_closed_loop_p50_ms"], 3)
     return out
+
+
+def _job_with_interactive(url: str, project: int, think_s: float) -> tuple[float, dict]:
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        during = pool.submit(interactive, url, until=stop, think_s=think_s)
+        time.sleep(1.0)  # the interactive client is warm before the job starts
+        try:
+            job = run_job(url, project)
+        finally:
+            stop.set()
+        samples = during.result()
+    return p50_ms(samples), {**job, "interactive_calls": len(samples)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.bench.lsjobs", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--think-s", type=float, default=0.5, help="pause between interactive requests")
     p.add_argument("--work", help="work folder (default: a temporary one, removed after)")
     p.add_argument("--out", help="write the figures as JSON here too")
     args = p.parse_args(argv)
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        result = measure(Path(args.work), args.tasks, args.clients)
+        result = measure(Path(args.work), args.tasks, args.clients, args.think_s)
     else:
         with tempfile.TemporaryDirectory(prefix="detserve-lsjobs-") as tmp:
-            result = measure(Path(tmp), args.tasks, args.clients)
+            result = measure(Path(tmp), args.tasks, args.clients, args.think_s)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
