@@ -173,21 +173,16 @@ def load_average() -> str:
 
 
 class CpuMeter:
-    """CPU seconds (user + system) used by process trees while a block runs: where the time goes."""
+    """CPU seconds (user + system, all threads) used by groups of processes while a block runs."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, **roots: int):
-        self.roots = roots  # name -> pid; a tree's descendants count too, except named roots
+    def __init__(self, groups: dict[str, list[int]]):
+        self.groups = groups
         self.used: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        named = set(self.roots.values())
-        out = {}
-        for name, pid in self.roots.items():
-            pids = [pid] + [c for c in children_of(pid) if c not in named]
-            out[name] = sum(_cpu_s(p) for p in pids)
-        return out
+        return {name: sum(_cpu_s(p) for p in pids) for name, pids in self.groups.items()}
 
     def __enter__(self) -> "CpuMeter":
         self._start, self._wall = self._sample(), time.perf_counter()
@@ -208,10 +203,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CpuMeter.TICK  # utime, stime
 
 
-def _cpu_roots(ls: RunningLabelStudio, ds: Detserve) -> dict[str, int]:
-    workers = children_of(ds.proc.pid)
-    return {"label_studio": ls.pid, "detserve_front": ds.proc.pid,
-            **({"detserve_worker": workers[0]} if workers else {})}
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _cpu_groups(ls: RunningLabelStudio, ds: Detserve) -> dict[str, list[int]]:
+    """Label Studio (its process tree), detserve's front process, its model workers (spawned)."""
+    below = children_of(ds.proc.pid)
+    return {"label_studio": [ls.pid, *children_of(ls.pid)], "detserve_front": [ds.proc.pid],
+            "detserve_workers": [p for p in below if b"spawn_main" in _cmdline(p)]}
 
 
 def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
@@ -227,25 +230,25 @@ def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
         for project in projects[1:]:  # the same uploaded files, no second upload
             ls.import_tasks(project, [{"image": u} for u in uploads])
         with Detserve(work / "http", running) as ds:
-            roots = _cpu_roots(running, ds)
+            groups = _cpu_groups(running, ds)
             out["idle_p50_ms"] = p50_ms(interactive(ds.url, count=20, think_s=think_s))
             out["idle_closed_loop_p50_ms"] = p50_ms(interactive(ds.url, count=40))
-            with CpuMeter(**roots) as cpu:
+            with CpuMeter(groups) as cpu:
                 out["predictions_disk"] = predictions_rate(ds.url, files, clients)
             out["predictions_disk"]["cpu_s"] = cpu.used
-            with CpuMeter(**roots) as cpu:
+            with CpuMeter(groups) as cpu:
                 out["predictions_fetched"] = predictions_rate(ds.url, uploads, clients, fetch=ls)
             out["predictions_fetched"]["cpu_s"] = cpu.used
             out["load_before_job"] = load_average()
-            with CpuMeter(**roots) as cpu:
+            with CpuMeter(groups) as cpu:
                 out["job_fetching"] = run_job(ds.url, projects[0])
             out["job_fetching"]["cpu_s"] = cpu.used
             out["busy_p50_ms"], out["job_during_interactive"] = _job_with_interactive(ds.url, projects[1], think_s)
         upload_root = work / "label-studio" / "media" / "upload"
         with Detserve(work / "shared", running, env={"DETSERVE_LABELSTUDIO__UPLOAD_ROOT": str(upload_root)}) as ds:
-            roots = _cpu_roots(running, ds)
+            groups = _cpu_groups(running, ds)
             out["predictions_disk_again"] = predictions_rate(ds.url, files, clients)
-            with CpuMeter(**roots) as cpu:
+            with CpuMeter(groups) as cpu:
                 out["job_upload_root"] = run_job(ds.url, projects[2])
             out["job_upload_root"]["cpu_s"] = cpu.used
             out["busy_closed_loop_p50_ms"], out["job_during_closed_loop"] = _job_with_interactive(ds.url, projects[3], 0.0)
