@@ -200,7 +200,7 @@ class LabelStudioJobSettings(_Strict):
     # Never inside the model store, which may be read-only.
     store_path: Path | None = None
     page_size: int = Field(100, ge=1, le=1000)  # tasks read from Label Studio per request
-    max_in_flight: int = Field(16, ge=1, le=1024)  # images of one job queued or running in the engine
+    max_in_flight: int = Field(32, ge=1, le=1024)  # images of one job queued or running in the engine
     max_ls_requests: int = Field(4, ge=1, le=64)  # concurrent API calls to Label Studio, all jobs together
     max_running_jobs: int = Field(2, ge=1, le=32)  # more wait in state "queued"
     max_task_ids: int = Field(100_000, ge=1, le=10_000_000)  # tasks one job may cover

@@ -8,7 +8,8 @@ machine and the same images:
 1. interactive p50 idle: one client sending `models/rtmdet/demo.jpg`, one request at a time,
    `--think-s` (0.5 s) between the answer and the next request (a person opening images), and
    closed-loop (no pause);
-2. `/predictions` throughput on the files read from disk (`--clients` in parallel, each file once);
+2. `/predictions` throughput on the files read from disk (`--clients` in parallel, each file once,
+   and twice as many clients);
 3. `/predictions` throughput with the fetch: each client first GETs the image from Label Studio
    (`/data/upload/...`, with the token), then sends it, as a job fetching through Label Studio must;
 4. a job over the whole project, fetching its images from Label Studio (tasks/s from POST to done);
@@ -17,7 +18,7 @@ then a second server with `labelstudio.upload_root` set to Label Studio's upload
 6. `/predictions` from disk again, a job reading the uploads from that folder, and closed-loop
    interactive p50 during another job.
 
-(4)/(2) and (6)/(2) are issue 17's "job vs the engine's /predictions on the same images"; (4)/(3)
+(4) and (6) over the best `/predictions` figure of the run are issue 17's "job vs the engine's /predictions on the same images"; (4)/(3)
 says how much of the gap is Label Studio serving the images. CPU seconds per process (Label
 Studio, detserve's front, its worker) are recorded for (2), (3), (4) and (6). Everything shares
 the machine's cores: Label Studio (its development server, SQLite), detserve and these clients.
@@ -236,6 +237,7 @@ def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
             with CpuMeter(groups) as cpu:
                 out["predictions_disk"] = predictions_rate(ds.url, files, clients)
             out["predictions_disk"]["cpu_s"] = cpu.used
+            out["predictions_disk_2x_clients"] = predictions_rate(ds.url, files, 2 * clients)
             with CpuMeter(groups) as cpu:
                 out["predictions_fetched"] = predictions_rate(ds.url, uploads, clients, fetch=ls)
             out["predictions_fetched"]["cpu_s"] = cpu.used
@@ -254,7 +256,9 @@ def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
             out["busy_closed_loop_p50_ms"], out["job_during_closed_loop"] = _job_with_interactive(ds.url, projects[3], 0.0)
         ls.close()
     out["load_after"] = load_average()
-    disk = max(out["predictions_disk"]["per_s"], out["predictions_disk_again"]["per_s"])
+    # The engine's best /predictions figure of the run is the yardstick.
+    disk = max(out[k]["per_s"] for k in ("predictions_disk", "predictions_disk_2x_clients", "predictions_disk_again"))
+    out["predictions_disk_best"] = disk
     out["job_fetching_vs_disk"] = round(out["job_fetching"]["per_s"] / disk, 3)
     out["job_fetching_vs_fetched"] = round(out["job_fetching"]["per_s"] / out["predictions_fetched"]["per_s"], 3)
     out["job_upload_root_vs_disk"] = round(out["job_upload_root"]["per_s"] / disk, 3)
