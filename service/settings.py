@@ -273,7 +273,7 @@ class LabelStudioJobSettings(_Strict):
     # Never inside the model store, which may be read-only.
     store_path: Path | None = None
     page_size: int = Field(100, ge=1, le=1000)  # tasks read from Label Studio per request
-    max_in_flight: int = Field(16, ge=1, le=1024)  # images of one job queued or running in the engine
+    max_in_flight: int = Field(32, ge=1, le=1024)  # images of one job queued or running in the engine
     max_ls_requests: int = Field(4, ge=1, le=64)  # concurrent API calls to Label Studio, all jobs together
     max_running_jobs: int = Field(2, ge=1, le=32)  # more wait in state "queued"
     max_task_ids: int = Field(100_000, ge=1, le=10_000_000)  # tasks one job may cover
@@ -284,6 +284,9 @@ class LabelStudioJobSettings(_Strict):
     give_up_after_s: float = Field(3600.0, gt=0)  # Label Studio unreachable this long: the job fails
     # Projects whose TASKS_CREATED webhook queues a job for the new tasks (pre-annotate on import).
     on_import_projects: list[int] = Field(default_factory=list)
+    # Predictions written per Label Studio request (its predictions import); 1 writes each task
+    # with its own POST /api/predictions.
+    write_batch: int = Field(100, ge=1, le=500)
 
 
 class LabelStudioSettings(_Strict):
@@ -292,6 +295,9 @@ class LabelStudioSettings(_Strict):
     url: str | None = None  # LABEL_STUDIO_URL: where /data/upload/... lives; the only host that gets api_key
     api_key: str | None = None  # LABEL_STUDIO_API_KEY: legacy token or personal access token (JWT)
     document_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/?d=
+    # Label Studio's upload folder (<its data dir>/media/upload) when detserve can read it (a shared
+    # volume): jobs read /data/upload/... images from there instead of through Label Studio.
+    upload_root: Path | None = None
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     # /setup's `hostname` and `access_token` are chosen by whoever calls /setup: used only when no url
@@ -401,6 +407,20 @@ class ServerSettings(BaseSettings):
         return self
 
 
+def _given_fields(model: BaseModel) -> dict:
+    """The fields of `model` that were given rather than defaulted; nested models as far as given."""
+    return {name: _given_fields(value) if isinstance(value := getattr(model, name), BaseModel) else value
+            for name in model.model_fields_set}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
+
+
 def load_server_settings(config_file: str | Path | None = None, **overrides) -> ServerSettings:
     """Build settings from an optional TOML file, the environment and explicit overrides."""
     data: dict = {}
@@ -413,9 +433,10 @@ def load_server_settings(config_file: str | Path | None = None, **overrides) -> 
     try:
         # Env beats the file: pydantic-settings gives init kwargs priority, so apply the file as
         # defaults by constructing twice only where the env is silent.
+        # Field by field, nested ones too: DETSERVE_LABELSTUDIO__URL must not drop the file's
+        # [labelstudio] basic_auth_user, nor a jobs store path its [labelstudio.jobs] on_import_projects.
         from_env = ServerSettings()
-        env_set = from_env.model_fields_set
-        merged = {**data, **{k: getattr(from_env, k) for k in env_set}, **overrides}
+        merged = {**_deep_merge(data, _given_fields(from_env)), **overrides}
         return ServerSettings(**merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(config_file or "server settings"))) from None

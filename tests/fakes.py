@@ -146,13 +146,14 @@ class BlobEngine:
 
     Counts calls and the most detections in flight at once; `fail_with` makes detect raise."""
 
-    def __init__(self, has_masks=True, ready=True, fail_with=None):
+    def __init__(self, has_masks=True, ready=True, fail_with=None, delay_s=0.05):
         from service.types import BatchSettings, ModelInfo
 
         self.info = ModelInfo(name="blobs", version="blobs-1a2b3c4d", arch="fake", backend="fake",
                               classes=("blob", "noise"), input_size=64, has_masks=has_masks, ready=ready,
                               batch=BatchSettings(), default_score_thr=0.3)
         self.fail_with = fail_with
+        self.delay_s = delay_s  # per detect call: long enough for every task of a call to arrive
         self.in_flight = 0
         self.max_in_flight = 0
         self.calls = 0
@@ -180,7 +181,7 @@ class BlobEngine:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(0.05)  # long enough for every task of a call to arrive
+            await asyncio.sleep(self.delay_s)
             if self.fail_with:
                 raise self.fail_with
             return [self._detect(image, options) for image in images]
@@ -279,19 +280,24 @@ def recording_server(routes: dict[str, tuple[int, bytes, str]] | None = None):
 class FakeLabelStudio:
     """A small Label Studio on 127.0.0.1 with the API a pre-annotation job uses (1.23.2 shapes):
     GET /api/projects/{id}, GET /api/tasks (Data Manager paging, `query` selectedItems, `include`),
-    GET/POST /api/predictions, DELETE /api/predictions/{id}, GET /data/upload/{file}.
+    GET/POST /api/predictions, DELETE /api/predictions/{id}, POST /api/projects/{id}/import/predictions,
+    GET /data/upload/{file}.
 
     `down` answers 503 to everything; `down_requests` answers 503 to the next N requests;
     `lose_answers_after` = N: after N predictions, each POST still stores its prediction but answers 503
     (the answer lost on the way, or detserve killed before it recorded it).
     Needs `Authorization: Token <token>`. Counts requests and the most in flight at once."""
 
-    def __init__(self, token: str = "ls-token", label_config: str = "", predictions_as_ids: bool = False):
+    def __init__(self, token: str = "ls-token", label_config: str = "", predictions_as_ids: bool = False,
+                 bulk_import: bool = True):
         import threading
 
         self.token = token
         self.label_config = label_config
         self.predictions_as_ids = predictions_as_ids
+        self.bulk_import = bulk_import  # POST /api/projects/{id}/import/predictions; off: 404, as an older LS
+        self.imports: list[int] = []  # predictions per import request
+        self.refuse_predictions_for: set[int] = set()  # tasks whose predictions are refused (400), as deleted ones
         self.tasks: dict[int, dict] = {}
         self.predictions: dict[int, dict] = {}
         self.images: dict[str, bytes] = {}
@@ -371,7 +377,7 @@ class FakeLabelStudio:
         if method == "POST" and path in ("/api/predictions", "/api/predictions/"):
             payload = _json.loads(body)
             with self._lock:
-                if payload.get("task") not in self.tasks:
+                if payload.get("task") not in self.tasks or payload.get("task") in self.refuse_predictions_for:
                     return 400, {"task": ["Invalid pk"]}
                 pid = next(self._ids)
                 self.predictions[pid] = {"id": pid, **payload}
@@ -380,6 +386,23 @@ class FakeLabelStudio:
                         return 503, {"detail": "gateway timeout"}
                     self.lose_answers_after -= 1
             return 201, self.predictions[pid]
+        if method == "POST" and path.startswith("/api/projects/") and path.endswith("/import/predictions"):
+            if not self.bulk_import:
+                return 404, {"detail": "Not found."}
+            items = _json.loads(body)
+            with self._lock:
+                if any(item.get("task") not in self.tasks or item.get("task") in self.refuse_predictions_for
+                       for item in items):  # all or nothing, as 1.23.2
+                    return 400, ["contains invalid \"task\" field"]
+                for item in items:
+                    pid = next(self._ids)
+                    self.predictions[pid] = {"id": pid, **item}
+                self.imports.append(len(items))
+                if self.lose_answers_after is not None:
+                    if self.lose_answers_after <= 0:
+                        return 503, {"detail": "gateway timeout"}
+                    self.lose_answers_after -= len(items)
+            return 201, {"created": len(items)}
         if method == "DELETE" and path.startswith("/api/predictions/"):
             with self._lock:
                 gone = self.predictions.pop(int(path.rstrip("/").rsplit("/", 1)[-1]), None)

@@ -13,8 +13,12 @@ Policy (Triton's dynamic batcher, not TorchServe's fixed wait):
 - Items past their deadline are handed back by `expire` and are never in a batch.
 - Two priorities: NORMAL (requests from the inference doors) and LOW (background jobs such as
   Label Studio pre-annotation). A batch takes every NORMAL item it can before any LOW one, so a
-  job fills idle capacity and never makes an interactive request wait behind it. LOW items share
-  the queue's size cap; the job bounds how many it keeps queued.
+  job fills idle capacity. LOW items share the queue's size cap; the job bounds how many it keeps
+  queued. A running batch is never interrupted, so while NORMAL items came in within
+  `busy_window_s`, LOW items go at most `low_batch_when_busy` to a batch and never ride along in a
+  batch with NORMAL ones: on a CPU a batch takes time in proportion to its images, and a request
+  that arrives while a job batch runs waits for all of it. Without NORMAL traffic, LOW items are
+  batched like any other.
 """
 from __future__ import annotations
 
@@ -99,6 +103,9 @@ class Scheduler:
     _queue: deque[QueueItem] = field(default_factory=deque)  # NORMAL items, FIFO
     _low: deque[QueueItem] = field(default_factory=deque)  # LOW items, FIFO
     _service: _ServiceTime = field(default_factory=_ServiceTime)
+    low_batch_when_busy: int = 1  # LOW items per batch while NORMAL traffic is recent
+    busy_window_s: float = 2.0  # NORMAL traffic this recent counts (a user opening task after task)
+    _last_normal_at: float = -math.inf  # enqueue time of the latest NORMAL item
 
     @property
     def depth(self) -> int:
@@ -128,6 +135,8 @@ class Scheduler:
             )
         for item in items:
             self._lane(item.priority).append(item)
+            if item.priority is not Priority.LOW:
+                self._last_normal_at = max(self._last_normal_at, item.enqueued_at)
 
     def requeue(self, items: Iterable[QueueItem]) -> None:
         """Put items back at the head (a worker died under them); bypasses the size cap because
@@ -163,7 +172,10 @@ class Scheduler:
         if self.depth < size and now < self._hold_until():
             return None
         items: list[QueueItem] = []
+        busy = now - self._last_normal_at < self.busy_window_s
         for lane in (self._queue, self._low):  # NORMAL first; LOW only fills what is left
+            if lane is self._low and busy:  # none with NORMAL items; alone, only a few
+                size = len(items) if items else min(size, max(1, self.low_batch_when_busy))
             expired: list[QueueItem] = []
             while lane and len(items) < size:
                 item = lane.popleft()

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from service.bench.labelstudio import LEGACY_TOKEN, LabelStudio
 from service.demo.dataset import CLASSES, make_dataset
 from service.protocols.labelstudio.brush import brush_rle_to_mask
 from service.settings import discover_models, load_model_config
@@ -36,12 +35,6 @@ from service.settings import discover_models, load_model_config
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
-LS_VERSION = "1.23.2"
-LS_VENV = Path(os.environ.get("DETSERVE_LABELSTUDIO_VENV", REPO / ".venv-labelstudio"))
-LS_PYTHON = LS_VENV / "bin" / "python"
-DB_NAME = "label_studio.sqlite3"
-TEMPLATE_DB = LS_VENV / "detserve-template" / DB_NAME  # lives and dies with the venv, so with its version
-LEGACY_TOKEN = "d37e5e2f0c6b4b1a9e8d7c6b5a4f3e2d1c0b9a87"  # 40 hex, as Label Studio's own tokens
 BASIC = ("labelstudio", "s3cret-pass")
 DETSERVE = str(Path(sys.executable).with_name("detserve"))
 NUM_BOX_TASKS = int(os.environ.get("DETSERVE_LS_TASKS", "200"))
@@ -129,55 +122,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def ensure_label_studio() -> Path:
-    """Label Studio in its own venv: it pins versions that must not touch detserve's."""
-    probe = [str(LS_PYTHON), "-c", "import importlib.metadata as m; print(m.version('label-studio'))"]
-    if LS_PYTHON.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == LS_VERSION:
-        return LS_PYTHON
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(LS_VENV)], check=True)
-    subprocess.run(["nice", "-n", "10", str(LS_PYTHON), "-m", "pip", "install", "-q", f"label-studio=={LS_VERSION}"],
-                   check=True, timeout=3000)
-    return LS_PYTHON
-
-
-def save_template(db: Path) -> None:
-    """A freshly migrated database with the admin user: later runs start in seconds, not minutes."""
-    TEMPLATE_DB.parent.mkdir(exist_ok=True)
-    partial = TEMPLATE_DB.with_suffix(".partial")
-    with sqlite3.connect(db) as src, sqlite3.connect(partial) as dst:
-        src.backup(dst)  # consistent even while Label Studio has the file open
-    partial.rename(TEMPLATE_DB)
-
-
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    python = ensure_label_studio()
-    data = tmp_path_factory.mktemp("label-studio")
-    if TEMPLATE_DB.exists():
-        shutil.copyfile(TEMPLATE_DB, data / DB_NAME)
-    port = free_port()
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data), "ML_BLOCK_LOCAL_IP": "false",
-           "SSRF_PROTECTION_ENABLED": "false", "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
-           "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "DATA_UPLOAD_MAX_NUMBER_FILES": "100"}
-    log = data / "label-studio.log"
-    cmd = [str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
-           "-p", str(port), "--username", "admin@example.com", "--password", "admin-Passw0rd",
-           "--user-token", LEGACY_TOKEN, "--enable-legacy-api-token"]
-    # Both servers inherit the test runner's niceness; another `nice` would push them to 19 and
-    # starve the timed "Retrieve Predictions" on a shared machine.
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=data, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, log, timeout_s=900)
-        if not TEMPLATE_DB.exists():
-            save_template(data / DB_NAME)
-        pat = httpx.post(f"{url}/api/token/", headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=30)
-        assert pat.status_code == 201, pat.text
-        yield {"url": url, "python": python, "pat": pat.json()["token"], "log": log}
-    finally:
-        stop(proc)
+    with LabelStudio(tmp_path_factory.mktemp("label-studio")) as ls:
+        yield {"url": ls.url, "python": ls.python, "pat": ls.pat, "log": ls.log}
 
 
 def model_store(root: Path) -> tuple[Path, bool]:

@@ -392,6 +392,20 @@ def test_security_settings_validated_with_the_field_named(monkeypatch):
         load_server_settings()
 
 
+def test_env_settings_override_the_config_file_field_by_field(monkeypatch, tmp_path):
+    from service.settings import load_server_settings
+
+    config = tmp_path / "server.toml"
+    config.write_text('[labelstudio]\nbasic_auth_user = "ls"\nurl = "http://from-file:8080"\n'
+                      '[labelstudio.jobs]\non_import_projects = [3]\npage_size = 50\n')
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__URL", "http://from-env:8080")
+    monkeypatch.setenv("DETSERVE_LABELSTUDIO__JOBS__STORE_PATH", str(tmp_path / "jobs.sqlite3"))
+    ls = load_server_settings(config).labelstudio
+    assert ls.url == "http://from-env:8080" and ls.basic_auth_user == "ls"  # the env wins, the file's rest stays
+    assert ls.jobs.store_path == tmp_path / "jobs.sqlite3"
+    assert (ls.jobs.on_import_projects, ls.jobs.page_size) == ([3], 50)
+
+
 def test_label_studio_routes_follow_the_data_plane_readiness():
     """Starting and draining come from the one readiness source every door uses, with its rules."""
     client = client_for(BlobEngine())

@@ -218,6 +218,20 @@ def test_local_files_from_document_root(tmp_path, ls_url):
     assert fetch("/data/local-files/?d=sub/none.png", FetchConfig(url=ls_url, api_key=LEGACY, document_root=tmp_path)) == IMAGE
 
 
+def test_uploads_from_the_upload_root(tmp_path, ls_url):
+    root = tmp_path / "upload"
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "x y.png").write_bytes(b"from disk")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    config = FetchConfig(upload_root=root)
+    assert fetch("/data/upload/1/x%20y.png", config) == b"from disk"
+    for evil in ("/data/upload/../secret.png", "/data/upload/1/%2e%2e/%2e%2e/secret.png", "/data/upload//etc/passwd"):
+        with pytest.raises(ImageFetchError, match="outside labelstudio.upload_root|not found"):
+            fetch(evil, config)
+    # Not in the folder (another machine's upload?): Label Studio serves it, as without the setting.
+    assert fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=LEGACY, upload_root=root)) == IMAGE
+
+
 def test_data_uris():
     assert fetch("data:image/png;base64," + base64.b64encode(IMAGE).decode(), FetchConfig()) == IMAGE
     assert fetch("data:,abc%20d", FetchConfig()) == b"abc d"

@@ -86,6 +86,56 @@ def test_a_job_pages_through_the_project_and_writes_what_predict_returns(tmp_pat
             assert stored["result"][0]["value"]["rectanglelabels"] == ["Blob"]
 
 
+def test_predictions_are_written_in_batches_and_one_by_one_without_the_import_endpoint(tmp_path):
+    with fake_label_studio(project(25)) as ls:
+        view = run_job(settings_for(ls, tmp_path, write_batch=8), JobSpec(project=1))
+        assert (view.done, view.failed) == (25, 0) and one_per_task(ls)
+        assert sum(ls.imports) == 25 and max(ls.imports) <= 8 and len(ls.imports) < 25
+        assert ("POST", "/api/predictions") not in ls.requests
+    with fake_label_studio(project(12, bulk_import=False)) as ls:  # an older Label Studio
+        view = run_job(settings_for(ls, tmp_path / "old"), JobSpec(project=1))
+        assert (view.done, view.failed) == (12, 0) and one_per_task(ls)
+        assert ls.requests.count(("POST", "/api/predictions")) == 12
+        imports = [p for m, p in ls.requests if p.endswith("/import/predictions")]
+        assert len(imports) == 1  # tried once, then one by one for the rest of the job
+
+
+def test_a_refused_import_is_written_one_by_one_so_only_the_bad_task_fails(tmp_path):
+    with fake_label_studio(project(10)) as ls:
+        ls.refuse_predictions_for = {4}  # e.g. deleted between reading and writing
+        view = run_job(settings_for(ls, tmp_path), JobSpec(project=1))
+        assert (view.state, view.done, view.failed) == ("done", 9, 1)
+        assert view.failures[0]["task"] == 4 and "refused" in view.failures[0]["reason"]
+        assert all(len(ls.predictions_of(t, VERSION)) == (t != 4) for t in ls.tasks)
+
+
+def test_reading_predicting_and_writing_overlap_across_chunks(tmp_path):
+    engine = BlobEngine(delay_s=0.3)  # slow enough that the reader gets ahead on a busy machine
+    with fake_label_studio(project(24)) as ls:
+        view = run_job(settings_for(ls, tmp_path, page_size=3, max_in_flight=8), JobSpec(project=1), engine)
+        assert (view.done, view.failed) == (24, 0) and one_per_task(ls)
+        # Chunk by chunk, at most a chunk (3) would be in the engine at once; overlapped, the
+        # engine holds the job's whole allowance.
+        assert engine.max_in_flight == 8
+        reads = [i for i, (m, p) in enumerate(ls.requests) if p == "/api/tasks"]
+        first_write = next(i for i, (m, p) in enumerate(ls.requests) if p.endswith("/import/predictions"))
+        assert sum(i < first_write for i in reads) >= 8 + 2  # 8 pages of ids, then chunks read ahead of the writes
+
+
+def test_a_job_reads_uploads_from_the_upload_root_when_it_has_them(tmp_path):
+    with fake_label_studio(project(6)) as ls:
+        root = tmp_path / "upload"
+        (root / "1").mkdir(parents=True)
+        for name in ("1.png", "2.png", "3.png"):  # the other three only Label Studio has
+            (root / "1" / name).write_bytes(ls.images[name])
+        settings = settings_for(ls, tmp_path)
+        settings = settings.model_copy(update={"labelstudio": settings.labelstudio.model_copy(update={"upload_root": root})})
+        view = run_job(settings, JobSpec(project=1))
+        assert (view.done, view.failed) == (6, 0) and one_per_task(ls)
+        served = sorted(p.rsplit("/", 1)[-1] for m, p in ls.requests if p.startswith("/data/upload/"))
+        assert served == ["4.png", "5.png", "6.png"]
+
+
 def test_tasks_with_a_prediction_of_this_version_are_skipped_unless_force(tmp_path):
     with fake_label_studio(project(12)) as ls:
         settings = settings_for(ls, tmp_path)
@@ -114,7 +164,7 @@ def test_predictions_listed_as_ids_are_looked_up_per_task(tmp_path):
 
 def test_a_restarted_runner_resumes_without_duplicates(tmp_path):
     with fake_label_studio(project(30)) as ls:
-        settings = settings_for(ls, tmp_path, retry_initial_s=0.05, retry_max_s=0.05)
+        settings = settings_for(ls, tmp_path, retry_initial_s=0.05, retry_max_s=0.05, write_batch=5)
         ls.lose_answers_after = 12  # stored, answer lost: the job cannot tell, until it looks
 
         async def first_life():

@@ -209,11 +209,39 @@ def test_normal_items_go_before_low_ones_queued_earlier():
     s.add(item(clock, 1))
     s.add(item(clock, 2))
     assert s.depth == 8 and s.low_depth == 6
-    assert ids(s.next_batch(clock(), IDLE)) == [1, 2, 100, 101]  # interactive first, job fills the rest
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 2]  # interactive first, and alone
     s.add(item(clock, 3))
-    assert ids(s.next_batch(clock(), IDLE)) == [3, 102, 103, 104]
-    assert ids(s.next_batch(clock(), IDLE)) == [105]
-    assert s.next_batch(clock(), IDLE) is None
+    assert ids(s.next_batch(clock(), IDLE)) == [3]
+    assert ids(s.next_batch(clock(), IDLE)) == [100]  # then the job, in small batches (below)
+
+
+def test_while_interactive_traffic_is_recent_job_items_go_one_batch_of_one_at_a_time():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=8)
+    for n in range(20):
+        s.add(low(clock, 100 + n))
+    assert ids(s.next_batch(clock(), IDLE)) == list(range(100, 108))  # no interactive traffic: full batches
+    s.add(item(clock, 1))
+    assert ids(s.next_batch(clock(), IDLE)) == [1]  # no job image rides along with a request
+    # A request arriving now waits for at most one job image, not a batch of eight.
+    assert ids(s.next_batch(clock(), IDLE)) == [108]
+    clock.advance(s.busy_window_s - 0.01)
+    assert ids(s.next_batch(clock(), IDLE)) == [109]
+    clock.advance(0.01)  # the interactive client went quiet: the job gets full batches again
+    assert ids(s.next_batch(clock(), IDLE)) == list(range(110, 118))
+
+
+def test_the_job_batch_size_while_busy_is_a_setting_of_the_scheduler():
+    clock = FakeClock()
+    s = dataclasses.replace(make(clock, max_batch_size=8), low_batch_when_busy=3)
+    for n in range(6):
+        s.add(low(clock, 100 + n))
+    s.add(item(clock, 1))
+    assert ids(s.next_batch(clock(), IDLE)) == [1]
+    assert ids(s.next_batch(clock(), IDLE)) == [100, 101, 102]
+    clock.advance(s.busy_window_s)
+    s.requeue([item(clock, 7)])  # a worker died under it: admitted before, so not new traffic
+    assert ids(s.next_batch(clock(), IDLE)) == [7, 103, 104, 105]
 
 
 def test_low_items_share_the_size_cap_and_expire_like_others():
@@ -227,7 +255,8 @@ def test_low_items_share_the_size_cap_and_expire_like_others():
     assert s.wake_at(clock()) == pytest.approx(clock() + 1.0)  # a LOW deadline wakes the dispatcher too
     clock.advance(1.0)
     assert [i.item_id for i in s.expire(clock())] == [100]
-    assert ids(s.next_batch(clock(), IDLE)) == [1, 101]
+    assert ids(s.next_batch(clock(), IDLE)) == [1]
+    assert ids(s.next_batch(clock(), IDLE)) == [101]
 
 
 def test_low_items_count_for_the_batch_delay_and_requeue_to_their_own_lane():
@@ -239,6 +268,7 @@ def test_low_items_count_for_the_batch_delay_and_requeue_to_their_own_lane():
     assert s.next_batch(clock(), IDLE) is None
     assert s.wake_at(clock()) == pytest.approx(clock() + 0.020)  # held from the oldest item, a LOW one
     clock.advance(0.020)
+    clock.advance(s.busy_window_s)  # the request is no longer recent: the LOW item may ride along
     dispatch = s.next_batch(clock(), IDLE)
     assert ids(dispatch) == [1, 100]
     s.requeue(dispatch.batch.items)  # the worker died under them

@@ -50,6 +50,10 @@ class FetchConfig:
     url: str | None = None  # LS base URL, no trailing slash; may carry a path prefix
     api_key: str | None = None
     document_root: Path | None = None
+    # Label Studio's upload folder (<LABEL_STUDIO_BASE_DATA_DIR>/media/upload) as detserve sees it,
+    # e.g. a shared volume: /data/upload/<project>/<file> is read from there instead of through
+    # Label Studio, which then serves no image bytes at all.
+    upload_root: Path | None = None
     timeout_s: float = 10.0  # a whole fetch: every redirect and the body
     max_bytes: int = 32 * 1024 * 1024
     verify_ssl: bool = True
@@ -207,23 +211,31 @@ class ImageFetcher:
         return bool(self.config.url) and origin(url) is not None and origin(url) == origin(self.config.url)
 
     async def _local_file(self, parsed: urllib.parse.SplitResult, held: Reservation) -> bytes | None:
-        """Read /data/local-files/?d=... from the document root; None: let Label Studio serve it."""
-        if not parsed.path.rstrip("/").endswith("/data/local-files") or self.config.document_root is None:
-            return None
-        rel = urllib.parse.parse_qs(parsed.query).get("d", [""])[0]
-        if not rel:
-            raise ImageFetchError("local-files URL has no ?d= path")
-        root = self.config.document_root.resolve()
+        """/data/local-files/?d=... from the document root, /data/upload/... from the upload root;
+        None: let Label Studio serve it."""
+        path = parsed.path.rstrip("/")
+        if path.endswith("/data/local-files") and self.config.document_root is not None:
+            rel = urllib.parse.parse_qs(parsed.query).get("d", [""])[0]
+            if not rel:
+                raise ImageFetchError("local-files URL has no ?d= path")
+            return await self._read_under(self.config.document_root, rel, "LOCAL_FILES_DOCUMENT_ROOT", held)
+        if path.startswith("/data/upload/") and self.config.upload_root is not None and not parsed.query:
+            rel = urllib.parse.unquote(path[len("/data/upload/"):])
+            return await self._read_under(self.config.upload_root, rel, "labelstudio.upload_root", held)
+        return None
+
+    async def _read_under(self, root: Path, rel: str, setting: str, held: Reservation) -> bytes | None:
+        root = root.resolve()
         try:
             path = (root / rel.lstrip("/")).resolve()
         except (OSError, ValueError) as exc:  # NUL bytes, loops
             raise ImageFetchError(f"local file {rel[:100]!r} is not a usable path: {exc}") from None
         if not path.is_relative_to(root):
-            raise ImageFetchError(f"local file {rel[:100]!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+            raise ImageFetchError(f"local file {rel[:100]!r} is outside {setting}")
         if not path.is_file():
             if self.config.url:
                 return None
-            raise ImageFetchError(f"local file {rel[:100]!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
+            raise ImageFetchError(f"local file {rel[:100]!r} not found under {setting}")
         size = path.stat().st_size
         if size > self.config.max_bytes:
             raise ImageFetchError(f"local file {rel[:100]!r} is {size} bytes, over the {self.config.max_bytes}-byte limit")

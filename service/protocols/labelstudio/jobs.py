@@ -8,9 +8,10 @@ that way. A job has no such limit, survives restarts and reports progress.
 How a job runs (`JobRunner._run`):
 1. read the project's labelling config from Label Studio and bind it to the model, as /setup does;
 2. list the task ids, page by page, into the store (skipped when the job names its tasks);
-3. work through the ids in chunks of `page_size`: read the chunk's tasks, skip those that already
-   hold a prediction of this model_version (unless `force`), predict the rest exactly as /predict
-   does (`backend.PredictRun`, LOW priority in the engine), write each prediction, record each task.
+3. work through the ids (`jobpass.JobPass`, reading, predicting and writing overlapped): read the
+   tasks a chunk of `page_size` at a time, skip those that already hold a prediction of this
+   model_version (unless `force`), predict the rest exactly as /predict does (`backend.PredictRun`,
+   LOW priority in the engine), write the predictions in batches, record each task.
 Label Studio down, the engine full or a worker restarting pause the job and retry with backoff;
 an unusable image fails only its task. State lives in `jobstore.JobStore`, so a new runner on the
 same file resumes unfinished jobs where they stopped.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -33,7 +35,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...engine.api import EngineAPI
 from ...errors import (
-    DeadlineExceeded,
     DetserveError,
     InvalidRequest,
     JobNotFound,
@@ -41,26 +42,23 @@ from ...errors import (
     Overloaded,
     PayloadTooLarge,
     UpstreamRefused,
-    UpstreamUnavailable,
-    WorkerDied,
 )
 from ...observability import metrics
 from ...settings import LabelStudioJobSettings, ServerSettings
 from ...types import ModelInfo, Priority
-from .backend import LabelStudioBackend, PredictRun, TaskFailed, fetch_config
+from .backend import LabelStudioBackend, PredictRun, fetch_config
 from .fetch import ImageFetcher
-from .jobstore import ChunkTask, JobRecord, JobSpec, JobState, JobStore, TaskState
+from .jobpass import TRANSIENT, JobPass, Outcome
+from .jobstore import JobRecord, JobSpec, JobState, JobStore, TaskState
 from .lsapi import LabelStudioAPI
 from .outbound import ByteBudget, pinned_client
 
 log = logging.getLogger("detserve.labelstudio.jobs")
 
-# Worth waiting for: the service comes back or the queue drains. Anything else fails the job.
-TRANSIENT = (UpstreamUnavailable, Overloaded, DeadlineExceeded, ModelNotReady, WorkerDied)
 MAX_FAILURES_SHOWN = 50
 MAX_PENDING_JOBS = 64  # unfinished jobs at once, all models: POST answers 429 beyond
-FETCH_TRIES = 3  # a task whose image host keeps timing out fails after this many tries
-_RATE_WINDOW = 64  # chunks the rate is measured over
+_RATE_WINDOW = 64  # samples the rate is measured over
+_PUBLISH_EVERY_S = 1.0  # progress gauge and rate samples, at most this often
 
 T = TypeVar("T")
 
@@ -330,7 +328,8 @@ class JobRunner:
 
     @contextlib.asynccontextmanager
     async def _context(self, job: JobRecord):
-        config = fetch_config(self.settings)
+        # Only jobs read Label Studio's upload folder: /predict keeps fetching through Label Studio.
+        config = dataclasses.replace(fetch_config(self.settings), upload_root=self.settings.labelstudio.upload_root)
         async with pinned_client(verify=config.verify_ssl, timeout_s=config.timeout_s) as client:
             budget = ByteBudget(self.settings.labelstudio.max_call_bytes)
             fetcher = ImageFetcher(config, client, self.backend.tokens, budgets=(budget, self.backend.image_bytes))
@@ -354,15 +353,21 @@ class JobRunner:
             )
             yield _JobContext(api, predictor, info)
 
-    async def _retrying(self, job: JobRecord, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, job: JobRecord, call: Callable[[], Awaitable[T]],
+                        progress: Callable[[], int] | None = None) -> T:
         """`call()`, retried with doubling waits while the failure is transient; the job shows
-        "paused" with the reason meanwhile, and fails once it has been down `give_up_after_s`."""
+        "paused" with the reason meanwhile, and fails once it has been down `give_up_after_s`.
+        With `progress` (tasks finished so far), a call that got further than the last one starts
+        the waiting over: a long job with a hiccup now and then is not "down" for an hour."""
         delay, first_failure = self.cfg.retry_initial_s, None
+        reached = progress() if progress else 0
         while True:
             try:
                 result = await call()
             except TRANSIENT as exc:
                 now = self.clock()
+                if progress is not None and (now_reached := progress()) > reached:
+                    reached, delay, first_failure = now_reached, self.cfg.retry_initial_s, None
                 first_failure = now if first_failure is None else first_failure
                 if now - first_failure >= self.cfg.give_up_after_s:
                     raise JobFailed(f"gave up after {now - first_failure:.0f} s: {exc.message}") from None
@@ -370,11 +375,11 @@ class JobRunner:
                 log.warning("label studio job %s paused: %s; retrying in %.1f s", job.id, exc.message, delay)
                 await self.sleep(delay)
                 delay = min(delay * 2, self.cfg.retry_max_s)
+                # Back to work: the state says so while the retry runs (a pass may run for hours).
+                self._set_state(job, JobState.LISTING if not job.listed else JobState.RUNNING, "")
                 continue
             except UpstreamRefused as exc:
                 raise JobFailed(exc.message) from None
-            if first_failure is not None:
-                self._set_state(job, JobState.LISTING if not job.listed else JobState.RUNNING, "")
             return result
 
     def _set_state(self, job: JobRecord, state: JobState, reason: str) -> None:
@@ -402,87 +407,28 @@ class JobRunner:
 
     async def _work(self, job: JobRecord, ctx: _JobContext) -> None:
         self._set_state(job, JobState.RUNNING, "")
-        after = 0
-        while chunk := self.store.next_chunk(job.id, self.cfg.page_size, after):
-            await self._retrying(job, lambda: self._chunk(job, ctx, chunk))
-            after = chunk[-1].task_id
-            finished = sum(n for s, n in self.store.counts(job.id).items() if s not in (TaskState.PENDING, TaskState.WRITING))
-            self._rates[job.id].add(self.clock(), finished)
-            self._publish(job.model)
 
-    async def _chunk(self, job: JobRecord, ctx: _JobContext, chunk: list[ChunkTask]) -> None:
-        """One chunk, as far as it goes; a transient failure is raised after every task that could
-        finish has been recorded, so the retry redoes only the rest (the store says which)."""
-        state_of = {t.task_id: t.state for t in self.store.next_chunk(job.id, len(chunk), chunk[0].task_id - 1)
-                    if t.task_id <= chunk[-1].task_id}
-        if not state_of:
+        def one_pass() -> Awaitable[None]:
+            return JobPass(job, self.store, ctx.api, ctx.predictor, page_size=self.cfg.page_size,
+                           write_batch=self.cfg.write_batch, fetch_tries=ctx.fetch_tries,
+                           record=lambda outcomes: self._record_outcomes(job, outcomes)).run()
+
+        await self._retrying(job, one_pass, progress=lambda: self._finished(job))
+
+    def _finished(self, job: JobRecord) -> int:
+        return sum(n for s, n in self.store.counts(job.id).items() if s not in (TaskState.PENDING, TaskState.WRITING))
+
+    def _record_outcomes(self, job: JobRecord, outcomes: list[Outcome]) -> None:
+        if not outcomes:
             return
-        tasks = await ctx.api.tasks(job.spec.project, list(state_of))
-        outcomes: list[tuple[int, TaskState, str, int | None]] = []
-        todo: list[tuple[dict, list[int]]] = []
-        for task_id, state in state_of.items():
-            task = tasks.get(task_id)
-            if task is None:
-                outcomes.append((task_id, TaskState.FAILED, "task not found in the project (deleted?)", None))
-                continue
-            ours = [pid for pid, version in await ctx.api.prediction_versions(task) if version == job.model_version]
-            if ours and state is TaskState.WRITING:
-                # Written before a restart or a lost answer: that prediction is this job's own.
-                outcomes.append((task_id, TaskState.DONE, "", ours[-1]))
-            elif ours and not job.spec.force:
-                outcomes.append((task_id, TaskState.SKIPPED, f"already has a prediction of {job.model_version}", None))
-            else:
-                todo.append((task, ours))
         self._count(job.model, outcomes)
         self.store.mark(job.id, outcomes)
-        predicted = await asyncio.gather(*(self._predict(ctx, task) for task, _ in todo), return_exceptions=True)
-        transient: BaseException | None = None
-        outcomes, writes = [], []
-        for (task, replaced), outcome in zip(todo, predicted):
-            if isinstance(outcome, TaskFailed) and outcome.transient:
-                tries = ctx.fetch_tries[task["id"]] = ctx.fetch_tries.get(task["id"], 0) + 1
-                if tries < FETCH_TRIES:
-                    transient = transient or UpstreamUnavailable(outcome.reason)
-                else:
-                    outcomes.append((task["id"], TaskState.FAILED, f"{outcome.reason} ({tries} tries)", None))
-            elif isinstance(outcome, TaskFailed):
-                outcomes.append((task["id"], TaskState.FAILED, outcome.reason, None))
-            elif isinstance(outcome, TRANSIENT):
-                transient = transient or outcome
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                writes.append((task, replaced, outcome))
-        self._count(job.model, outcomes)
-        # From here a prediction may reach Label Studio before its row says so: "writing" makes a
-        # restart look in Label Studio first.
-        self.store.mark(job.id, outcomes + [(t["id"], TaskState.WRITING, "", None) for t, _, _ in writes])
-        written = await asyncio.gather(*(self._write(ctx, *w) for w in writes), return_exceptions=True)
-        outcomes = []
-        for (task, _, _), outcome in zip(writes, written):
-            if isinstance(outcome, UpstreamRefused):
-                outcomes.append((task["id"], TaskState.FAILED, f"Label Studio refused the prediction: {outcome.message}", None))
-            elif isinstance(outcome, TRANSIENT):
-                transient = transient or outcome
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                outcomes.append((task["id"], TaskState.DONE, "", outcome))
-        self._count(job.model, outcomes)
-        self.store.mark(job.id, outcomes)
-        if transient is not None:
-            raise transient
-
-    async def _predict(self, ctx: _JobContext, task: dict) -> dict:
-        return await ctx.predictor.one(task)
-
-    async def _write(self, ctx: _JobContext, task: dict, replaced: list[int], prediction: dict) -> int | None:
-        # force: the old prediction of this version goes first, so a crash in between leaves none
-        # (the resumed job writes it) rather than two.
-        for prediction_id in replaced:
-            if isinstance(prediction_id, int):
-                await ctx.api.delete_prediction(prediction_id)
-        return await ctx.api.create_prediction(task["id"], prediction)
+        if any(state is not TaskState.WRITING for _, state, _, _ in outcomes):
+            now = self.clock()
+            rate = self._rates.get(job.id)
+            if rate is not None and (not rate.samples or now - rate.samples[-1][0] >= _PUBLISH_EVERY_S):
+                rate.add(now, self._finished(job))
+                self._publish(job.model)
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -33,6 +33,15 @@ class TaskPage:
     total: int
 
 
+class BulkRefused(UpstreamRefused):
+    """Label Studio refused a predictions import as a whole; `status` tells the job what to do next
+    (400: write the batch one by one, so that only the bad task fails; 404/405: no bulk endpoint)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 def _task_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
@@ -92,6 +101,20 @@ class LabelStudioAPI:
         body = await self._call("POST", "/api/predictions", json={"task": task_id, **prediction})
         return _task_id(body.get("id")) if isinstance(body, dict) else None
 
+    async def import_predictions(self, project: int, predictions: list[dict]) -> int:
+        """Many predictions in one request (`POST /api/projects/{id}/import/predictions`, each item
+        {"task": id, "result", "score", "model_version"}); returns how many Label Studio created.
+        All or nothing: a task that is not in the project refuses the whole request (400), and a
+        Label Studio without the endpoint answers 404 or 405 (`BulkRefused` with the status)."""
+        status, body = await self._exchange("POST", f"/api/projects/{project}/import/predictions", json=predictions)
+        if status in (400, 404, 405):
+            raise BulkRefused(status, f"Label Studio answered {status} to POST /api/projects/{project}/import/predictions")
+        created = self._decode(status, body, f"POST /api/projects/{project}/import/predictions")
+        count = created.get("created") if isinstance(created, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise UpstreamRefused("Label Studio's answer to a predictions import has no 'created' count")
+        return count
+
     async def delete_prediction(self, prediction_id: int) -> None:
         await self._call("DELETE", f"/api/predictions/{int(prediction_id)}", end_of_pages_ok=True)
 
@@ -109,6 +132,13 @@ class LabelStudioAPI:
 
     async def _call(self, method: str, path: str, *, params: dict | None = None, json: dict | None = None,
                     end_of_pages_ok: bool = False) -> Any:
+        status, raw = await self._exchange(method, path, params=params, json=json)
+        if status == 404 and end_of_pages_ok:
+            return None
+        return self._decode(status, raw, f"{method} {path}")
+
+    async def _exchange(self, method: str, path: str, *, params: dict | None = None,
+                        json: dict | list | None = None) -> tuple[int, bytes]:
         if not self.base:
             raise UpstreamRefused("labelstudio.url (LABEL_STUDIO_URL) is not set: jobs need a Label Studio to read tasks from")
         url = f"{self.base}{path}"
@@ -120,9 +150,10 @@ class LabelStudioAPI:
             if status == 401 and key and is_jwt(key):
                 self.fetcher.tokens.forget(self.base, key)  # expired early: exchange once more
                 status, raw = await self._send(method, url, json)
-        where = f"{method} {path}"
-        if status == 404 and end_of_pages_ok:
-            return None
+        return status, raw
+
+    @staticmethod
+    def _decode(status: int, raw: bytes, where: str) -> Any:
         if status in _RETRYABLE_STATUSES:
             raise UpstreamUnavailable(f"Label Studio answered {status} to {where}")
         if not 200 <= status < 300:
@@ -135,7 +166,7 @@ class LabelStudioAPI:
         except orjson.JSONDecodeError:
             raise UpstreamRefused(f"Label Studio answered {where} with a body that is not JSON") from None
 
-    async def _send(self, method: str, url: str, body: dict | None) -> tuple[int, bytes]:
+    async def _send(self, method: str, url: str, body: dict | list | None) -> tuple[int, bytes]:
         fetcher = self.fetcher
         try:
             headers = await fetcher.auth_header()
