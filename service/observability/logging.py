@@ -134,7 +134,9 @@ def log_access(method: str, path: str, status: int, seconds: float, request_id: 
     logger = logging.getLogger(ACCESS_LOGGER)
     if not logger.isEnabledFor(level):  # before building the record's extra fields
         return
-    logger.log(
-        level, "%s %s %d", method, path, status,
+    # makeRecord + handle is what logger.log does, less findCaller's walk up the stack for a file
+    # and line the JSON lines never show: a third of this function's cost, once per request.
+    logger.handle(logger.makeRecord(
+        ACCESS_LOGGER, level, "", 0, "%s %s %d", (method, path, status), None,
         extra={"status": status, "ms": round(seconds * 1000, 2), "request_id": request_id, "client": client},
-    )
+    ))

@@ -189,3 +189,15 @@ def test_predictions_skip_fastapi_only_when_nothing_but_the_request_context_wrap
 ])
 def test_match_predictions_takes_what_the_two_routes_take(method, path, expected):
     assert match_predictions(method, path) == expected
+
+
+def test_each_prediction_writes_one_access_line_either_way(caplog):
+    app = build_inference_app(ScriptedEngine(), ServerSettings())
+    with TestClient(app) as client, caplog.at_level("INFO", logger="detserve.access"):
+        for enabled in (True, False):
+            app.fast_door_enabled = enabled
+            client.put("/predictions/nope", content=b"jpeg", headers={"X-Request-ID": f"log-{enabled}"})
+    lines = [r for r in caplog.records if r.name == "detserve.access"]
+    assert [r.getMessage() for r in lines] == ["PUT /predictions/nope 404"] * 2
+    assert [(r.status, r.request_id) for r in lines] == [(404, "log-True"), (404, "log-False")]
+    assert all(r.ms >= 0 and r.client for r in lines)
