@@ -38,8 +38,9 @@ def start_detserve(tree: Path, store: Path) -> servers.DetserveServer:
         servers.ROOT = HERE
 
 
-def profile(server: servers.DetserveServer, corpus, seconds: float, out: Path) -> None:
-    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(server.proc.pid), "-d", f"{seconds:g}", "-r", "200",
+def profile(server: servers.DetserveServer, corpus, seconds: float, out: Path, worker: bool = False) -> None:
+    pid = servers.children_of(server.proc.pid)[-1] if worker else server.proc.pid
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid), "-d", f"{seconds:g}", "-r", "200",
                             "--format", "raw", "-o", str(out), "--nonblocking"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the first tree's front for this long")
+    parser.add_argument("--worker", action="store_true", help="with --profile: py-spy the worker, not the front")
     args = parser.parse_args()
     trees = [t.resolve() for t in (args.tree or [HERE])]
     corpus = generated_corpus(16, seed=0)
@@ -81,7 +83,7 @@ def main() -> int:
     started = [start_detserve(tree, tmp / "store") for tree in trees]
     try:
         if args.profile:
-            profile(started[0], corpus, args.profile, tmp / "front.txt")
+            profile(started[0], corpus, args.profile, tmp / "front.txt", worker=args.worker)
             return 0
         with servers.NoopServer() as noop:
             targets = [("bare FastAPI no-op", noop.url)] + [(f"null {t}", s.url) for t, s in zip(trees, started)]
