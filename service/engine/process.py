@@ -14,10 +14,10 @@ import os
 import socket
 import struct
 import time
-from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
 from .arena import FrontArena
+from . import messages
 from .messages import BatchRequest, BatchResult, WorkerReady, WorkerSpec
 from .worker import worker_main
 
@@ -61,7 +61,7 @@ class WorkerProcess:
         if self.arena_mapped and isinstance(message, BatchRequest):
             message = self.arena.place(message)
         try:
-            payload = ForkingPickler.dumps(message)
+            payload = messages.dumps(message)
         except Exception:
             if isinstance(message, BatchRequest) and self.arena is not None:
                 self.arena.release(message.batch_id)  # else the arena stays held and every payload goes inline
@@ -107,7 +107,7 @@ class WorkerProcess:
             self._frames.feed(chunk)
         for frame in self._frames.frames():
             try:
-                message = ForkingPickler.loads(frame)
+                message = messages.loads(frame)
             except Exception:  # noqa: BLE001 - one unreadable message; frames stay aligned
                 log.exception("unreadable message from worker pid %s", self.process.pid)
                 continue

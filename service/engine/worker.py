@@ -28,6 +28,7 @@ from .messages import (
     WorkerReady,
     WorkerSpec,
     WorkItem,
+    dumps,
 )
 
 Outcome = DetectResult | errors.DetserveError
@@ -151,9 +152,10 @@ class _Sender:
         self.lock = threading.Lock()
 
     def send(self, message) -> bool:
+        payload = dumps(message)  # before the lock; a message that cannot be pickled sends nothing
         try:
             with self.lock:
-                self.conn.send(message)
+                self.conn.send_bytes(payload)
             return True
         except (OSError, EOFError, BrokenPipeError):
             return False  # the front process is gone; the main loop will see EOF and exit
@@ -179,7 +181,7 @@ def _heartbeat_loop(sender: _Sender, spec: WorkerSpec, device_box: list[str], st
 
 def _send_result(sender: _Sender, result: BatchResult) -> None:
     try:
-        sender.send(result)  # Connection.send pickles fully before writing: a failure leaves no partial frame
+        sender.send(result)  # pickled whole before anything is written: a failure leaves no partial frame
     except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result: fail the items, keep the worker
         failed = tuple(errors.InternalError(f"result not transferable: {exc}") for _ in result.outcomes)
         sender.send(BatchResult(result.batch_id, result.worker_id, failed, result.batch_size, result.worker_seconds))

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import threading
 import time
-import uuid
 
 import orjson
 
@@ -23,7 +23,9 @@ _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits, the shape uuid4().hex had, at a quarter of its cost (5.4 -> 1.5 us on
+    the 2-core VM): most load clients send no X-Request-ID, so every request makes one."""
+    return os.urandom(16).hex()
 
 
 def clean_request_id(value: str | None) -> str:
@@ -134,7 +136,9 @@ def log_access(method: str, path: str, status: int, seconds: float, request_id: 
     logger = logging.getLogger(ACCESS_LOGGER)
     if not logger.isEnabledFor(level):  # before building the record's extra fields
         return
-    logger.log(
-        level, "%s %s %d", method, path, status,
+    # makeRecord + handle is what logger.log does, less findCaller's walk up the stack for a file
+    # and line the JSON lines never show: a third of this function's cost, once per request.
+    logger.handle(logger.makeRecord(
+        ACCESS_LOGGER, level, "", 0, "%s %s %d", (method, path, status), None,
         extra={"status": status, "ms": round(seconds * 1000, 2), "request_id": request_id, "client": client},
-    )
+    ))

@@ -251,3 +251,28 @@ def test_a_client_timeout_never_outlives_the_models_request_timeout(tmp_path):
                 await engine.detect("capped", [image(b"ok")], timeout_s=0)
 
     run(scenario())
+
+
+def test_a_request_whose_caller_gives_up_or_times_out_is_never_run(tmp_path):
+    """One image or several, a request abandoned while queued (cancelled or past its deadline) never
+    reaches the predictor, and the next request is served."""
+    write_model(tmp_path, "inl-gone", workers=1, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            FakePredictor.seen.clear()
+            blocker = asyncio.create_task(engine.detect("inl-gone", [image(b"SLEEP:0.3")]))
+            await asyncio.sleep(0.05)
+            cancelled = asyncio.create_task(engine.detect("inl-gone", [image(b"GONE-cancelled")]))
+            await asyncio.sleep(0.02)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            with pytest.raises(errors.DeadlineExceeded):
+                await engine.detect("inl-gone", [image(b"GONE-a"), image(b"GONE-b")], timeout_s=0.05)
+            await blocker
+            assert [r.model_name for r in await engine.detect("inl-gone", [image(b"ok"), image(b"ok2")])] == [
+                "inl-gone", "inl-gone"]
+            assert not any(c.startswith(b"GONE") for c in FakePredictor.seen)
+
+    run(scenario())

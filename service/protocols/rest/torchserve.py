@@ -72,14 +72,32 @@ async def readyz(request: Request) -> Response:
 # Options arrive as plain strings and are checked by the data plane, with the same bounds and
 # messages as every other door.
 
-@router.api_route("/predictions/{model}", methods=["PUT", "POST"])
+# The FastAPI routes are the reference; the inference app's fast door (app.py) answers the same
+# requests without FastAPI's stack and calls the same `predict`, so both stay one code path.
+PREDICTION_METHODS = ("PUT", "POST")
+PREDICTIONS_PREFIX = "/predictions/"
+
+
+@router.api_route("/predictions/{model}", methods=list(PREDICTION_METHODS))
 async def predictions(request: Request, model: str) -> Response:
-    return await _predict(request, model, None)
+    return await predict(request, model, None)
 
 
-@router.api_route("/predictions/{model}/{version}", methods=["PUT", "POST"])
+@router.api_route("/predictions/{model}/{version}", methods=list(PREDICTION_METHODS))
 async def predictions_version(request: Request, model: str, version: str) -> Response:
-    return await _predict(request, model, version)
+    return await predict(request, model, version)
+
+
+def match_predictions(method: str, path: str) -> tuple[str, str | None] | None:
+    """(model, version) when `method path` is what the two routes above match (Starlette's
+    `{param}` is one non-empty segment), else None. Anything else, including a trailing slash,
+    is left to FastAPI's router, which redirects, 404s or 405s it."""
+    if method not in PREDICTION_METHODS or not path.startswith(PREDICTIONS_PREFIX):
+        return None
+    model, slash, version = path[len(PREDICTIONS_PREFIX):].partition("/")
+    if not model or "/" in version or (slash and not version):
+        return None
+    return model, version or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +144,9 @@ def _parse_query(raw: bytes) -> _Query:
     return _Query(render=render, **{name: params.get(name) for name in OPTION_NAMES})
 
 
-async def _predict(request: Request, model: str, version: str | None) -> Response:
+async def predict(request: Request, model: str, version: str | None) -> Response:
+    """/predictions end to end: the one core of its FastAPI routes and of the fast door. DetserveErrors
+    propagate (after being counted) for the caller's error table to render."""
     started = time.perf_counter()
     code: int = 500
     dp = _dp(request)
