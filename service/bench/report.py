@@ -201,7 +201,7 @@ def run_report(opts: ReportOptions) -> dict:
         _measure_all(opts, rec, harness, corpus, store, tmp, facts)
         if opts.two_stage:
             harness.close()  # the rtmdet predictors' memory and threads, before a model 10x their size
-            _two_stage(opts, rec, corpus, store, facts, old_cache)
+            _two_stage(opts, rec, corpus, facts, old_cache)
     finally:
         harness.close()
         if old_cache is None:
@@ -246,17 +246,17 @@ def _measure_all(opts, rec, h: Harness, corpus, store, tmp, facts) -> None:
         _pinned(opts, rec, h, store, tmp, facts)
 
 
-def _two_stage(opts, rec, corpus, store, facts, user_cache: str | None) -> None:
+def _two_stage(opts, rec, corpus, facts, user_cache: str | None) -> None:
     """The user's export cache, not the report's cold one: exporting and checking the three Mask R-CNN
     graphs takes minutes on a small machine, and the section measures serving, not start-up."""
-    from .two_stage import TwoStageBench, run_two_stage
+    from .two_stage import TwoStageBench, bench_store, run_two_stage
 
     bench = TwoStageBench(rounds=1, images_per_run=8) if opts.quick else TwoStageBench()
     cold = os.environ.pop(CACHE_ENV, None)
     if user_cache is not None:
         os.environ[CACHE_ENV] = user_cache
     try:
-        facts["two_stage"] = run_two_stage(rec, store, corpus, bench)
+        facts["two_stage"] = run_two_stage(rec, bench_store(bench), corpus, bench)
     except Exception as exc:  # noqa: BLE001 - the rest of the report still has value
         facts["two_stage_error"] = f"{type(exc).__name__}: {exc}"
         rec.log(f"two-stage section failed: {exc}")

@@ -189,8 +189,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_two_stage(args) -> int:
+    import signal
+
     from ..bench.two_stage import TwoStageBench, measure_alone
 
+    # SIGTERM unwinds like Ctrl-C, so the served detserve (its own session) is stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if len(args.scale) != 2:
         raise SystemExit("--scale takes two edges, e.g. 666,400")
     bench = TwoStageBench(resize_scale=(args.scale[0], args.scale[1]), concurrency=args.concurrency,
