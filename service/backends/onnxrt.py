@@ -15,6 +15,7 @@ import torch
 
 from ..detectors.base import get_detector
 from ..errors import ConfigError
+from ..pipeline.shape_key import PAD_DIVISOR, padded_shape
 from ..settings import ModelConfig
 from .base import InputDetections, RawOutputs, check_batch
 
@@ -250,19 +251,29 @@ class OnnxRuntimeBackend:
 
 
 def trt_profile_options(cfg: ModelConfig, input_name: str) -> dict[str, str]:
-    """TensorRT optimisation profile over the batch axis: min 1, opt and max = the model's max batch size.
+    """TensorRT optimisation profile: batch min 1, opt and max = the model's max batch size; spatial axes
+    as the model's transform makes them.
 
     The scheduler fills batches up to max_batch_size under load, which is where speed matters, so
-    TensorRT tunes its kernels for the full batch.
+    TensorRT tunes its kernels for the full batch. A square model (RTMDet's letterbox) has one input
+    size. A keep-ratio model (`resize_scale = [long, short]`, the two-stage families) gets every padded
+    shape its resize can produce, in both orientations: either side may be the long one (max long x long,
+    each rounded up to the pad), the short side of an elongated image can shrink to one pad step (min),
+    and TensorRT tunes for the common landscape photo (opt short x long).
     """
-    size = cfg.input_size
     max_batch = cfg.batch.max_batch_size
+    if cfg.resize_scale:
+        long_edge = padded_shape([(max(cfg.resize_scale), max(cfg.resize_scale))])[0]
+        short_edge = padded_shape([(min(cfg.resize_scale), min(cfg.resize_scale))])[0]
+        low, opt, high = (PAD_DIVISOR, PAD_DIVISOR), (short_edge, long_edge), (long_edge, long_edge)
+    else:
+        low = opt = high = (cfg.input_size, cfg.input_size)
 
-    def shape(n: int) -> str:
-        return f"{input_name}:{n}x3x{size}x{size}"
+    def shape(n: int, hw: tuple[int, int]) -> str:
+        return f"{input_name}:{n}x3x{hw[0]}x{hw[1]}"
 
-    return {"trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(max_batch),
-            "trt_profile_max_shapes": shape(max_batch)}
+    return {"trt_profile_min_shapes": shape(1, low), "trt_profile_opt_shapes": shape(max_batch, opt),
+            "trt_profile_max_shapes": shape(max_batch, high)}
 
 
 def providers_summary() -> dict[str, str | None]:

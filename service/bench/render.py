@@ -21,9 +21,12 @@ SECTION_TITLES = {
     "placement": "Thread placement: workers x intra-op threads for the served `rtmdet` (the measurement behind the default)",
     "eager": "The eager PyTorch backend (`backend = \"eager\"`), served vs in-process",
     "pinned": "Extra: pinned split (front and load client on one core, model worker on the other, 1 thread)",
+    "two-stage": "Mask R-CNN R-50 (random weights), concurrency 4: served vs the in-process pipeline (same backend, threads, batches, images)",
     "warmup": "Warm-up runs (not used in ratios)",
 }
-SECTION_ORDER = ("overhead", "shipped", "latency", "torchserve", "client", "placement", "eager", "pinned", "warmup")
+SECTION_ORDER = ("overhead", "shipped", "latency", "torchserve", "client", "placement", "eager", "pinned", "two-stage",
+                 "warmup")
+CUSTOM_SECTIONS = {"two-stage"}  # rendered by their own module: a table plus how the run was set up
 
 
 def _rows(data: dict, section: str) -> list[RunResult]:
@@ -96,6 +99,11 @@ def targets(data: dict) -> list[dict]:
     add("null p99, c16", "<= 10 ms", null_p99, lambda v: v <= 10.0, f"{null_p99:.2f} ms (bare FastAPI {bare_p99:.2f} ms)")
     add("null / bare FastAPI no-op, throughput c16", ">= 0.5x", _ratio(null, bare), lambda v: v >= 0.5,
         f"{null:.0f} vs {bare:.0f} req/s")
+    from .two_stage import two_stage_ratio
+
+    two, per_round = two_stage_ratio(data["sections"])
+    add("Mask R-CNN R-50 / in-process pipeline (same backend, threads and batches), throughput c4", ">= 0.95x", two,
+        lambda v: v >= 0.95, "rounds " + ", ".join(f"{x:.3f}" for x in per_round) if per_round else "-")
     py = _mean(data, "client", "detserve null REST c16, Python asyncio client", "throughput")
     add("load client check: Python asyncio client / wrk on the same null server, c16", "(for reference)",
         _ratio(py, null), None, f"{py:.0f} vs {null:.0f} req/s")
@@ -148,6 +156,8 @@ def render_markdown(data: dict, opts) -> str:
                  f"variant warmed {o['ts_warmup_s']} s before its measured runs.")
     for key, error in (facts.get("torchserve_errors") or {}).items():
         lines.append(f"- TorchServe variant {key} could not run: {error}")
+    if facts.get("two_stage_error"):
+        lines.append(f"- Mask R-CNN R-50 section failed: {facts['two_stage_error']}")
     if facts.get("onnx_skipped"):
         lines.append(f"- ONNX comparison skipped: {facts['onnx_skipped']}")
     lines.append("- GPU figures: not measured here (no GPU); `make gpu-check` measures them on a GPU machine.")
@@ -163,6 +173,11 @@ def render_markdown(data: dict, opts) -> str:
         if not rows:
             continue
         lines += [f"## {SECTION_TITLES[key]}", ""]
+        if key in CUSTOM_SECTIONS:
+            from .two_stage import render_section
+
+            lines += [render_section(data)]
+            continue
         lines.append(markdown_table(rows).rstrip())
         lines += ["", "Commands (ports are the run's free ports):", ""]
         for raw in data["sections"][key]:

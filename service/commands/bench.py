@@ -80,8 +80,22 @@ def register(subparsers) -> None:
     rep.add_argument("--no-torchserve", action="store_true")
     rep.add_argument("--no-pinned", action="store_true", help="skip the extra pinned front/worker table")
     rep.add_argument("--no-wrk", action="store_true")
+    rep.add_argument("--no-two-stage", action="store_true", help="skip the Mask R-CNN R-50 section (~4 min)")
     rep.add_argument("--from-json", help="re-render the markdown from a saved report JSON; measure nothing")
     rep.set_defaults(func=cmd_report)
+
+    two = sub.add_parser("two-stage", help="Mask R-CNN R-50 served vs in-process at c4 (the report's section, alone)")
+    two.add_argument("--rounds", type=int, default=6, help="alternating served/in-process rounds (default 6)")
+    two.add_argument("--images-per-run", type=int, default=8, help="images per measured run (default 8)")
+    two.add_argument("--concurrency", type=int, default=4)
+    two.add_argument("--max-batch-size", type=int, default=4)
+    two.add_argument("--scale", type=_levels, default=[512, 320], help="resize scale, long,short (default 512,320)")
+    two.add_argument("--rpn-max-per-img", type=int, default=300)
+    two.add_argument("--max-per-img", type=int, default=50)
+    two.add_argument("--backend", choices=("auto", "eager", "onnxruntime"), default="onnxruntime")
+    two.add_argument("--threads", type=int, default=0, help="intra-op threads (default: the engine's rule)")
+    two.add_argument("--json", dest="json_out", help="write the section's results as JSON to this file")
+    two.set_defaults(func=cmd_two_stage)
 
 
 def _corpus(args) -> list[bytes]:
@@ -166,7 +180,7 @@ def cmd_report(args) -> int:
 
     opts = ReportOptions(out=Path(args.out), json_out=Path(args.json_out) if args.json_out else None,
                          model_dir=Path(args.model), quick=args.quick, torchserve=not args.no_torchserve,
-                         wrk=not args.no_wrk, pinned=not args.no_pinned)
+                         wrk=not args.no_wrk, pinned=not args.no_pinned, two_stage=not args.no_two_stage)
     if args.duration is not None:
         opts.duration_s = args.duration
     if args.rounds is not None:
@@ -181,6 +195,26 @@ def cmd_report(args) -> int:
         data = run_report(opts)
     write_report(data, opts)
     print(f"wrote {opts.out}" + (f" and {opts.json_out}" if opts.json_out else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_two_stage(args) -> int:
+    import signal
+
+    from ..bench.two_stage import TwoStageBench, measure_alone
+
+    # SIGTERM unwinds like Ctrl-C, so the served detserve (its own session) is stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if len(args.scale) != 2:
+        raise SystemExit("--scale takes two edges, e.g. 666,400")
+    bench = TwoStageBench(resize_scale=(args.scale[0], args.scale[1]), concurrency=args.concurrency,
+                          max_batch_size=args.max_batch_size, backend=args.backend, threads=args.threads,
+                          rpn_max_per_img=args.rpn_max_per_img, max_per_img=args.max_per_img,
+                          images_per_run=args.images_per_run, rounds=args.rounds)
+    data, markdown = measure_alone(bench)
+    print(markdown)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(data, indent=1, default=str) + "\n")
     return 0
 
 

@@ -19,18 +19,27 @@ Policy (Triton's dynamic batcher, not TorchServe's fixed wait):
   batch with NORMAL ones: on a CPU a batch takes time in proportion to its images, and a request
   that arrives while a job batch runs waits for all of it. Without NORMAL traffic, LOW items are
   batched like any other.
+- Shape groups: items may carry a `shape_key` (the padded network input shape of a keep-ratio model,
+  read from the image header by the front). Within the first SHAPE_LOOKAHEAD batches' worth of each
+  lane, a batch takes items in groups of equal key, groups ordered by their oldest item, so that images
+  that can share one padded network batch travel together (a worker runs a batch as one network call
+  per distinct shape: spec pitfall 19). The oldest item always goes in the next batch, so grouping
+  reorders only within the look-ahead window and never starves anyone; keys of None never group, and
+  with no keys at all the order is plain FIFO.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import errors
 from ..types import Priority
 from ..types import Protocol as Door
+
+SHAPE_LOOKAHEAD = 4  # batches' worth of queued items a batch may pick shape-mates from
 
 
 class BatchPolicy(Protocol):
@@ -53,6 +62,7 @@ class QueueItem:
     payload: Any = None
     attempts: int = 0  # dispatches so far; a worker crash requeues once
     priority: Priority = Priority.NORMAL
+    shape_key: Hashable | None = None  # equal keys can share one network batch; None: never grouped
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +186,9 @@ class Scheduler:
         for lane in (self._queue, self._low):  # NORMAL first; LOW only fills what is left
             if lane is self._low and busy:  # none with NORMAL items; alone, only a few
                 size = len(items) if items else min(size, max(1, self.low_batch_when_busy))
-            expired: list[QueueItem] = []
-            while lane and len(items) < size:
-                item = lane.popleft()
-                (expired if item.deadline <= now else items).append(item)
-            # Expired items found mid-queue go back in front so that `expire` hands them out.
-            lane.extendleft(reversed(expired))
+            if len(items) < size:
+                items += _take_grouped(lane, size - len(items), now, size * SHAPE_LOOKAHEAD,
+                                       {item.shape_key for item in items})
         if not items:
             return None
         worker = min(idle_workers, key=lambda w: (w.in_flight, w.last_dispatch_at, w.worker_id))
@@ -210,3 +217,32 @@ class Scheduler:
         """When the oldest queued item stops waiting for company."""
         oldest = min(lane[0].enqueued_at for lane in (self._queue, self._low) if lane)
         return oldest + self.settings.max_batch_delay_ms / 1000.0
+
+
+def _take_grouped(lane: deque[QueueItem], want: int, now: float, window: int,
+                  batch_keys: set[Hashable | None]) -> list[QueueItem]:
+    """Up to `want` live items from the first `window` live items of `lane`, by shape group (module docstring).
+
+    A group is every item of one key (an item without a key is a group of its own), ranked by its oldest
+    item; groups whose key is already in the batch rank first. Items not taken, expired ones included,
+    keep their places, so `expire` still finds them. With no keys this is FIFO.
+    """
+    head: list[QueueItem] = []
+    live: list[int] = []  # indices into head; expired items do not count towards the window
+    while lane and len(live) < window:
+        head.append(lane.popleft())
+        if head[-1].deadline > now:
+            live.append(len(head) - 1)
+
+    def group(i: int) -> tuple:
+        key = head[i].shape_key
+        return ("item", i) if key is None else ("key", key)
+
+    rank: dict[tuple, int] = {}
+    for r, i in enumerate(live):
+        key = head[i].shape_key
+        rank.setdefault(group(i), -1 if key is not None and key in batch_keys else r)
+    picked = sorted(live, key=lambda i: (rank[group(i)], i))[:want]
+    taken = set(picked)
+    lane.extendleft(reversed([item for i, item in enumerate(head) if i not in taken]))
+    return [head[i] for i in picked]

@@ -160,6 +160,31 @@ def test_trt_profile_spans_the_batch_settings(tmp_path):
     }
 
 
+@pytest.mark.parametrize("scale", [(1333, 800), (800, 1333), (666, 400)])
+def test_trt_profile_of_a_keep_ratio_model_spans_every_padded_shape_both_ways(tmp_path, scale):
+    from service.pipeline.shape_key import padded_shape, rescale_size
+
+    cfg = ModelConfig(name="m", arch="mask-rcnn-r50-fpn", resize_scale=scale, batch={"max_batch_size": 4},
+                      root=tmp_path)
+    profile = trt_profile_options(cfg, "input")
+    long_edge, short_edge = (-(-max(scale) // 32) * 32), (-(-min(scale) // 32) * 32)
+    assert profile == {
+        "trt_profile_min_shapes": "input:1x3x32x32",
+        "trt_profile_opt_shapes": f"input:4x3x{short_edge}x{long_edge}",
+        "trt_profile_max_shapes": f"input:4x3x{long_edge}x{long_edge}",
+    }
+
+    def dims(key: str) -> list[int]:
+        return [int(x) for x in profile[key].split(":")[1].split("x")]
+
+    low, high = dims("trt_profile_min_shapes"), dims("trt_profile_max_shapes")
+    # landscape, portrait, square, panoramas both ways, tiny and huge images: every input fits the profile
+    for height, width in [(480, 640), (640, 480), (612, 612), (200, 1000), (1000, 200), (20, 4000), (4000, 20),
+                          (3000, 4000), (1, 1)]:
+        padded = padded_shape([rescale_size(height, width, scale)])
+        assert all(lo <= d <= hi for lo, d, hi in zip(low[2:], padded, high[2:])), (height, width, padded)
+
+
 def test_throughput_eager_vs_onnxruntime(tmp_path):
     from service.detectors.checkpoint import save_checkpoint
     from service.detectors.registry import build_detector

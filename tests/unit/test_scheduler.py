@@ -274,3 +274,83 @@ def test_low_items_count_for_the_batch_delay_and_requeue_to_their_own_lane():
     s.requeue(dispatch.batch.items)  # the worker died under them
     assert s.low_depth == 1
     assert ids(s.next_batch(clock(), IDLE)) == [1, 100]
+
+
+# --- shape groups -------------------------------------------------------------------------------
+
+def keyed(clock: FakeClock, n: int, key, *, timeout_s: float = 30.0, priority: Priority = Priority.NORMAL) -> QueueItem:
+    return dataclasses.replace(item(clock, n, timeout_s=timeout_s), shape_key=key, priority=priority)
+
+
+def test_items_of_the_oldest_items_shape_are_batched_together():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=3)
+    for n, key in enumerate(["a", "b", "a", "c", "b", "a", "b"]):
+        s.add(keyed(clock, n, key))
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 2, 5]  # every "a", led by the oldest item
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 4, 6]
+    assert ids(s.next_batch(clock(), IDLE)) == [3]
+
+
+def test_a_batch_fills_with_other_shapes_by_age_once_the_oldest_shape_runs_out():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4)
+    for n, key in enumerate(["a", "b", "c", "a", "c"]):
+        s.add(keyed(clock, n, key))
+    # "a" first (0, 3), then the next-oldest group "b" (1), then one of "c" (2); 4 waits for the next batch
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 3, 1, 2]
+    assert ids(s.next_batch(clock(), IDLE)) == [4]
+
+
+def test_items_without_a_shape_key_never_group_and_alone_keep_fifo_order():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=3)
+    for n, key in enumerate([None, "a", None, "a"]):
+        s.add(keyed(clock, n, key))
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 1, 3]  # the "a" pair ranks by its older member
+    assert ids(s.next_batch(clock(), IDLE)) == [2]
+    for n in range(4, 9):
+        s.add(keyed(clock, n, None))
+    assert ids(s.next_batch(clock(), IDLE)) == [4, 5, 6]
+    assert ids(s.next_batch(clock(), IDLE)) == [7, 8]
+
+
+def test_grouping_looks_only_a_few_batches_ahead_so_older_items_are_not_passed_over_for_long():
+    from service.engine.scheduler import SHAPE_LOOKAHEAD
+
+    size = 2
+    window = size * SHAPE_LOOKAHEAD
+    for gap, grouped in ((window - 2, True), (window - 1, False)):
+        clock = FakeClock()
+        s = make(clock, max_batch_size=size)
+        keys = ["a"] + ["b"] * gap + ["a"]  # the second "a" just inside, then just outside the window
+        for n, key in enumerate(keys):
+            s.add(keyed(clock, n, key))
+        assert ids(s.next_batch(clock(), IDLE)) == ([0, len(keys) - 1] if grouped else [0, 1])
+        rest = []
+        while (d := s.next_batch(clock(), IDLE)) is not None:
+            rest += ids(d)
+        assert len(rest) == len(keys) - 2 and s.depth == 0
+
+
+def test_expired_items_are_skipped_by_grouping_and_left_for_expire():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=4)
+    s.add(keyed(clock, 0, "a", timeout_s=1.0))
+    s.add(keyed(clock, 1, "b"))
+    s.add(keyed(clock, 2, "a"))
+    clock.advance(2.0)
+    assert ids(s.next_batch(clock(), IDLE)) == [1, 2]
+    assert [i.item_id for i in s.expire(clock())] == [0]
+
+
+def test_low_priority_items_join_the_shapes_already_in_the_batch_first():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=3)
+    s.add(keyed(clock, 0, "a"))
+    s.add(keyed(clock, 1, "b", priority=Priority.LOW))
+    s.add(keyed(clock, 2, "a", priority=Priority.LOW))
+    s.add(keyed(clock, 3, "c", priority=Priority.LOW))
+    clock.advance(s.busy_window_s + 0.1)  # LOW items ride with NORMAL ones only once traffic is quiet
+    assert ids(s.next_batch(clock(), IDLE)) == [0, 2, 1]
+    assert ids(s.next_batch(clock(), IDLE)) == [3]

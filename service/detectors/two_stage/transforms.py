@@ -7,7 +7,6 @@ with its reciprocal (Faster R-CNN) or dividing (Mask R-CNN), as mmdet does (pitf
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,12 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.errors import ConfigError, InvalidImage
+from service.errors import InvalidImage
+# torch-free, so that the serving front computes the same shapes for the scheduler's shape key
+from service.pipeline.shape_key import PAD_DIVISOR, padded_shape, rescale_size
 
 SCALE = (1333, 800)  # (long edge bound, short edge bound), orientation-free
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
-PAD_DIVISOR = 32
+__all__ = ["PAD_DIVISOR", "SCALE", "Rescale", "TwoStageMeta", "boxes_to_original", "boxes_to_resized", "normalize",
+           "pad_batch", "padded_shape", "preprocess", "rescale_size", "resize_and_normalize", "resize_image"]
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,6 @@ class Rescale(Enum):
     DIVIDE = "divide"
 
 
-def rescale_size(height: int, width: int, scale: tuple[int, int] = SCALE) -> tuple[int, int]:
-    """(new_h, new_w) of mmcv `imrescale`: sf = min(long/max(h,w), short/min(h,w)); int(x*sf + 0.5)."""
-    long_edge, short_edge = max(scale), min(scale)
-    if not 1 <= short_edge <= long_edge <= 8192:
-        raise ConfigError(f"resize scale must be two edges in [1, 8192], got {scale}")
-    sf = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * sf + 0.5), int(width * sf + 0.5)
-
-
 def resize_image(image_bgr: np.ndarray, scale: tuple[int, int] = SCALE) -> tuple[np.ndarray, TwoStageMeta]:
     _check_image(image_bgr)
     height, width = image_bgr.shape[:2]
@@ -75,13 +68,6 @@ def normalize(resized_bgr: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
     std = torch.tensor(STD_RGB).view(3, 1, 1)
     return (x - mean) / std
-
-
-def padded_shape(shapes: list[tuple[int, int]], divisor: int = PAD_DIVISOR) -> tuple[int, int]:
-    """The batch input (H, W): the largest h and w over the batch, each rounded up to `divisor`."""
-    height = max(h for h, _ in shapes)
-    width = max(w for _, w in shapes)
-    return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
 
 
 def pad_batch(tensors: list[torch.Tensor], divisor: int = PAD_DIVISOR) -> torch.Tensor:
