@@ -19,6 +19,7 @@ def test_bench_model_folder_is_a_valid_model_with_the_benchmark_settings(tmp_pat
     assert tuple(cfg.resize_scale) == (640, 384)
     assert cfg.test_cfg.max_per_img == 50 and cfg.test_cfg.rpn.max_per_img == 300
     assert cfg.batch.max_batch_size == 3 and cfg.batch.max_batch_delay_ms == 0
+    assert cfg.batch.request_timeout_ms == bench.timeout_s * 1000  # no 504 behind slow batches
     assert cfg.workers.count == 1 and cfg.workers.threads == 1
 
 
