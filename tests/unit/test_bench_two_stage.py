@@ -73,3 +73,23 @@ def test_both_sides_run_the_same_images_in_alternating_order(tmp_path):
     assert math.isfinite(total) and len(per_round) == 2
     text = render_section({"facts": {"two_stage": facts}, "sections": rec.sections})
     assert "Served / in-process throughput" in text and "mask-rcnn-r50-fpn" in text
+
+
+def test_the_report_renders_the_section_and_its_target_row():
+    import json
+
+    from service.bench.render import render_markdown, targets
+    from service.bench.report import ReportOptions
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    rows = [_row(f"{INPROC_PREFIX}4 #1", 8, 10.0), _row(f"{SERVED_PREFIX}4 #1", 8, 10.2)]
+    for r in rows:
+        r.update(target="x", concurrency=4, rate=None, requests=8, errors={}, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0,
+                 max_ms=1.0, mean_ms=1.0, extra={})
+    data["sections"][SECTION] = rows
+    data["facts"]["two_stage"] = {"bench": {"arch": "mask-rcnn-r50-fpn", "max_per_img": 50}, "backend": "onnxruntime"}
+    text = render_markdown(data, ReportOptions())
+    assert "## Mask R-CNN R-50" in text and "0.980x median of 1 rounds" in text
+    row = next(t for t in targets(data) if t["name"].startswith("Mask R-CNN R-50"))
+    assert row["measured"] == pytest.approx(10.0 / 10.2) and row["met"] is True
