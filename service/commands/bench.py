@@ -212,15 +212,18 @@ def cmd_two_stage(args) -> int:
 
     from ..bench.two_stage import TwoStageBench, measure_alone
 
+    if len(args.scale) != 2:
+        raise SystemExit("detserve bench two-stage: --scale takes two edges, e.g. 512,320")
+    try:
+        bench = TwoStageBench(resize_scale=(args.scale[0], args.scale[1]), concurrency=args.concurrency,
+                              max_batch_size=args.max_batch_size, backend=args.backend, threads=args.threads,
+                              rpn_max_per_img=args.rpn_max_per_img, max_per_img=args.max_per_img,
+                              images_per_run=args.images_per_run, rounds=args.rounds)
+    except ValueError as exc:
+        raise SystemExit(f"detserve bench two-stage: {exc}") from None
     _worker_threads_env(args.threads)
     # SIGTERM unwinds like Ctrl-C, so the served detserve (its own session) is stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if len(args.scale) != 2:
-        raise SystemExit("--scale takes two edges, e.g. 666,400")
-    bench = TwoStageBench(resize_scale=(args.scale[0], args.scale[1]), concurrency=args.concurrency,
-                          max_batch_size=args.max_batch_size, backend=args.backend, threads=args.threads,
-                          rpn_max_per_img=args.rpn_max_per_img, max_per_img=args.max_per_img,
-                          images_per_run=args.images_per_run, rounds=args.rounds)
     data, markdown = measure_alone(bench)
     print(markdown)
     if args.json_out:

@@ -93,3 +93,12 @@ def test_the_report_renders_the_section_and_its_target_row():
     assert "## Mask R-CNN R-50" in text and "0.980x median of 1 rounds" in text
     row = next(t for t in targets(data) if t["name"].startswith("Mask R-CNN R-50"))
     assert row["measured"] == pytest.approx(10.0 / 10.2) and row["met"] is True
+
+
+def test_cli_refuses_bad_settings_with_a_message():
+    from service.cli import main
+
+    with pytest.raises(SystemExit, match="images_per_run \\(2\\) must be >= concurrency \\(4\\)"):
+        main(["bench", "two-stage", "--images-per-run", "2"])
+    with pytest.raises(SystemExit, match="two edges"):
+        main(["bench", "two-stage", "--scale", "512"])
