@@ -187,15 +187,21 @@ def _send_result(sender: _Sender, result: BatchResult) -> None:
         sender.send(BatchResult(result.batch_id, result.worker_id, failed, result.batch_size, result.worker_seconds))
 
 
-def worker_main(requests, results, spec: WorkerSpec) -> None:
-    """Entry point of a spawned worker process: `requests` carries BatchRequest/Shutdown in,
-    `results` (one-way) carries everything out."""
+def set_thread_env(threads: int) -> None:
+    """The OpenMP environment of a worker process, before torch is imported (the in-process bench sets
+    the same, so its baseline runs under the worker's conditions)."""
     # Before torch is imported, so OpenMP pools are sized for our share of the cores.
-    os.environ["OMP_NUM_THREADS"] = str(spec.threads)
-    os.environ["MKL_NUM_THREADS"] = str(spec.threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
     # Idle OpenMP threads sleep instead of spinning. Measured on the shared 2-core box: rtmdet-tiny
     # at 320 took 19 s per image with spinning 2-thread pools and 1.2 s with PASSIVE.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def worker_main(requests, results, spec: WorkerSpec) -> None:
+    """Entry point of a spawned worker process: `requests` carries BatchRequest/Shutdown in,
+    `results` (one-way) carries everything out."""
+    set_thread_env(spec.threads)
     # A terminal Ctrl+C reaches the whole process group; the front process drains and then stops
     # us with a Shutdown message, so the worker must not die mid-batch on its own.
     # The same for SIGTERM: systemd (KillMode=control-group) and `kill -- -PGID` signal every process;

@@ -19,6 +19,7 @@ def test_bench_model_folder_is_a_valid_model_with_the_benchmark_settings(tmp_pat
     assert tuple(cfg.resize_scale) == (640, 384)
     assert cfg.test_cfg.max_per_img == 50 and cfg.test_cfg.rpn.max_per_img == 300
     assert cfg.batch.max_batch_size == 3 and cfg.batch.max_batch_delay_ms == 0
+    assert cfg.batch.request_timeout_ms == bench.timeout_s * 1000  # no 504 behind slow batches
     assert cfg.workers.count == 1 and cfg.workers.threads == 1
 
 
@@ -72,3 +73,32 @@ def test_both_sides_run_the_same_images_in_alternating_order(tmp_path):
     assert math.isfinite(total) and len(per_round) == 2
     text = render_section({"facts": {"two_stage": facts}, "sections": rec.sections})
     assert "Served / in-process throughput" in text and "mask-rcnn-r50-fpn" in text
+
+
+def test_the_report_renders_the_section_and_its_target_row():
+    import json
+
+    from service.bench.render import render_markdown, targets
+    from service.bench.report import ReportOptions
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    rows = [_row(f"{INPROC_PREFIX}4 #1", 8, 10.0), _row(f"{SERVED_PREFIX}4 #1", 8, 10.2)]
+    for r in rows:
+        r.update(target="x", concurrency=4, rate=None, requests=8, errors={}, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0,
+                 max_ms=1.0, mean_ms=1.0, extra={})
+    data["sections"][SECTION] = rows
+    data["facts"]["two_stage"] = {"bench": {"arch": "mask-rcnn-r50-fpn", "max_per_img": 50}, "backend": "onnxruntime"}
+    text = render_markdown(data, ReportOptions())
+    assert "## Mask R-CNN R-50" in text and "0.980x median of 1 rounds" in text
+    row = next(t for t in targets(data) if t["name"].startswith("Mask R-CNN R-50"))
+    assert row["measured"] == pytest.approx(10.0 / 10.2) and row["met"] is True
+
+
+def test_cli_refuses_bad_settings_with_a_message():
+    from service.cli import main
+
+    with pytest.raises(SystemExit, match="images_per_run \\(2\\) must be >= concurrency \\(4\\)"):
+        main(["bench", "two-stage", "--images-per-run", "2"])
+    with pytest.raises(SystemExit, match="two edges"):
+        main(["bench", "two-stage", "--scale", "512"])
