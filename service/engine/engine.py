@@ -25,6 +25,7 @@ from ..types import Protocol as Door
 from .messages import BatchRequest, BatchResult, WorkItem
 from .pool import InlinePool, ProcessPool
 from .scheduler import Dispatch, QueueItem, Scheduler
+from ..pipeline.shape_key import shape_key
 from .tiling import assemble, expand, item_count
 
 log = logging.getLogger("detserve.engine")
@@ -315,11 +316,16 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = []
+        resize_scale = runtime.cfg.resize_scale
         for image_work in work:
+            # A whole image of a keep-ratio model batches with others of its padded shape (scheduler
+            # "Shape groups"); the tiles of one image are consecutive and equal-sized already.
+            key = shape_key(image_work.inputs[0], resize_scale) if image_work.plan is None else None
             for image in image_work.inputs:
                 item_id = next(self._item_ids)
                 payload = _Work(WorkItem(item_id, image, image_work.options), loop.create_future())
-                items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, payload, priority=priority))
+                items.append(QueueItem(item_id, request_id, protocol, now, now + timeout, payload, priority=priority,
+                                       shape_key=key))
         try:
             runtime.scheduler.add_all(items)
         except errors.Overloaded:

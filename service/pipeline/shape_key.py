@@ -10,10 +10,10 @@ worker groups by the shape it actually computes.
 from __future__ import annotations
 
 import math
-import struct
+import sys
 
-from ..errors import ConfigError
-from ..types import EncodedImage, ImageInput, RawImage
+from ..errors import ConfigError, DetserveError
+from ..types import ImageInput
 
 PAD_DIVISOR = 32
 
@@ -49,52 +49,12 @@ def shape_key(image: ImageInput, resize_scale: tuple[int, int] | None) -> tuple[
 
 
 def declared_size(image: ImageInput) -> tuple[int, int] | None:
-    """(height, width) of the decoded pixels, read from the header: JPEG (EXIF orientation applied), PNG
-    and WebP; None for anything else or a header that does not parse (the decoder reports those)."""
-    if isinstance(image, RawImage):
-        return (image.height, image.width) if image.height > 0 and image.width > 0 else None
-    if not isinstance(image, EncodedImage):
+    """(height, width) of the decoded pixels (EXIF orientation applied), read from the header by the
+    same reader tiling plans with; None for a header that does not parse (the decoder reports those)."""
+    from .tiling import image_size
+
+    try:
+        width, height = image_size(image, max_pixels=sys.maxsize)
+    except DetserveError:
         return None
-    data = image.data
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return (height, width) if width and height else None
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        from .decode import webp_dimensions
-
-        size = webp_dimensions(data)
-        return (size[1], size[0]) if size else None
-    if data[:3] == b"\xff\xd8\xff":
-        return _jpeg_size(data)
-    return None
-
-
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """The frame size of the first SOF segment, swapped when the EXIF orientation is a 90-degree turn."""
-    from .decode import jpeg_exif_orientation
-
-    pos, n = 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return None
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        if marker in _SOF_MARKERS and pos + 9 <= n:
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            if not height or not width:
-                return None
-            # orientations 5..8 transpose the image (decode.apply_orientation)
-            return (width, height) if jpeg_exif_orientation(data) >= 5 else (height, width)
-        pos += 2 + length
-    return None
+    return height, width

@@ -276,3 +276,27 @@ def test_a_request_whose_caller_gives_up_or_times_out_is_never_run(tmp_path):
             assert not any(c.startswith(b"GONE") for c in FakePredictor.seen)
 
     run(scenario())
+
+
+def test_whole_images_of_a_keep_ratio_model_carry_their_padded_shape_to_the_scheduler(tmp_path, monkeypatch):
+    """The front reads each image header for the scheduler's shape groups (two-stage models batch
+    images of one padded shape together); a square-input model's items carry no key."""
+    from fakes import png_bytes
+    from service.engine.scheduler import Scheduler
+    from service.types import EncodedImage
+
+    write_model(tmp_path, "inl-keep-ratio", extra="resize_scale = [1333, 800]")
+    write_model(tmp_path, "inl-square")
+    seen = []
+    real_add_all = Scheduler.add_all
+    monkeypatch.setattr(Scheduler, "add_all", lambda self, items: (seen.extend(items), real_add_all(self, items))[1])
+    landscape, portrait = EncodedImage(png_bytes(640, 480, (1, 1, 5, 5))), EncodedImage(png_bytes(480, 640, (1, 1, 5, 5)))
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            await engine.detect("inl-keep-ratio", [landscape, portrait, EncodedImage(b"not an image")])
+            await engine.detect("inl-square", [landscape])
+
+    run(scenario())
+    # 640x480 -> 1067x800 -> padded 800x1088; 480x640 -> 800x1067 -> 1088x800; unreadable: no key
+    assert [item.shape_key for item in seen] == [(800, 1088), (1088, 800), None, None]
