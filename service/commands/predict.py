@@ -128,12 +128,14 @@ def _detector_for(args: argparse.Namespace) -> Detector:
 
 def _local_detector(args: argparse.Namespace) -> Detector:
     from ..pipeline.predictor import Predictor
+    from ..pipeline.tiling import predict_tiled
     from ..settings import load_model_config
 
     cfg = load_model_config(resolve_model_folder(args.model or default_model(args.model_store), args.model_store))
     predictor = Predictor.from_config(cfg, device=args.device)
 
     def detect(images: Sequence[EncodedImage], options: DetectOptions) -> list[DetectResult | DetserveError]:
-        return predictor.predict(images, [options] * len(images))
+        # The engine's tiling in-process: same plan, tiles and merge; untiled images go as one batch.
+        return predict_tiled(predictor, images, options)
 
     return detect

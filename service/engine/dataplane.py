@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import errors
 from ..observability import metrics
+from ..pipeline.tiling import MAX_OVERLAP, MAX_TILE, MIN_TILE
 from ..types import (
     TILE_AUTO, TILE_OFF, BoxFormat, DetectOptions, DetectResult, ImageInput, MaskFormat, ModelInfo, RenderFormat,
     TileMerge,
@@ -32,8 +33,8 @@ UNKNOWN_MODEL = metrics.UNKNOWN_MODEL
 MAX_DETS_LIMIT = 10_000  # the bound when a model reports no max_per_img (fakes, older engines)
 MAX_CLASS_NAMES = 1024
 DEFAULT_MAX_IMAGES = 64
-TILE_MIN, TILE_MAX = 64, 4096  # tile side in pixels
-TILE_OVERLAP_MAX = 0.5
+# The tiling module's own bounds (what [tiling] in model.toml accepts too): one rule for both.
+TILE_MIN, TILE_MAX, TILE_OVERLAP_MAX = MIN_TILE, MAX_TILE, MAX_OVERLAP
 # The request options every door reads under these names (query parameters, KServe `parameters`,
 # proto fields); `render` is not one of them: each door has its own way to ask for an image.
 OPTION_NAMES = ("score_thr", "max_dets", "classes", "iou_thr", "class_agnostic", "box_format", "normalized",

@@ -16,6 +16,23 @@ def decode_mask(rle: RLEMask) -> np.ndarray:
     return np.ascontiguousarray(mask_utils.decode({"size": [rle.height, rle.width], "counts": rle.counts.encode()}))
 
 
+def window_mask(rle: RLEMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """The [y0:y1, x0:x1] part of an RLE mask as uint8 0/1, read from its runs: the frame is never
+    decoded whole (a 4000x3000 mask would be 12 MB per instance, for a box of a few hundred pixels)."""
+    from .tile_merge import rle_string_to_counts
+
+    counts = rle_string_to_counts(rle.counts)
+    ends = np.cumsum(counts)
+    height = rle.height
+    out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)
+    for start, end in zip((ends - counts)[1::2].tolist(), ends[1::2].tolist()):  # odd runs are ones
+        for col in range(max(start // height, x0), min((end - 1) // height, x1 - 1) + 1):
+            top, bottom = max(start - col * height, y0), min(end - col * height, height, y1)
+            if top < bottom:
+                out[top - y0:bottom - y0, col - x0] = 1
+    return out
+
+
 def mask_polygons(mask: np.ndarray) -> list[list[list[float]]]:
     """Outer contours of a 0/1 mask as pixel polygons [[x, y], ...], biggest first. A contour runs
     through the centres of border pixels, so +0.5 puts it on the pixel grid boxes are measured on."""
@@ -38,7 +55,7 @@ def rle_polygons(rle: RLEMask) -> tuple[tuple[float, ...], ...]:
         return ()
     # One zero pixel of margin keeps contours that touch the crop edge closed, as on the full frame.
     x0, y0 = max(x - 1, 0), max(y - 1, 0)
-    crop = np.pad(decode_mask(rle)[y0:y + h + 1, x0:x + w + 1], 1)
+    crop = np.pad(window_mask(rle, x0, y0, min(x + w + 1, rle.width), min(y + h + 1, rle.height)), 1)
     x0, y0 = x0 - 1, y0 - 1
     return tuple(
         tuple(v for px, py in polygon for v in (round(px + x0, 2), round(py + y0, 2)))

@@ -7,13 +7,14 @@ front process, which never imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..types import Detection, DetectOptions, DetectResult, RLEMask, StageTimes, TileMerge
+from ..types import Detection, DetectOptions, DetectResult, MaskFormat, RLEMask, StageTimes, TileMerge
 from .tiling import TileImage, TilePlan, TileWindow
 
 # A box side within this many pixels of an inner tile edge counts as cut by that edge.
@@ -239,6 +240,11 @@ def merge_image(plan: TilePlan, results: Sequence[DetectResult], options: Detect
     for r in results:
         for stage in ("decode", "preprocess", "inference", "postprocess"):
             setattr(times, stage, max(getattr(times, stage), getattr(r.times, stage)))
+    if options.mask_format is MaskFormat.POLYGON:
+        from .polygons import rle_polygons  # cv2 only for requests that ask for outlines
+
+        detections = [dataclasses.replace(d, mask=None, polygons=rle_polygons(d.mask)) if d.mask is not None else d
+                      for d in detections]
     first = results[0]
     return DetectResult(detections=detections, image_width=plan.width, image_height=plan.height,
                         model_name=first.model_name, model_version=first.model_version, times=times)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import errors
-from ..types import TILE_AUTO, TILE_OFF, DetectOptions, EncodedImage, ImageInput, RawImage, TileMerge
+from ..types import TILE_AUTO, TILE_OFF, DetectOptions, EncodedImage, ImageInput, MaskFormat, RawImage, TileMerge
 
 MIN_TILE = 32
 MAX_TILE = 8192
@@ -195,8 +195,12 @@ def tile_images(image: ImageInput, plan: TilePlan, key: str) -> list[TileImage]:
 
 def tile_options(options: DetectOptions) -> DetectOptions:
     """What each tile is detected with: the request's options without the picture, which only the
-    merged result can be drawn on."""
-    return dataclasses.replace(options, render=None) if options.render is not None else options
+    merged result can be drawn on, and with RLE masks where polygons were asked for: tiles merge in
+    RLE, and the merged masks are outlined afterwards (tile_merge.merge_image)."""
+    changes: dict = {"render": None} if options.render is not None else {}
+    if options.mask_format is MaskFormat.POLYGON:
+        changes["mask_format"] = MaskFormat.RLE
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 class DecodedImages:

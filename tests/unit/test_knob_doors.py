@@ -34,16 +34,17 @@ MODEL = "rtmdet-ins"
 IMAGE = (BUNDLED / "demo.jpg").read_bytes()
 EXPECTED_IMAGE = EncodedImage(IMAGE)
 # Every knob at a non-default value; the tiling ones travel to the engine (tiling itself is not this
-# suite's business, the engine's options record shows them arriving).
+# suite's business, the engine's options record shows them arriving: a 2048 px tile is larger than
+# the demo image, so it is detected whole and the predictor's own answer is the reference).
 KNOBS = {"score_thr": "0.05", "iou_thr": "0.3", "class_agnostic": "true", "box_format": "cxcywh",
-         "normalized": "true", "mask_format": "polygon", "tile": "512", "tile_overlap": "0.25", "tile_merge": "nmm"}
+         "normalized": "true", "mask_format": "polygon", "tile": "2048", "tile_overlap": "0.25", "tile_merge": "nmm"}
 EXPECTED = DetectOptions(score_thr=0.05, iou_thr=0.3, class_agnostic=True, box_format=BoxFormat.CXCYWH,
-                         normalized=True, mask_format=MaskFormat.POLYGON, tile=512, tile_overlap=0.25,
+                         normalized=True, mask_format=MaskFormat.POLYGON, tile=2048, tile_overlap=0.25,
                          tile_merge=TileMerge.NMM)
 # (parameter, bad value, what the message must name as allowed)
 BAD = [("iou_thr", "0", "(0, 1]"), ("class_agnostic", "maybe", "true, false, 1, 0"),
        ("box_format", "yolo", "xyxy, xywh, cxcywh"), ("normalized", "2", "true, false, 1, 0"),
-       ("mask_format", "png", "rle, polygon, none"), ("tile", "32", "auto, off or a tile side in pixels within [64, 4096]"),
+       ("mask_format", "png", "rle, polygon, none"), ("tile", "16", "auto, off or a tile side in pixels within [32, 8192]"),
        ("tile_overlap", "0.9", "[0, 0.5]"), ("tile_merge", "wbf", "nms, nmm")]
 
 
@@ -171,7 +172,7 @@ def _v2_body(parameters: dict) -> dict:
 
 def _json_knobs() -> dict:
     return {"score_thr": 0.05, "iou_thr": 0.3, "class_agnostic": True, "box_format": "cxcywh", "normalized": True,
-            "mask_format": "polygon", "tile": 512, "tile_overlap": 0.25, "tile_merge": "nmm"}
+            "mask_format": "polygon", "tile": 2048, "tile_overlap": 0.25, "tile_merge": "nmm"}
 
 
 def test_kserve_rest_parameters_carry_every_knob(served):
@@ -233,7 +234,7 @@ def test_kserve_grpc_parameters_carry_every_knob(served):
 
 
 @pytest.mark.parametrize("name, value, allowed", [("box_format", "yolo", "xyxy, xywh, cxcywh"),
-                                                  ("iou_thr", 0.0, "(0, 1]"), ("tile", 5000, "[64, 4096]")])
+                                                  ("iou_thr", 0.0, "(0, 1]"), ("tile", 9000, "[32, 8192]")])
 def test_kserve_grpc_bad_knob_is_invalid_argument(served, name, value, allowed):
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(served.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -260,7 +261,7 @@ def test_detserve_grpc_fields_carry_every_knob(served):
 
 @pytest.mark.parametrize("field, value, allowed", [("box_format", "yolo", "xyxy, xywh, cxcywh"),
                                                    ("mask_format", "png", "rle, polygon, none"),
-                                                   ("tile", "10", "[64, 4096]"), ("iou_thr", 1.5, "(0, 1]"),
+                                                   ("tile", "10", "[32, 8192]"), ("iou_thr", 1.5, "(0, 1]"),
                                                    ("tile_overlap", 0.75, "[0, 0.5]"), ("tile_merge", "x", "nms, nmm")])
 def test_detserve_grpc_bad_knob_is_invalid_argument(served, field, value, allowed):
     stub = detserve_pb2_grpc.DetectorStub(served.channel)
@@ -282,7 +283,7 @@ def test_grpc_client_carries_the_knobs_and_returns_polygons(served):
     async def call():
         async with AsyncDetserveClient(grpc=target) as client:
             return await client.detect(IMAGE, model=MODEL, score_thr=0.05, iou_thr=0.3, class_agnostic=True,
-                                       mask_format="polygon", tile=512, tile_overlap=0.25, tile_merge="nmm")
+                                       mask_format="polygon", tile=2048, tile_overlap=0.25, tile_merge="nmm")
 
     result = served.run(call)
     got = served.engine.options[-1]

@@ -141,8 +141,8 @@ def test_tiling_attributes_set_the_projects_detect_options():
 
 
 @pytest.mark.parametrize("attrs, allowed", [
-    ('model_tile="huge"', "auto, off or a tile side in pixels within [64, 4096]"),
-    ('model_tile="32"', "[64, 4096]"),
+    ('model_tile="huge"', "auto, off or a tile side in pixels within [32, 8192]"),
+    ('model_tile="16"', "[32, 8192]"),
     ('model_tile_overlap="0.8"', "[0, 0.5]"),
     ('model_tile_merge="wbf"', "nms, nmm"),
 ])

@@ -197,3 +197,19 @@ def test_client_query_parameters_read_back_as_the_same_options():
     params = {k: str(v) for k, v in query_params(sent).items()}  # what reaches the query string
     assert DataPlane(None).options_from(info, params) == sent
     assert DataPlane(None).options_from(info, query_params(DetectOptions(tile="auto"))).tile == "auto"
+
+
+def test_tile_flag_runs_the_engines_tiling_in_process(store, image, capsys):
+    from service.pipeline.predictor import Predictor
+    from service.pipeline.tiling import predict_tiled
+    from service.settings import load_model_config
+    from service.types import DetectOptions, EncodedImage
+
+    argv = ["predict", str(image), "--model", "shapes", "--model-store", str(store), "--score-thr", "0.3"]
+    assert main([*argv, "--tile", "64"]) == 0
+    tiled = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--tile", "off"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    predictor = Predictor.from_config(load_model_config(store / "shapes"), device="cpu")
+    expected = predict_tiled(predictor, [EncodedImage(image.read_bytes())], DetectOptions(score_thr=0.3, tile=64))[0]
+    assert tiled == expected.to_torchserve() and tiled != whole

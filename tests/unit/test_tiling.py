@@ -280,3 +280,23 @@ def test_tiling_section_of_model_toml_is_typed_and_bounded(tmp_path):
         (folder / "model.toml").write_text(base + bad + "\n")
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_model_config(folder)
+
+
+def test_polygons_asked_of_a_tiled_image_are_outlines_of_the_merged_rle_masks():
+    """Tiles run with RLE masks (the merge works in RLE); the merged masks become polygons after."""
+    from service.pipeline.polygons import rle_polygons
+    from service.pipeline.tile_merge import merge_image
+    from service.pipeline.tiling import TilePlan, tile_options
+    from service.types import MaskFormat
+
+    assert tile_options(DetectOptions(mask_format=MaskFormat.POLYGON)).mask_format is MaskFormat.RLE
+    left_mask = np.zeros((H, W), dtype=bool)
+    left_mask[100:140, 250:320] = True
+    right_mask = np.zeros((H, W), dtype=bool)
+    right_mask[100:140, 280:360] = True
+    results = [DetectResult([_det((250, 100, 320, 140), 0.9, mask=_rle(left_mask))], W, H),
+               DetectResult([_det((280, 100, 360, 140), 0.8, mask=_rle(right_mask))], W, H)]
+    plan = TilePlan(W, H, (LEFT, RIGHT), TileMerge.NMM, 0.5)
+    (as_rle,) = merge_image(plan, results, DetectOptions(), max_dets=100).detections
+    (outlined,) = merge_image(plan, results, DetectOptions(mask_format=MaskFormat.POLYGON), max_dets=100).detections
+    assert outlined.mask is None and outlined.polygons == rle_polygons(as_rle.mask) and len(outlined.polygons) == 1
