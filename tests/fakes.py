@@ -46,7 +46,8 @@ class FakePredictor:
                  load_delay_s: float = 0.0, fail_load: bool = False, load_stages: int = 0):
         if fail_load:
             raise FileNotFoundError("weights.pth: no such file (fake)")
-        time.sleep(load_delay_s)
+        if not load_stages:
+            time.sleep(load_delay_s)
         for stage in range(load_stages):  # as backend auto's export and parity checks report themselves
             from service.backends import auto
 
