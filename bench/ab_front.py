@@ -66,6 +66,20 @@ def profile(server: servers.DetserveServer, corpus, seconds: float, out: Path, w
         print(f"  {100 * n / grand:5.1f}%  {frame}")
 
 
+def mean_batch(server: servers.DetserveServer) -> float:
+    """Images per batch so far, from the server's own Prometheus histogram."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("detserve_batch_size_sum", "detserve_batch_size_count")):
+            name, value = line.split(" ")
+            values[name.split("{")[0]] = float(value)
+    return values.get("detserve_batch_size_sum", 0.0) / max(1.0, values.get("detserve_batch_size_count", 0.0))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", action="append", type=Path, help="a checkout to serve detserve from (repeatable)")
@@ -104,6 +118,8 @@ def main() -> int:
             p50 = statistics.mean(r.p50_ms for r in runs)
             p99 = statistics.mean(r.p99_ms for r in runs)
             print(f"{label:60s} {rps:8.1f} {rps / bare:7.2f} {p50:7.2f} {p99:7.2f}")
+        for tree, server in zip(trees, started):
+            print(f"mean batch size, null {tree}: {mean_batch(server):.2f}")
     finally:
         for server in started:
             server.stop()
