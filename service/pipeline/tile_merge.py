@@ -7,13 +7,16 @@ front process, which never imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..types import Detection, DetectOptions, DetectResult, RLEMask, StageTimes, TileMerge
+from ..types import Detection, DetectOptions, DetectResult, MaskFormat, RLEMask, StageTimes, TileMerge
+from .polygons import rle_polygons
 from .tiling import TileImage, TilePlan, TileWindow
 
 # A box side within this many pixels of an inner tile edge counts as cut by that edge.
@@ -233,6 +236,9 @@ def merge_image(plan: TilePlan, results: Sequence[DetectResult], options: Detect
     detections = merge_tiles(parts, plan.width, plan.height, method=plan.merge,
                              match_threshold=plan.match_threshold, max_dets=options.max_dets or max_dets,
                              class_agnostic=bool(options.class_agnostic))
+    if options.mask_format is MaskFormat.POLYGON:  # the tiles ran with RLE (tile_options): outline the merged masks
+        detections = [dataclasses.replace(d, mask=None, polygons=rle_polygons(d.mask)) if d.mask is not None else d
+                      for d in detections]
     # Each item reports the time of the whole batch it ran in, and the tiles of one image share
     # batches, so a sum would count a batch once per tile: the longest batch is what is known.
     times = StageTimes()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import errors
-from ..types import TILE_AUTO, TILE_OFF, DetectOptions, EncodedImage, ImageInput, RawImage, TileMerge
+from ..types import TILE_AUTO, TILE_OFF, DetectOptions, EncodedImage, ImageInput, MaskFormat, RawImage, TileMerge
 
 MIN_TILE = 32
 MAX_TILE = 8192
@@ -195,8 +195,12 @@ def tile_images(image: ImageInput, plan: TilePlan, key: str) -> list[TileImage]:
 
 def tile_options(options: DetectOptions) -> DetectOptions:
     """What each tile is detected with: the request's options without the picture, which only the
-    merged result can be drawn on."""
-    return dataclasses.replace(options, render=None) if options.render is not None else options
+    merged result can be drawn on, and with RLE masks for mask_format=polygon: tiles' masks are
+    re-based and merged as RLE, and the merged ones outlined (merge_image)."""
+    if options.render is None and options.mask_format is not MaskFormat.POLYGON:
+        return options
+    mask_format = None if options.mask_format is MaskFormat.POLYGON else options.mask_format
+    return dataclasses.replace(options, render=None, mask_format=mask_format)
 
 
 class DecodedImages:
