@@ -241,7 +241,8 @@ def merge_image(plan: TilePlan, results: Sequence[DetectResult], options: Detect
         for stage in ("decode", "preprocess", "inference", "postprocess"):
             setattr(times, stage, max(getattr(times, stage), getattr(r.times, stage)))
     if options.mask_format is MaskFormat.POLYGON:
-        from .polygons import rle_polygons  # cv2 only for requests that ask for outlines
+        # The tiles ran with RLE (tile_options): outline the merged masks. cv2 only when asked for.
+        from .polygons import rle_polygons
 
         detections = [dataclasses.replace(d, mask=None, polygons=rle_polygons(d.mask)) if d.mask is not None else d
                       for d in detections]

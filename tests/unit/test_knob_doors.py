@@ -33,13 +33,12 @@ BUNDLED = Path(__file__).resolve().parents[2] / "models" / "rtmdet-ins"
 MODEL = "rtmdet-ins"
 IMAGE = (BUNDLED / "demo.jpg").read_bytes()
 EXPECTED_IMAGE = EncodedImage(IMAGE)
-# Every knob at a non-default value; the tiling ones travel to the engine (tiling itself is not this
-# suite's business, the engine's options record shows them arriving: a 2048 px tile is larger than
-# the demo image, so it is detected whole and the predictor's own answer is the reference).
+# Every knob at a non-default value; tile "off" keeps the answer comparable with one Predictor call
+# (tiling's own results are tests/unit/test_tiling.py's business; the options record shows them arriving).
 KNOBS = {"score_thr": "0.05", "iou_thr": "0.3", "class_agnostic": "true", "box_format": "cxcywh",
-         "normalized": "true", "mask_format": "polygon", "tile": "2048", "tile_overlap": "0.25", "tile_merge": "nmm"}
+         "normalized": "true", "mask_format": "polygon", "tile": "off", "tile_overlap": "0.25", "tile_merge": "nmm"}
 EXPECTED = DetectOptions(score_thr=0.05, iou_thr=0.3, class_agnostic=True, box_format=BoxFormat.CXCYWH,
-                         normalized=True, mask_format=MaskFormat.POLYGON, tile=2048, tile_overlap=0.25,
+                         normalized=True, mask_format=MaskFormat.POLYGON, tile="off", tile_overlap=0.25,
                          tile_merge=TileMerge.NMM)
 # (parameter, bad value, what the message must name as allowed)
 BAD = [("iou_thr", "0", "(0, 1]"), ("class_agnostic", "maybe", "true, false, 1, 0"),
@@ -172,7 +171,7 @@ def _v2_body(parameters: dict) -> dict:
 
 def _json_knobs() -> dict:
     return {"score_thr": 0.05, "iou_thr": 0.3, "class_agnostic": True, "box_format": "cxcywh", "normalized": True,
-            "mask_format": "polygon", "tile": 2048, "tile_overlap": 0.25, "tile_merge": "nmm"}
+            "mask_format": "polygon", "tile": "off", "tile_overlap": 0.25, "tile_merge": "nmm"}
 
 
 def test_kserve_rest_parameters_carry_every_knob(served):
@@ -283,7 +282,7 @@ def test_grpc_client_carries_the_knobs_and_returns_polygons(served):
     async def call():
         async with AsyncDetserveClient(grpc=target) as client:
             return await client.detect(IMAGE, model=MODEL, score_thr=0.05, iou_thr=0.3, class_agnostic=True,
-                                       mask_format="polygon", tile=2048, tile_overlap=0.25, tile_merge="nmm")
+                                       mask_format="polygon", tile="off", tile_overlap=0.25, tile_merge="nmm")
 
     result = served.run(call)
     got = served.engine.options[-1]
@@ -294,3 +293,27 @@ def test_grpc_client_carries_the_knobs_and_returns_polygons(served):
     assert [d.label for d in result.detections] == [d.label for d in want.detections]
     np.testing.assert_allclose([d.box_xyxy for d in result.detections], [d.box_xyxy for d in want.detections], atol=1e-2)
     assert all(d.polygons and d.mask is None for d in result.detections)
+
+
+def test_tiled_polygons_are_outlines_of_the_merged_masks_in_image_pixels(served):
+    """Tiles run with RLE masks and the merged masks are outlined: no tile-pixel or missing polygons."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    def ask(**params):
+        response = served.run(lambda: served.http.post(f"/predictions/{MODEL}", params={"tile": "320", **params},
+                                                       content=IMAGE))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    rle, polygon = ask(), ask(mask_format="polygon")
+    assert rle and len(rle) == len(polygon) and all("polygons" in d and "segmentation" not in d for d in polygon)
+    for with_rle, with_polygon in zip(rle, polygon):
+        seg = with_rle["segmentation"]
+        area = float(mask_utils.area({"size": seg["size"], "counts": seg["counts"].encode()}))
+        outline = np.asarray(with_polygon["polygons"][0], np.float32).reshape(-1, 2)
+        assert abs(cv2.contourArea(outline) - area) <= cv2.arcLength(outline, True) + 4
+        x, y, w, h = mask_utils.toBbox({"size": seg["size"], "counts": seg["counts"].encode()})
+        # inside the merged mask's extent in the image, not in some tile's pixels
+        assert outline[:, 0].min() >= x - 1 and outline[:, 1].min() >= y - 1
+        assert outline[:, 0].max() <= x + w + 1 and outline[:, 1].max() <= y + h + 1
