@@ -175,7 +175,7 @@ def test_knob_flags_give_the_predictors_result_rendered_as_asked(store, image, c
 
 
 @pytest.mark.parametrize("flag, value, allowed", [
-    ("--box-format", "yolo", "xyxy, xywh, cxcywh"), ("--iou-thr", "0", "(0, 1]"), ("--tile", "9", "[64, 4096]"),
+    ("--box-format", "yolo", "xyxy, xywh, cxcywh"), ("--iou-thr", "0", "(0, 1]"), ("--tile", "9", "[32, 8192]"),
     ("--normalized", "sure", "true, false, 1, 0"), ("--mask-format", "png", "rle, polygon, none"),
     ("--tile-merge", "wbf", "nms, nmm"), ("--tile-overlap", "0.6", "[0, 0.5]"),
 ])
