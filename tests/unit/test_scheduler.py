@@ -354,3 +354,41 @@ def test_low_priority_items_join_the_shapes_already_in_the_batch_first():
     clock.advance(s.busy_window_s + 0.1)  # LOW items ride with NORMAL ones only once traffic is quiet
     assert ids(s.next_batch(clock(), IDLE)) == [0, 2, 1]
     assert ids(s.next_batch(clock(), IDLE)) == [3]
+
+
+def test_while_busy_job_batches_rest_so_they_take_at_most_their_share_of_the_worker():
+    clock = FakeClock()
+    s = make(clock, max_batch_size=8)
+    assert s.low_share_when_busy == 0.25
+    for n in range(4):
+        s.add(low(clock, 100 + n))
+    s.add(item(clock, 1))
+    first = s.next_batch(clock(), IDLE)
+    s.complete(first, clock.advance(0.05))  # a request batch: no rest follows it
+    job = s.next_batch(clock(), IDLE)
+    assert ids(job) == [100]
+    clock.advance(0.04)  # the job image ran 40 ms: the lane rests 3 x 40 ms
+    s.complete(job, clock())
+    assert s.next_batch(clock(), IDLE) is None
+    assert s.wake_at(clock()) == pytest.approx(clock() + 0.12)
+    s.add(item(clock, 2))  # requests never wait for the rest
+    assert ids(s.next_batch(clock(), IDLE)) == [2]
+    clock.advance(0.12)
+    assert ids(s.next_batch(clock(), IDLE)) == [101]
+
+
+def test_the_rest_ends_with_the_busy_window():
+    clock = FakeClock()
+    s = dataclasses.replace(make(clock, max_batch_size=8), low_share_when_busy=0.01)
+    for n in range(4):
+        s.add(low(clock, 100 + n))
+    s.add(item(clock, 1))
+    request_at = clock()
+    assert ids(s.next_batch(clock(), IDLE)) == [1]
+    job = s.next_batch(clock(), IDLE)
+    clock.advance(1.0)
+    s.complete(job, clock())  # a 1 s job batch at 1%: 99 s of rest, but only while busy
+    assert s.next_batch(clock(), IDLE) is None
+    assert s.wake_at(clock()) == pytest.approx(request_at + s.busy_window_s)
+    clock.advance(s.busy_window_s - 1.0)
+    assert ids(s.next_batch(clock(), IDLE)) == [101, 102, 103]  # quiet again: full batches, no rest
