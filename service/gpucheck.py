@@ -7,6 +7,8 @@ into a row instead of a crash:
      backend = "auto" gate, whose verdicts land in a temporary cache), eager CUDA fp32 / fp16;
   3. a short benchmark of rtmdet: in-process batch 1 and 8 for each variant, then `detserve serve`
      (backend auto, reusing the cache) at concurrency 1 and 8;
+  4. `detserve bench tiles` on the GPU (issue 18's batched tiles vs one by one: on a 2-core CPU a
+     batch of 8 costs about 8 singles, so the figure that shows batching is this one);
 and prints ONE table. Without a CUDA device it says so and exits 2.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ NO_GPU_EXIT = 2
 
 @dataclass
 class Row:
-    stage: str  # tests | parity | bench-inproc | bench-served | info
+    stage: str  # tests | parity | bench-inproc | bench-served | bench-tiles | info
     model: str
     variant: str
     result: str  # PASS / FAIL / SKIP / ERROR, or a figure
@@ -335,6 +337,31 @@ def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path
         stop_process(proc, grace_s=20)
 
 
+def run_tiles_bench(budget: Budget, rows: list[Row], cache: Path, device: str = "cuda:0") -> None:
+    """One tiled 4000x3000 request (193 tiles of 320, batches of 8) against the same tiles one by one."""
+    from .bench.tiles import bench_tiles
+
+    if not budget.allows(90):
+        rows.append(Row("bench-tiles", "rtmdet", "-", "SKIP", "no time left"))
+        return
+    dry = device == "cpu"
+    previous = os.environ.get("DETSERVE_CACHE_DIR")
+    os.environ["DETSERVE_CACHE_DIR"] = str(cache)  # the engine's workers reuse the parity stage's graphs
+    try:
+        result = bench_tiles(REPO / "models" / "rtmdet", None, device=device, rounds=1 if dry else 2,
+                             generated_size=(960, 640) if dry else (4000, 3000))
+        rows.append(Row("bench-tiles", "rtmdet", f"{result.backend} {result.width}x{result.height}, {result.tiles} items",
+                        f"{result.speedup:.2f}x", f"batched {result.batched_s:.2f} s, one by one {result.one_by_one_s:.2f} s, "
+                        f"batches of {result.max_batch_size}, median of {result.rounds}"))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(Row("bench-tiles", "rtmdet", "-", "ERROR", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if previous is None:
+            os.environ.pop("DETSERVE_CACHE_DIR", None)
+        else:
+            os.environ["DETSERVE_CACHE_DIR"] = previous
+
+
 # --- entry point ------------------------------------------------------------------------------------
 
 
@@ -377,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
         stages += [("parity", parity),
                    ("bench-inproc", lambda: run_inprocess_bench(budget, rows, cache, passed, device, seconds or 3.0)),
-                   ("bench-served", lambda: run_served_bench(budget, rows, cache, workdir, seconds or 5.0))]
+                   ("bench-served", lambda: run_served_bench(budget, rows, cache, workdir, seconds or 5.0)),
+                   ("bench-tiles", lambda: run_tiles_bench(budget, rows, cache, device))]
         for name, stage in stages:
             try:
                 stage()

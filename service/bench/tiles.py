@@ -123,7 +123,8 @@ async def _measure(store: Path, name: str, image: bytes, tile: int, rounds: int)
 
 
 def bench_tiles(model_dir: Path, image_path: Path | None, *, tile: int | None = None, max_batch_size: int = 8,
-                rounds: int = 3, device: str | None = None) -> TileBenchResult:
+                rounds: int = 3, device: str | None = None,
+                generated_size: tuple[int, int] = (4000, 3000)) -> TileBenchResult:
     """Median wall time of one tiled request vs its tiles as sequential requests (plus the full pass)."""
     from ..settings import load_model_config
 
@@ -132,9 +133,10 @@ def bench_tiles(model_dir: Path, image_path: Path | None, *, tile: int | None = 
 
         from ..demo.dataset import render_small_shapes
 
-        pixels, _ = render_small_shapes(np.random.default_rng(18), 4000, 3000, num_shapes=60)
+        width, height = generated_size
+        pixels, _ = render_small_shapes(np.random.default_rng(18), width, height, num_shapes=60)
         image = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
-        label = "generated 4000x3000, 60 shapes"
+        label = f"generated {width}x{height}, 60 shapes"
     else:
         image, label = image_path.read_bytes(), str(image_path)
     cfg = load_model_config(model_dir)

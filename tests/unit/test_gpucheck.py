@@ -55,6 +55,6 @@ def test_cpu_dry_run_goes_through_every_stage_and_prints_one_table(tmp_path):
 
     rows = json.loads(out.read_text())
     stages = {r["stage"] for r in rows}
-    assert {"parity", "bench-inproc", "bench-served"} <= stages
+    assert {"parity", "bench-inproc", "bench-served", "bench-tiles"} <= stages
     assert not [r for r in rows if r["result"] in ("ERROR", "FAIL")], rows
     assert proc.stdout.count("\nstage ") + proc.stdout.startswith("stage ") == 1  # one table
