@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import errors
 from ..observability import metrics
-from ..pipeline.tiling import MAX_OVERLAP, MAX_TILE, MIN_TILE
+from ..pipeline.tiling import MAX_OVERLAP, MAX_TILE, MIN_TILE, OVERLAP_ALLOWED, TILE_ALLOWED
 from ..types import (
     TILE_AUTO, TILE_OFF, BoxFormat, DetectOptions, DetectResult, ImageInput, MaskFormat, ModelInfo, RenderFormat,
     TileMerge,
@@ -272,7 +272,7 @@ def _choice(field: str, value: Any, kind: type[enum.Enum]) -> Any:
 def _tile(value: Any) -> int | str | None:
     if value is None:
         return None
-    allowed = f"{TILE_AUTO}, {TILE_OFF} or a tile side in pixels within [{TILE_MIN}, {TILE_MAX}]"
+    allowed = TILE_ALLOWED
     value = _text(value)
     if isinstance(value, str) and value.strip().lower() in (TILE_AUTO, TILE_OFF):
         return value.strip().lower()
@@ -292,7 +292,7 @@ def _tile_overlap(value: Any) -> float | None:
         return None
     overlap = _number("tile_overlap", value)
     if not 0.0 <= overlap <= TILE_OVERLAP_MAX:
-        raise errors.InvalidRequest(f"tile_overlap must be within [0, {TILE_OVERLAP_MAX}], got {_show(value)}")
+        raise errors.InvalidRequest(f"tile_overlap must be {OVERLAP_ALLOWED}, got {_show(value)}")
     return overlap
 
 

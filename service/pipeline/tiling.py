@@ -28,6 +28,10 @@ from ..types import TILE_AUTO, TILE_OFF, DetectOptions, EncodedImage, ImageInput
 MIN_TILE = 32
 MAX_TILE = 8192
 MAX_OVERLAP = 0.5
+# The allowed values, worded once: the data plane's checks of a door's options and plan_tiles' (for
+# callers without a door: the CLI, in-process) say the same thing.
+TILE_ALLOWED = f"{TILE_AUTO}, {TILE_OFF} or a tile side in pixels within [{MIN_TILE}, {MAX_TILE}]"
+OVERLAP_ALLOWED = f"within [0, {MAX_OVERLAP}]"
 # Decoded full images a worker keeps for the tiles still to come; 2 so that the next request's tiles
 # can start while the last batch of the previous one is finishing. 4000x3000 BGR is 36 MB each.
 DECODED_CACHE_ENTRIES = 2
@@ -166,15 +170,14 @@ def plan_tiles(image: ImageInput, options: DetectOptions, tiling, *, input_size:
         return None
     overlap = tiling.overlap if options.tile_overlap is None else options.tile_overlap
     if not 0.0 <= overlap <= MAX_OVERLAP:
-        raise errors.InvalidRequest(f"tile_overlap must be within [0, {MAX_OVERLAP}], got {overlap!r}")
+        raise errors.InvalidRequest(f"tile_overlap must be {OVERLAP_ALLOWED}, got {overlap!r}")
     if mode == TILE_AUTO:
         side = tiling.tile_size or input_size
         threshold = tiling.auto_above * input_size
     elif isinstance(mode, int) and not isinstance(mode, bool) and MIN_TILE <= mode <= MAX_TILE:
         side, threshold = mode, mode
     else:
-        raise errors.InvalidRequest(f"tile must be {TILE_AUTO!r}, {TILE_OFF!r} or a side in pixels within "
-                                    f"[{MIN_TILE}, {MAX_TILE}], got {mode!r}")
+        raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {mode!r}")
     width, height = image_size(image, max_pixels)
     if max(width, height) <= threshold:
         return None
