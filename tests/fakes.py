@@ -297,6 +297,8 @@ class FakeLabelStudio:
         self.label_config = label_config
         self.predictions_as_ids = predictions_as_ids
         self.bulk_import = bulk_import  # POST /api/projects/{id}/import/predictions; off: 404, as an older LS
+        self.ignore_include = False  # every field whatever `include` asks, as a Label Studio without it
+        self.task_reads: list[str | None] = []  # the `include` of each task-list read
         self.imports: list[int] = []  # predictions per import request
         self.refuse_predictions_for: set[int] = set()  # tasks whose predictions are refused (400), as deleted ones
         self.tasks: dict[int, dict] = {}
@@ -331,10 +333,12 @@ class FakeLabelStudio:
                 if p["task"] == task_id and (model_version is None or p["model_version"] == model_version)]
 
     def _task_json(self, task: dict, include: str | None) -> dict:
-        if include == "id":
-            return {"id": task["id"]}
         preds = self.predictions_of(task["id"])
-        return {**task, "predictions": [p["id"] for p in preds] if self.predictions_as_ids else preds}
+        full = {**task, "predictions": [p["id"] for p in preds] if self.predictions_as_ids else preds,
+                "total_predictions": len(preds)}
+        if include is None or self.ignore_include:
+            return full
+        return {k: v for k, v in full.items() if k in include.split(",")}  # as 1.23.2: only what was asked
 
     def handle(self, method: str, path: str, query: dict, body: bytes, headers: dict) -> tuple[int, object]:
         import json as _json
@@ -371,6 +375,7 @@ class FakeLabelStudio:
             if page > 1 and not chunk:
                 return 404, {"detail": "Invalid page."}
             with self._lock:
+                self.task_reads.append(query.get("include"))
                 tasks = [self._task_json(self.tasks[i], query.get("include")) for i in chunk]
             return 200, {"tasks": tasks, "total": len(ids), "total_annotations": 0, "total_predictions": 0}
         if method == "GET" and path in ("/api/predictions", "/api/predictions/"):

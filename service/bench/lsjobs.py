@@ -267,6 +267,57 @@ def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:
     return out
 
 
+def measure_throughput(work: Path, tasks: int, clients: int, rounds: int = 2) -> dict:
+    """`--throughput-only`: issue 17's throughput figure on a larger project, where a job's fixed
+    costs (listing the project, the first read, the last import: about 2 s a job, measured) weigh
+    what they weigh at project scale. Each round runs `/predictions` on the files from disk and then
+    a job over a fresh project of the same uploaded images, back to back on the same server (the
+    order flips every round), for both ways a job gets its images: through Label Studio (compared
+    with `/predictions` whose client fetches each image from Label Studio first, which pays the
+    same Label Studio CPU) and from `labelstudio.upload_root` (compared with `/predictions` from disk)."""
+    files = shape_files(work / "shapes", tasks)
+    out: dict = {"tasks": tasks, "clients": clients, "cores": os.cpu_count(), "rounds": [],
+                 "load_before": load_average()}
+    with LabelStudio(work / "label-studio") as running:
+        ls = LsClient(running.url)
+        first = ls.create_project("bench upload", RECT_CONFIG)
+        ls.upload(first, files)
+        uploads = [t["data"]["image"] for t in ls.tasks(first)]
+
+        def fresh_project(name: str) -> int:
+            project = ls.create_project(name, RECT_CONFIG)
+            ls.import_tasks(project, [{"image": u} for u in uploads])
+            return project
+
+        upload_root = work / "label-studio" / "media" / "upload"
+        for mode, env in (("fetching", {}), ("upload_root", {"DETSERVE_LABELSTUDIO__UPLOAD_ROOT": str(upload_root)})):
+            projects = [fresh_project(f"bench {mode} {r}") for r in range(rounds)]
+            with Detserve(work / mode, running, env=env) as ds:
+                predictions_rate(ds.url, files[: 4 * clients], clients)  # warm-up
+                for r, project in enumerate(projects):
+                    row: dict = {"mode": mode, "round": r + 1}
+
+                    def engine_side() -> None:
+                        fetch = ls if mode == "fetching" else None
+                        row["predictions"] = predictions_rate(ds.url, uploads if fetch else files, clients, fetch=fetch)
+
+                    def job_side() -> None:
+                        row["job"] = run_job(ds.url, project)
+
+                    for side in ((engine_side, job_side) if r % 2 == 0 else (job_side, engine_side)):
+                        side()
+                    row["ratio"] = round(row["job"]["per_s"] / row["predictions"]["per_s"], 3)
+                    out["rounds"].append(row)
+                    print(f"{mode} round {r + 1}: job {row['job']['per_s']:.2f}/s, /predictions "
+                          f"{row['predictions']['per_s']:.2f}/s, ratio {row['ratio']:.3f}", file=sys.stderr, flush=True)
+        ls.close()
+    out["load_after"] = load_average()
+    for mode in ("fetching", "upload_root"):
+        ratios = [row["ratio"] for row in out["rounds"] if row["mode"] == mode]
+        out[f"{mode}_ratio_median"] = statistics.median(ratios)
+    return out
+
+
 def _job_with_interactive(url: str, project: int, think_s: float) -> tuple[float, dict]:
     stop = threading.Event()
     with ThreadPoolExecutor(1) as pool:
@@ -287,13 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think-s", type=float, default=0.5, help="pause between interactive requests")
     p.add_argument("--work", help="work folder (default: a temporary one, removed after)")
     p.add_argument("--out", help="write the figures as JSON here too")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="only job vs /predictions throughput, alternating rounds (use with --tasks 600 or more)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per image source with --throughput-only")
     args = p.parse_args(argv)
+
+    def run(work: Path) -> dict:
+        if args.throughput_only:
+            return measure_throughput(work, args.tasks, args.clients, args.rounds)
+        return measure(work, args.tasks, args.clients, args.think_s)
+
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        result = measure(Path(args.work), args.tasks, args.clients, args.think_s)
+        result = run(Path(args.work))
     else:
         with tempfile.TemporaryDirectory(prefix="detserve-lsjobs-") as tmp:
-            result = measure(Path(tmp), args.tasks, args.clients, args.think_s)
+            result = run(Path(tmp))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -155,6 +155,26 @@ def test_tasks_with_a_prediction_of_this_version_are_skipped_unless_force(tmp_pa
         assert ls.predictions_of(2, VERSION)[0]["id"] != old[2] and ls.predictions_of(2, VERSION)[0]["result"]
 
 
+def test_tasks_are_read_with_their_prediction_count_and_again_only_where_they_have_predictions(tmp_path):
+    with fake_label_studio(project(20)) as ls:  # page_size 10: two chunks
+        ls.add_prediction(13, VERSION)
+        ls.add_prediction(14, "someone-else-v1")
+        view = run_job(settings_for(ls, tmp_path), JobSpec(project=1))
+        assert (view.done, view.skipped, view.failed) == (19, 1, 0) and one_per_task(ls)
+        chunk_reads = [r for r in ls.task_reads if r != "id"]
+        # the first chunk has no predictions: one cheap read; the second is read again for 13 and 14
+        assert chunk_reads == ["id,data,total_predictions", "id,data,total_predictions", "id,data,predictions"]
+
+
+def test_a_label_studio_that_ignores_include_still_gets_skips_right(tmp_path):
+    with fake_label_studio(project(8)) as ls:
+        ls.ignore_include = True
+        ls.add_prediction(3, VERSION)
+        view = run_job(settings_for(ls, tmp_path), JobSpec(project=1))
+        assert (view.done, view.skipped) == (7, 1) and one_per_task(ls)
+        assert "id,data,predictions" not in ls.task_reads  # every field came the first time
+
+
 def test_predictions_listed_as_ids_are_looked_up_per_task(tmp_path):
     with fake_label_studio(project(6, predictions_as_ids=True)) as ls:
         ls.add_prediction(5, VERSION)
