@@ -18,6 +18,9 @@ then a second server with `labelstudio.upload_root` set to Label Studio's upload
 6. `/predictions` from disk again, a job reading the uploads from that folder, and closed-loop
    interactive p50 during another job.
 
+`--throughput-only --tasks 600` measures only the throughput, on a larger project, in alternating
+rounds of `/predictions` and a job over a fresh project of the same images (`measure_throughput`).
+
 (4) and (6) over the best `/predictions` figure of the run are issue 17's "job vs the engine's /predictions on the same images"; (4)/(3)
 says how much of the gap is Label Studio serving the images. CPU seconds per process (Label
 Studio, detserve's front, its worker) are recorded for (2), (3), (4) and (6). Everything shares
