@@ -297,6 +297,7 @@ class FakeLabelStudio:
         self.label_config = label_config
         self.predictions_as_ids = predictions_as_ids
         self.bulk_import = bulk_import  # POST /api/projects/{id}/import/predictions; off: 404, as an older LS
+        self.page_cap: int | None = None  # TASK_API_PAGE_SIZE_MAX: longer pages are cut to this, silently
         self.ignore_include = False  # every field whatever `include` asks, as a Label Studio without it
         self.task_reads: list[str | None] = []  # the `include` of each task-list read
         self.imports: list[int] = []  # predictions per import request
@@ -366,6 +367,7 @@ class FakeLabelStudio:
             return 200, {"id": int(path.rstrip("/").rsplit("/", 1)[-1]), "label_config": self.label_config}
         if method == "GET" and path in ("/api/tasks", "/api/tasks/"):
             page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
+            size = min(size, self.page_cap or size)
             ids = sorted(self.tasks)
             spec = _json.loads(query["query"]) if "query" in query else {}
             selected = spec.get("selectedItems", {"all": True})

@@ -71,8 +71,8 @@ def test_a_job_pages_through_the_project_and_writes_what_predict_returns(tmp_pat
         view = run_job(settings, JobSpec(project=1), engine)
         assert (view.state, view.total, view.done, view.skipped, view.failed) == ("done", 25, 25, 0, 0)
         assert one_per_task(ls) and len(ls.predictions) == 25
-        listing = [p for m, p in ls.requests if p == "/api/tasks"]
-        assert len(listing) >= 3 + 3  # 3 pages of ids (page_size 10), then 3 chunks of tasks
+        assert ls.task_reads.count("id") == 1  # the ids in one page (LIST_PAGE_SIZE), not page_size at a time
+        assert len(ls.task_reads) >= 1 + 3  # then 3 chunks of tasks (page_size 10)
         assert set(engine.priorities) == {Priority.LOW}  # jobs never compete with interactive traffic
 
         # The same tasks through /predict give the same regions, score and version.
@@ -119,7 +119,7 @@ def test_reading_predicting_and_writing_overlap_across_chunks(tmp_path):
         assert engine.max_in_flight == 8
         reads = [i for i, (m, p) in enumerate(ls.requests) if p == "/api/tasks"]
         first_write = next(i for i, (m, p) in enumerate(ls.requests) if p.endswith("/import/predictions"))
-        assert sum(i < first_write for i in reads) >= 8 + 2  # 8 pages of ids, then chunks read ahead of the writes
+        assert sum(i < first_write for i in reads) >= 1 + 2  # the ids, then chunks read ahead of the writes
 
 
 def test_a_job_reads_uploads_from_the_upload_root_when_it_has_them(tmp_path):
@@ -164,6 +164,14 @@ def test_tasks_are_read_with_their_prediction_count_and_again_only_where_they_ha
         chunk_reads = [r for r in ls.task_reads if r != "id"]
         # the first chunk has no predictions: one cheap read; the second is read again for 13 and 14
         assert chunk_reads == ["id,data,total_predictions", "id,data,total_predictions", "id,data,predictions"]
+
+
+def test_task_ids_are_listed_to_the_end_when_label_studio_caps_the_page_size(tmp_path):
+    with fake_label_studio(project(23)) as ls:
+        ls.page_cap = 5  # asked for LIST_PAGE_SIZE, answered 5 at a time: short pages are not the end
+        view = run_job(settings_for(ls, tmp_path), JobSpec(project=1))
+        assert (view.total, view.done) == (23, 23) and one_per_task(ls)
+        assert ls.task_reads.count("id") == 5
 
 
 def test_a_label_studio_that_ignores_include_still_gets_skips_right(tmp_path):

@@ -106,12 +106,20 @@ class LabelStudioAPI:
         return found
 
     async def _task_objects(self, project: int, task_ids: list[int], include: str) -> dict[int, dict]:
-        query = {"selectedItems": {"all": False, "included": task_ids}}
-        params = {"project": project, "page": 1, "page_size": len(task_ids), "fields": "all", "include": include,
-                  "query": json.dumps(query, separators=(",", ":"))}
-        tasks, _ = self._task_list(await self._call("GET", "/api/tasks", params=params))
-        wanted = set(task_ids)
-        return {tid: task for task in tasks if (tid := _task_id(task.get("id"))) in wanted}
+        query = json.dumps({"selectedItems": {"all": False, "included": task_ids}}, separators=(",", ":"))
+        wanted, found, page = set(task_ids), {}, 1
+        while True:
+            params = {"project": project, "page": page, "page_size": len(task_ids), "fields": "all",
+                      "include": include, "query": query}
+            body = await self._call("GET", "/api/tasks", params=params, end_of_pages_ok=page > 1)
+            if body is None:
+                return found
+            tasks, total = self._task_list(body)
+            found.update((tid, task) for task in tasks if (tid := _task_id(task.get("id"))) in wanted)
+            # A page cap (TASK_API_PAGE_SIZE_MAX) cuts the page short: the rest is on the next ones.
+            if not tasks or len(found) >= min(total, len(wanted)) or page >= len(wanted):
+                return found
+            page += 1
 
     async def prediction_versions(self, task: dict) -> list[tuple[int, str]]:
         """(prediction id, model_version) of each prediction the task holds. The task list carries
