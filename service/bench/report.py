@@ -26,7 +26,7 @@ from .corpus import describe, generated_corpus
 from .inprocess import run_in_process
 from .runner import LoadSpec, run_sweep
 from .servers import ROOT, DetserveServer, NoopServer, set_affinity, write_model
-from .setup import busy_processes, machine_facts, model_variant, placement, toml_dumps, versions
+from .setup import busy_processes, machine_facts, model_variant, placement, toml_dumps, versions, wait_for_quiet
 from .stats import RunResult
 from .targets import make_target
 
@@ -256,6 +256,8 @@ def _two_stage(opts, rec, corpus, facts, user_cache: str | None) -> None:
     if user_cache is not None:
         os.environ[CACHE_ENV] = user_cache
     try:
+        waited = wait_for_quiet()
+        rec.log(f"two-stage: waited {waited:.0f} s for the machine to be quiet")
         facts["two_stage"] = run_two_stage(rec, bench_store(bench), corpus, bench)
     except Exception as exc:  # noqa: BLE001 - the rest of the report still has value
         facts["two_stage_error"] = f"{type(exc).__name__}: {exc}"

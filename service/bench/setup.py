@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,28 @@ def _which(name: str) -> bool:
     from shutil import which
 
     return which(name) is not None
+
+
+def wait_for_quiet(idle_share: float = 0.9, max_s: float = 60.0, sample_s: float = 1.0) -> float:
+    """Wait until the machine's CPUs were at least `idle_share` idle over one sample (or `max_s` passed);
+    returns the seconds waited. A section that starts while the last one's servers are still
+    shutting down (TorchServe's JVM takes seconds) measures their teardown too."""
+    def times() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < max_s:
+            total0, idle0 = times()
+            time.sleep(sample_s)
+            total1, idle1 = times()
+            if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle_share:
+                break
+    except OSError:  # no /proc: nothing to wait for
+        pass
+    return time.monotonic() - started
 
 
 def busy_processes() -> list[str]:
