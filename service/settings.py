@@ -272,7 +272,8 @@ class LabelStudioJobSettings(_Strict):
     # SQLite file holding jobs and per-task progress; unset: <cache dir>/labelstudio-jobs.sqlite3.
     # Never inside the model store, which may be read-only.
     store_path: Path | None = None
-    page_size: int = Field(100, ge=1, le=1000)  # tasks read from Label Studio per request
+    # tasks read from Label Studio per request; at most 500: a page of 1000 makes 1.23.2 on SQLite answer 500
+    page_size: int = Field(100, ge=1, le=500)
     max_in_flight: int = Field(32, ge=1, le=1024)  # images of one job queued or running in the engine
     max_ls_requests: int = Field(4, ge=1, le=64)  # concurrent API calls to Label Studio, all jobs together
     max_running_jobs: int = Field(2, ge=1, le=32)  # more wait in state "queued"
