@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import errors
 from ..observability import metrics
+# The tiling module's own bounds and wording (what [tiling] in model.toml accepts too): one rule for both.
 from ..pipeline.tiling import MAX_OVERLAP, MAX_TILE, MIN_TILE, OVERLAP_ALLOWED, TILE_ALLOWED
 from ..types import (
     TILE_AUTO, TILE_OFF, BoxFormat, DetectOptions, DetectResult, ImageInput, MaskFormat, ModelInfo, RenderFormat,
@@ -33,8 +34,6 @@ UNKNOWN_MODEL = metrics.UNKNOWN_MODEL
 MAX_DETS_LIMIT = 10_000  # the bound when a model reports no max_per_img (fakes, older engines)
 MAX_CLASS_NAMES = 1024
 DEFAULT_MAX_IMAGES = 64
-# The tiling module's own bounds (what [tiling] in model.toml accepts too): one rule for both.
-TILE_MIN, TILE_MAX, TILE_OVERLAP_MAX = MIN_TILE, MAX_TILE, MAX_OVERLAP
 # The request options every door reads under these names (query parameters, KServe `parameters`,
 # proto fields); `render` is not one of them: each door has its own way to ask for an image.
 OPTION_NAMES = ("score_thr", "max_dets", "classes", "iou_thr", "class_agnostic", "box_format", "normalized",
@@ -272,18 +271,17 @@ def _choice(field: str, value: Any, kind: type[enum.Enum]) -> Any:
 def _tile(value: Any) -> int | str | None:
     if value is None:
         return None
-    allowed = TILE_ALLOWED
     value = _text(value)
     if isinstance(value, str) and value.strip().lower() in (TILE_AUTO, TILE_OFF):
         return value.strip().lower()
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}")
+        raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}")
     try:
         side = float(value)
     except ValueError:
-        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}") from None
-    if not math.isfinite(side) or side != int(side) or not TILE_MIN <= side <= TILE_MAX:
-        raise errors.InvalidRequest(f"tile must be {allowed}, got {_show(value)}")
+        raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}") from None
+    if not math.isfinite(side) or side != int(side) or not MIN_TILE <= side <= MAX_TILE:
+        raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}")
     return int(side)
 
 
@@ -291,7 +289,7 @@ def _tile_overlap(value: Any) -> float | None:
     if value is None:
         return None
     overlap = _number("tile_overlap", value)
-    if not 0.0 <= overlap <= TILE_OVERLAP_MAX:
+    if not 0.0 <= overlap <= MAX_OVERLAP:
         raise errors.InvalidRequest(f"tile_overlap must be {OVERLAP_ALLOWED}, got {_show(value)}")
     return overlap
 
