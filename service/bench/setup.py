@@ -41,8 +41,8 @@ def placement(name: str) -> Placement:
     raise ValueError(f"unknown placement {name!r} (split, shared)")
 
 
-def toml_dumps(data: dict) -> str:
-    """Enough TOML for model.toml: scalars, lists of scalars, one level of tables."""
+def toml_dumps(data: dict, _prefix: str = "") -> str:
+    """Enough TOML for model.toml: scalars, lists of scalars, tables and nested tables ([test_cfg.rpn])."""
     def value(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -54,11 +54,10 @@ def toml_dumps(data: dict) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
+    lines = [f"[{_prefix[:-1]}]"] if _prefix else []
+    lines += [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    text = "\n".join(lines) + "\n"
+    return text + "".join("\n" + toml_dumps(v, f"{_prefix}{k}.") for k, v in data.items() if isinstance(v, dict))
 
 
 def model_variant(src: Path, store: Path, name: str, **overrides) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..types import DetectOptions, EncodedImage, RawImage
+from .setup import toml_dumps
 
 
 @dataclass
@@ -70,24 +71,8 @@ def _store(model_dir: Path, root: Path, max_batch_size: int, device: str | None)
     name = data.get("name", model_dir.name)
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "model.toml").write_text(_toml(data))
+    (folder / "model.toml").write_text(toml_dumps(data))
     return name
-
-
-def _toml(data: dict, prefix: str = "") -> str:
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    plain = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [_toml(v, f"{prefix}{k}.") for k, v in data.items() if isinstance(v, dict)]
-    head = f"[{prefix[:-1]}]\n" if prefix else ""
-    return head + "\n".join(plain) + "\n" + "".join(tables)
 
 
 async def _measure(store: Path, name: str, image: bytes, tile: int, rounds: int) -> tuple[float, float, int, str, str]:

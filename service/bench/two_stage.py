@@ -84,12 +84,12 @@ def write_bench_model(store: Path, bench: TwoStageBench, seed: int = 0) -> Path:
     (folder / "model.toml").write_text(toml_dumps({
         "name": MODEL, "arch": bench.arch, "weights": "weights.pth", "backend": bench.backend,
         "resize_scale": list(bench.resize_scale), "default_score_thr": 0.05,
-        "test_cfg": {"max_per_img": bench.max_per_img},
+        "test_cfg": {"max_per_img": bench.max_per_img, "rpn": {"max_per_img": bench.rpn_max_per_img}},
         "workers": workers,
         # the default 30 s deadline answers 504 to requests queued behind two slow batches on a busy VM
         "batch": {"max_batch_size": bench.max_batch_size, "max_batch_delay_ms": 0.0,
                   "request_timeout_ms": bench.timeout_s * 1000},
-    }) + f"\n[test_cfg.rpn]\nmax_per_img = {bench.rpn_max_per_img}\n")
+    }))
     if bench.backend == "onnxruntime" and not (folder / "model.onnx").exists():
         from ..export.onnx_export import export_onnx
         from ..settings import load_model_config
