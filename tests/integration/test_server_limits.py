@@ -54,6 +54,21 @@ def _read_all(sock: socket.socket, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
+def _wait_until_held(proc: ServeProcess, model: str, count: int, timeout_s: float = 30) -> None:
+    """Until `count` requests of `model` are queued or running: a fixed sleep before a signal races
+    the clients' threads on a loaded machine."""
+    wanted = (f'detserve_queue_depth{{model="{model}"}}', f'detserve_in_flight{{model="{model}"}}')
+    deadline = time.monotonic() + timeout_s
+    held = 0.0
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{proc.metrics}/metrics", timeout=5).text.splitlines()
+        held = sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted))
+        if held >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"only {held:g} of {count} requests reached model {model!r} in {timeout_s} s")
+
+
 def _status_and_json(raw: bytes) -> tuple[int, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -157,7 +172,10 @@ def test_an_endless_chunked_body_is_cut_by_size_and_by_time(server):
 def test_drain_answers_a_slow_upload_with_json_503_and_sigterm_to_the_group_restarts_nothing(tmp_path):
     store = tmp_path / "store"
     write_model(store, "d", workers=2, batch={"max_batch_size": 1})
-    proc = ServeProcess(store, tmp_path, config=CONFIG.replace("body_timeout_s = 2.0", "body_timeout_s = 60.0"))
+    # A drain long enough for the three accepted requests (about 2 s of work) on a loaded machine; the
+    # slow upload holds it open to the end, and is answered then.
+    config = CONFIG.replace("body_timeout_s = 2.0", "body_timeout_s = 60.0").replace("drain_timeout_s = 2.0", "drain_timeout_s = 5.0")
+    proc = ServeProcess(store, tmp_path, config=config)
     proc.wait_ready()
     try:
         upload = _connect(proc)
@@ -170,9 +188,9 @@ def test_drain_answers_a_slow_upload_with_json_503_and_sigterm_to_the_group_rest
         threads = [threading.Thread(target=accepted) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.4)
+        _wait_until_held(proc, "d", 3)
         os.killpg(proc.proc.pid, signal.SIGTERM)  # systemd's default: the whole group, workers included
-        keep_sending = time.monotonic() + 6
+        keep_sending = time.monotonic() + 12
         answer = b""
         upload.settimeout(0.25)
         while time.monotonic() < keep_sending and not answer:
@@ -208,7 +226,7 @@ def test_a_request_still_running_when_the_drain_ends_gets_json_503_not_plain_500
         t = threading.Thread(target=lambda: answers.append(
             httpx.put(f"{proc.url}/predictions/late", content=b"SLEEP:3", timeout=30)))
         t.start()
-        time.sleep(0.5)
+        _wait_until_held(proc, "late", 1)
         proc.proc.send_signal(signal.SIGTERM)
         t.join(30)
         assert proc.proc.wait(30) == 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 
 import pytest
 
@@ -140,28 +139,15 @@ def test_no_match_and_wrong_api_compare_the_same_number_of_tokens():
         assert len(counter.calls) == 3
 
 
-def _best_time(auth: TokenAuth, header: str, rounds: int = 7, loops: int = 300) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(loops):
-            try:
-                auth.check("inference", header)
-            except Unauthenticated:
-                pass
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def test_right_prefix_is_not_slower_than_wrong_first_character():
-    """Coarse sanity check: a naive `==` on a 64 KiB token is measurably slower for a long shared
-    prefix; here both candidates are hashed and compared as 32-byte digests, so they cost the same.
-    The minimum over rounds filters scheduler noise; the bound is loose on purpose."""
+def test_a_long_token_sharing_a_prefix_is_compared_as_a_digest():
+    """What a naive `==` leaks (time growing with the shared prefix) cannot happen: whatever the
+    presented token's length or prefix, the comparator only ever sees two 32-byte digests. Checked
+    by structure, not by timing (a timed test is noise on a shared CI machine)."""
     secret = "s" * 65536
-    auth = TokenAuth([secret])
-    shared_prefix = "Bearer " + secret[:-1] + "x"
-    wrong_first = "Bearer " + "x" + secret[1:]
-    _best_time(auth, shared_prefix, rounds=1, loops=50)  # warm up
-    t_prefix = _best_time(auth, shared_prefix)
-    t_first = _best_time(auth, wrong_first)
-    assert t_prefix < 1.5 * t_first and t_first < 1.5 * t_prefix, (t_prefix, t_first)
+    counter = CountingCompare()
+    auth = TokenAuth([secret], compare=counter)
+    for presented in (secret[:-1] + "x", "x" + secret[1:], secret[:7], secret + "s"):
+        with pytest.raises(Unauthenticated):
+            auth.check("inference", f"Bearer {presented}")
+    auth.check("inference", f"Bearer {secret}")
+    assert counter.calls == [(32, 32)] * 5
