@@ -268,7 +268,11 @@ def test_concurrent_grpc_and_rest_share_batches(server, images):
 
         with ThreadPoolExecutor(10) as pool:
             busy = pool.submit(lambda: pytest.raises(errors.InvalidRequest, client.detect, b"BUSY"))
-            time.sleep(0.3)  # the worker is now busy with b"BUSY"; what follows queues behind it
+            # Once b"BUSY" is on the worker (0.8 s), what follows queues behind it. Polled, not slept:
+            # a fixed sleep races the pool's thread on a loaded machine.
+            deadline = time.monotonic() + 20
+            while _metric(server, "detserve_in_flight", {"model": MODEL}) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
             rest = [pool.submit(rest_call, i) for i in range(6)]
             grpc_calls = [pool.submit(grpc_call, i) for i in range(3)]
             assert [f.result() for f in rest] == [200] * 6
