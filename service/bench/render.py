@@ -116,7 +116,8 @@ def _fmt(v: float) -> str:
 
 def render_markdown(data: dict, opts) -> str:
     facts = data["facts"]
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    # The run's own time: re-rendering after an edit to bench/analysis.md must not re-date the figures.
+    now = facts.get("finished_at") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
         "",

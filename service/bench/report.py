@@ -212,6 +212,7 @@ def run_report(opts: ReportOptions) -> dict:
     facts["load_after"] = os.getloadavg()
     facts["busy_after"] = busy_processes()
     facts["elapsed_s"] = round(time.monotonic() - rec.start, 1)
+    facts["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # the doc's date, whenever rendered
     return {"facts": facts, "sections": rec.sections}
 
 

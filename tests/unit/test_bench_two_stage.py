@@ -95,6 +95,19 @@ def test_the_report_renders_the_section_and_its_target_row():
     assert row["measured"] == pytest.approx(10.0 / 10.2) and row["met"] is True
 
 
+def test_a_re_render_keeps_the_run_s_date():
+    """Re-rendering after an edit to bench/analysis.md dates the doc by the run, not by the render."""
+    import json
+
+    from service.bench.render import render_markdown
+    from service.bench.report import ReportOptions
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    data["facts"]["finished_at"] = "2026-01-02 03:04 UTC"
+    assert "on 2026-01-02 03:04 UTC, in" in render_markdown(data, ReportOptions())
+
+
 def test_cli_refuses_bad_settings_with_a_message():
     from service.cli import main
 
