@@ -194,6 +194,53 @@ def jpeg_exif_orientation(data: bytes) -> int:
     return 1
 
 
+# A client-sized image may hold any number of chunks; reading metadata must stay cheap whatever it
+# holds. Past this many, the orientation reads as 1 and the worker's check of the decoded size
+# against the declared one (DecodedImages.crop) refuses a disagreement with a 400.
+MAX_METADATA_CHUNKS = 4096
+
+
+def png_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the PNG IHDR chunk, which must come first; None when it does not."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", data[16:24])
+
+
+def png_exif_orientation(data: bytes) -> int:
+    """The EXIF orientation of a PNG (its last eXIf chunk, before or after the pixels, as Pillow
+    reads it once decoded), walking chunk headers only; 1 when absent or unreadable."""
+    pos, found = 8, 1
+    for _ in range(MAX_METADATA_CHUNKS):
+        if pos + 8 > len(data):
+            break
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        if kind == b"eXIf":
+            found = _tiff_orientation(_without_exif_header(data[pos + 8:pos + 8 + length]))
+        elif kind == b"IEND":
+            break
+        pos += 12 + length  # length, type, data, CRC
+    return found
+
+
+def webp_exif_orientation(data: bytes) -> int:
+    """The EXIF orientation from a WebP's EXIF chunk (RIFF chunk headers only); 1 when absent."""
+    pos = 12
+    for _ in range(MAX_METADATA_CHUNKS):
+        if pos + 8 > len(data):
+            break
+        kind, (length,) = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])
+        if kind == b"EXIF":
+            return _tiff_orientation(_without_exif_header(data[pos + 8:pos + 8 + length]))
+        pos += 8 + length + (length & 1)  # payloads are padded to an even size
+    return 1
+
+
+def _without_exif_header(payload: bytes) -> bytes:
+    # Some writers keep JPEG's APP1 signature in front of the TIFF structure; Pillow accepts both.
+    return payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+
+
 def _tiff_orientation(tiff: bytes) -> int:
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]

@@ -106,7 +106,8 @@ def tile_layout(width: int, height: int, tile: int, overlap: float) -> list[Tile
 def image_size(image: ImageInput, max_pixels: int) -> tuple[int, int]:
     """(width, height) of the image as the worker will decode it (EXIF rotation applied), read from
     the header only: no pixel buffer is allocated. Raises InvalidImage / UnsupportedMediaType / ImageTooLarge."""
-    from .decode import jpeg_exif_orientation, sniff_format, webp_dimensions
+    from .decode import (jpeg_exif_orientation, png_dimensions, png_exif_orientation, sniff_format, webp_dimensions,
+                         webp_exif_orientation)
 
     if isinstance(image, RawImage):
         width, height = image.width, image.height
@@ -115,10 +116,16 @@ def image_size(image: ImageInput, max_pixels: int) -> tuple[int, int]:
         fmt = sniff_format(data) if data else None
         if fmt is None:
             raise errors.UnsupportedMediaType("unsupported image format: expected JPEG, PNG, WebP or BMP")
-        size = _jpeg_size(data) if fmt == "jpeg" else webp_dimensions(data) if fmt == "webp" else None
-        if size is not None and fmt == "jpeg" and jpeg_exif_orientation(data) >= 5:
-            size = (size[1], size[0])  # orientations 5-8 turn the image by 90 degrees
+        # Headers and metadata chunks only: this runs in the front process, so it must never decode
+        # pixels (Pillow's getexif() on a PNG does, to find an eXIf chunk after the image data).
+        reader = {"jpeg": (_jpeg_size, jpeg_exif_orientation), "png": (png_dimensions, png_exif_orientation),
+                  "webp": (webp_dimensions, webp_exif_orientation)}.get(fmt)
+        size = reader[0](data) if reader else None
         width, height = size if size is not None else _pillow_size(data)
+        if width * height > max_pixels:
+            raise errors.ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+        if reader and reader[1](data) >= 5:
+            width, height = height, width  # orientations 5-8 turn the image by 90 degrees
     else:
         raise errors.InvalidRequest(f"unsupported image input type {type(image).__name__}")
     if width <= 0 or height <= 0:
@@ -139,6 +146,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _pillow_size(data: bytes) -> tuple[int, int]:
+    """The stored size (before any EXIF turn) of an image whose header the fast readers could not parse."""
     from PIL import Image
 
     try:
@@ -146,8 +154,6 @@ def _pillow_size(data: bytes) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:  # lazy: reads the header only
                 width, height = opened.size
-                if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                    width, height = height, width
     except Image.DecompressionBombError as exc:
         raise errors.ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -88,6 +88,58 @@ def test_image_size_reads_headers_and_applies_exif_rotation():
         image_size(EncodedImage(b"not an image"), 10**8)
 
 
+def _encoded(fmt: str, width: int, height: int, orientation: int | None = None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(out, fmt, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def _png_exif_after_the_pixels(data: bytes) -> bytes:
+    """The same PNG with its eXIf chunk moved behind the image data, where only a decode finds it."""
+    import struct
+
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    return data[:8] + b"".join(rest[:-1] + exif + rest[-1:])  # ... IDAT, eXIf, IEND
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])
+def test_the_declared_size_is_the_size_the_worker_decodes(fmt, orientation):
+    from service.pipeline.decode import decode_image
+
+    data = _encoded(fmt, 200, 100, orientation)
+    variants = [data] + ([_png_exif_after_the_pixels(data)] if fmt == "PNG" and orientation else [])
+    for encoded in variants:
+        height, width = decode_image(encoded, max_pixels=10**8).shape[:2]
+        assert image_size(EncodedImage(encoded), 10**8) == (width, height)
+
+
+def test_the_declared_size_never_decodes_pixels(monkeypatch):
+    """The front process reads sizes for tiling and shape groups: a small PNG declaring a huge image
+    must be measured (and refused) from its header, not decoded on the event loop."""
+    big = _encoded("PNG", 3000, 2000)
+    turned = _png_exif_after_the_pixels(_encoded("PNG", 300, 200, 6))
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("image_size decoded pixels")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(Image.Image, "getexif", no_decoding)
+    assert image_size(EncodedImage(big), 10**8) == (3000, 2000)
+    assert image_size(EncodedImage(turned), 10**8) == (200, 300)
+    with pytest.raises(errors.ImageTooLarge, match="3000x2000"):
+        image_size(EncodedImage(big), 10**6)
+
+
 def test_plan_follows_request_over_model_default_and_the_auto_rule():
     raw = RawImage(b"", 3000, 4000)  # size only: plan_tiles never reads pixels
     off = TilingConfig()
