@@ -47,6 +47,11 @@ BYTES = "BYTES"
 # object is built: a 4 MB body of empty BYTES elements would otherwise become a million objects.
 # The data plane's max_images_per_request (smaller) applies afterwards.
 MAX_TENSOR_IMAGES = 4096
+# An image batch is rank 1 (BYTES) or 4 (NHWC pixels); 8 is Triton's limit. A dimension above 2**31
+# cannot be a real image tensor, and numpy refuses shapes whose product overflows even when another
+# dimension is 0 (then the byte-size check passes and the reshape would fail).
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
 
 
 @dataclass(slots=True)
@@ -71,8 +76,12 @@ class TensorSpec:
 # --- element framing -------------------------------------------------------------------------
 
 def _element_count(shape: Sequence[int]) -> int:
+    if len(shape) > MAX_RANK:
+        raise InvalidRequest(f"tensor shape has {len(shape)} dimensions; at most {MAX_RANK} are allowed")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"tensor shape {list(shape)} has a negative dimension")
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidRequest(f"tensor shape {list(shape)} has a dimension above {MAX_DIM}")
     return math.prod(shape)
 
 
@@ -123,14 +132,22 @@ def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, 
         raise InvalidRequest(
             f"input '{name}': shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}"
         )
-    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape), dict(parameters or {}))
+    try:
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. a 0 beside dimensions whose product numpy cannot index
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} is not a valid array shape: {exc}") from None
+    return Tensor(name, datatype, shape, array, dict(parameters or {}))
 
 
-def _flatten(values: Any) -> list:
-    if not isinstance(values, list):
-        return [values]
+def _flatten(name: str, values: list) -> list:
+    """Nested JSON `data` to a flat list, a level at a time (a deep nesting must be a 400, not a
+    RecursionError); a level whose first element is not a list is the innermost."""
+    for _ in range(MAX_RANK):
+        if not values or not isinstance(values[0], list):
+            return values
+        values = [v for sub in values for v in (sub if isinstance(sub, list) else (sub,))]
     if values and isinstance(values[0], list):
-        return [v for sub in values for v in _flatten(sub)]
+        raise InvalidRequest(f"input '{name}': 'data' is nested deeper than {MAX_RANK} levels")
     return values
 
 
@@ -155,7 +172,7 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
         raise InvalidRequest(f"input '{name}': 'data' must be a list, got {type(values).__name__}")
     count = _element_count(shape)
     _check_image_count(name, datatype, shape, count)
-    flat = _flatten(list(values))
+    flat = _flatten(name, list(values))
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}")
     if datatype == BYTES:

@@ -131,6 +131,34 @@ def test_bad_requests_get_v2_error_bodies(client, body, headers, status):
     assert isinstance(res.json()["error"], str) and res.json()["error"]
 
 
+def _nested(depth: int):
+    data = [1]
+    for _ in range(depth - 1):
+        data = [data]
+    return data
+
+
+def _binary(shape, raw: bytes = b"") -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": shape,
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize("body,headers,needle", [
+    # JSON nested as deep as orjson allows: a 400, not a RecursionError
+    (json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": _nested(900)}]}).encode(), {},
+     "nested deeper"),
+    (*_binary([2**40, 2**40, 0]), "dimension above"),
+    (*_binary([2, 2**62, 0, 3]), "dimension above"),
+    (*_binary([4, 2**31 - 1, 2**31 - 1, 0]), "not a valid array shape"),
+    (*_binary([1] * 9), "at most 8"),
+])
+def test_shapes_and_nesting_no_array_can_have_are_400s(client, body, headers, needle):
+    res = client.post("/v2/models/toy/infer", content=body, headers=headers)
+    assert res.status_code == 400, res.text
+    assert needle in res.json()["error"]
+
+
 def test_unknown_model_is_404(client):
     res = client.post("/v2/models/nope/infer", json={"inputs": []})
     assert res.status_code == 404 and "nope" in res.json()["error"]
