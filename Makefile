@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: install serve test test-all test-integration bench gpu-check proto clean
+.PHONY: install serve test test-all test-integration bench gpu-check gpu-wheels proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 # On a GPU machine, in under 8 minutes: gpu tests, TensorRT/CUDA/eager-CUDA parity, a short benchmark; one table.
 gpu-check: $(STAMP)
 	$(BIN)/python -m service.gpucheck
+
+# For a GPU machine with torch but no network: the serving stack's wheels for its Python, into .whl/.
+# There: python3 -m service.gpucheck --wheels .whl
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m service.gpucheck --fetch-wheels .whl
 
 proto: $(STAMP)
 	$(BIN)/python -m service.protocols.grpc.generate

@@ -10,6 +10,9 @@ into a row instead of a crash:
   4. `detserve bench tiles` on the GPU (issue 18's batched tiles vs one by one: on a 2-core CPU a
      batch of 8 costs about 8 singles, so the figure that shows batching is this one);
 and prints ONE table. Without a CUDA device it says so and exits 2.
+
+On a machine with CUDA and torch but no serving stack and no network (a lent GPU box), carry the
+wheels from `make gpu-wheels` and run `python3 -m service.gpucheck --wheels .whl` (service/gpu_wheels.py).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("rtmdet", "rtmdet-ins")
 NO_GPU_EXIT = 2
+SITE_ENV = "DETSERVE_GPUCHECK_SITE"  # set once the carried wheels are installed: what and where
 
 
 @dataclass
@@ -98,7 +102,9 @@ def run_gpu_tests(budget: Budget, rows: list[Row], cache: Path) -> None:
     if timeout < 30:
         rows.append(Row("tests", "-", "pytest -m gpu", "SKIP", "no time left"))
         return
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
+    # A module that cannot even be imported there must cost its own tests, not the whole stage.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+           str(REPO / "tests")]
     start = time.monotonic()
     try:
         # the tests' auto loads share the check's cache, so the parity stage reuses their TensorRT builds
@@ -307,14 +313,14 @@ def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path
     if not (store / "rtmdet").exists():
         (store / "rtmdet").symlink_to(folder)
     ports = {k: free_port() for k in ("inference", "management", "metrics")}
-    detserve = str(Path(sys.executable).with_name("detserve"))
-    cmd = [detserve, "serve", "--model-store", str(store), "--models", "rtmdet", "--host", "127.0.0.1", "--no-grpc",
-           "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
+    # `python -m service`, not the console script: a machine running from carried wheels has none.
+    cmd = [sys.executable, "-m", "service", "serve", "--model-store", str(store), "--models", "rtmdet",
+           "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
            "--metrics-port", str(ports["metrics"])]
     env = {**os.environ, "DETSERVE_CACHE_DIR": str(cache)}
     log_path = workdir / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{ports['inference']}"
         wait_http(f"{base}/readyz", timeout_s=max(5.0, min(100.0, budget.left() - 15)), proc=proc)
@@ -365,6 +371,32 @@ def run_tiles_bench(budget: Budget, rows: list[Row], cache: Path, device: str = 
 # --- entry point ------------------------------------------------------------------------------------
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def run_with_wheels(src: Path, argv: list[str]) -> None:
+    """Install the carried wheels, then run the check again in a fresh interpreter with them first on
+    its path (modules imported before the install would otherwise shadow them). Does not return."""
+    from .gpu_wheels import install_wheels
+
+    site = Path(tempfile.gettempdir()) / "detserve-gpucheck-site"
+    count = install_wheels(src, site)
+    path = [str(site), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = {**os.environ, SITE_ENV: f"{count} wheels from {src} in {site}", "PYTHONPATH": os.pathsep.join(path)}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "service.gpucheck", *_without_option(argv, "--wheels")], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.gpucheck", description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=450.0, help="total time for every stage (default 450)")
@@ -372,19 +404,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="skip the pytest -m gpu stage")
     parser.add_argument("--dry-run-cpu", action="store_true",
                         help="run every stage but the tests on the CPU (short timings): checks this script without a GPU")
+    parser.add_argument("--wheels", type=Path, help="first install the serving stack from these wheels (make gpu-wheels)")
+    parser.add_argument("--fetch-wheels", type=Path, metavar="DIR",
+                        help="only download the wheels a bare GPU machine lacks into DIR, then exit")
+    parser.add_argument("--python-version", default="3.12", help="with --fetch-wheels: that machine's Python (3.12)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.fetch_wheels:
+        from .gpu_wheels import fetch_wheels
+
+        wheels = fetch_wheels(args.fetch_wheels, args.python_version)
+        size = sum(w.stat().st_size for w in wheels) / 2**20
+        print(f"{len(wheels)} wheels, {size:.1f} MiB, in {args.fetch_wheels} (Python {args.python_version}); on the GPU "
+              f"machine: python3 -m service.gpucheck --wheels {args.fetch_wheels}")
+        return 0
+    if args.wheels and SITE_ENV not in os.environ:
+        run_with_wheels(args.wheels, argv)
 
     device, seconds = ("cpu", 0.5) if args.dry_run_cpu else ("cuda:0", None)
     if not args.dry_run_cpu:
         reason = no_gpu_reason()
         if reason is not None:
-            print(f"gpu-check: no GPU here, nothing was run: {reason}", file=sys.stderr)
+            carried = f" (serving stack: {os.environ[SITE_ENV]})" if SITE_ENV in os.environ else ""
+            print(f"gpu-check: no GPU here, nothing was run: {reason}{carried}", file=sys.stderr)
             return NO_GPU_EXIT
     import torch
 
     budget = Budget(args.budget_s)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu (dry run)"
-    rows = [Row("info", "-", "device", name, f"torch {torch.__version__}, CUDA {torch.version.cuda}")]
+    rows = [Row("info", "-", "device", name, f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"Python {sys.version.split()[0]}")]
+    if SITE_ENV in os.environ:
+        rows.append(Row("info", "-", "wheels", "installed", os.environ[SITE_ENV]))
     try:
         import onnxruntime as ort
 
