@@ -6,12 +6,20 @@ and `grpc_status` and never invent codes of their own.
 from __future__ import annotations
 
 
+# Messages quote client values (model names, datatypes, ids), and every door sends them back: a
+# gRPC status message travels in a header, and past the client's 16 KiB metadata limit the call
+# ends RESOURCE_EXHAUSTED without our status or trailers. One bound here covers every door.
+MAX_MESSAGE_CHARS = 1000
+
+
 class DetserveError(Exception):
     """Base class. `code` is the stable machine-readable name sent to clients."""
 
     code = "internal"
 
     def __init__(self, message: str, *, retry_after_s: float | None = None):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} chars)"
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s

@@ -59,8 +59,11 @@ class TestConfig(_Strict):
 class BatchConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)  # 0: never wait while a worker is idle
-    max_queue_size: int = Field(256, ge=1)
-    request_timeout_ms: float = Field(30_000.0, gt=0)
+    # Bounded even though only model.toml and the management API set them: a queue of a billion
+    # items or an infinite deadline is a typo, and the deadline also bounds how long a stuck batch
+    # may hold a worker before the pool kills it.
+    max_queue_size: int = Field(256, ge=1, le=100_000)
+    request_timeout_ms: float = Field(30_000.0, gt=0, le=3_600_000, allow_inf_nan=False)
 
 
 class TilingConfig(_Strict):

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import errors
 from ..observability import metrics
+from ..observability.logging import clean_request_id
 # The tiling module's own bounds and wording (what [tiling] in model.toml accepts too): one rule for both.
 from ..pipeline.tiling import MAX_OVERLAP, MAX_TILE, MIN_TILE, OVERLAP_ALLOWED, TILE_ALLOWED
 from ..types import (
@@ -113,6 +114,10 @@ class DataPlane:
         Draining does not refuse: a request accepted before the drain (still uploading, say)
         completes; the listeners stop taking new connections and the engine refuses once it stops."""
         self.check_images(len(images))
+        if request_id is not None:
+            # A client's id reaches logs and error messages: long or unprintable ones are replaced
+            # here, for every door (REST already did so for its header; gRPC ids were unbounded).
+            request_id = clean_request_id(request_id)
         return self.engine.detect(model, images, options, protocol=protocol, request_id=request_id,
                                   timeout_s=timeout_s)
 

@@ -115,6 +115,12 @@ def test_headers_over_the_size_or_count_limit_get_431(server):
     second.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
     status, body = _status_and_json(_read_all(second, 5))
     assert status == 431 and body["code"] == "headers_too_large"
+    # Under /v2/ the refusal carries the Open Inference Protocol's "error" field too, as the app's do.
+    assert "error" not in body
+    v2 = _connect(server)
+    v2.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+    status, body = _status_and_json(_read_all(v2, 5))
+    assert status == 431 and body["error"] == body["message"]
     # Headers within the limits still work.
     assert httpx.get(f"{server.url}/ping", headers={f"x-{i}": "v" for i in range(20)}, timeout=5).status_code == 200
 

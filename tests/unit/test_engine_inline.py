@@ -172,6 +172,10 @@ def test_runtime_batch_settings_are_validated_and_applied(tmp_path):
             assert info.batch.max_batch_size == 2 and info.batch.max_batch_delay_ms == 5
             with pytest.raises(errors.InvalidRequest):
                 await engine.set_batch_settings("inl-settings", max_batch_size=0)
+            for bad in (dict(request_timeout_ms=float("inf")), dict(request_timeout_ms=float("nan")),
+                        dict(max_queue_size=10**12)):
+                with pytest.raises(errors.InvalidRequest, match=next(iter(bad))):
+                    await engine.set_batch_settings("inl-settings", **bad)
             results = await asyncio.gather(*(engine.detect("inl-settings", [image(b"SLEEP:0.01")]) for _ in range(10)))
             assert max(r[0].image_width for r in results) <= 2
 

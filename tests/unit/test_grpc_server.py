@@ -28,6 +28,7 @@ class FakeEngine:
     def __init__(self, has_masks: bool = False):
         self.has_masks = has_masks
         self.timeouts: list[float | None] = []
+        self.request_ids: list[str | None] = []
         self.ready_models = {"toy"}
         self.in_flight = self.max_in_flight = 0
 
@@ -37,6 +38,7 @@ class FakeEngine:
 
     async def detect(self, model, images, options=None, *, protocol=None, request_id=None, timeout_s=None):
         self.timeouts.append(timeout_s)
+        self.request_ids.append(request_id)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -150,6 +152,36 @@ def test_detect_batch_stream_and_errors(run):
             assert [m.name for m in models.models] == ["toy"] and list(models.models[0].classes) == ["cat", "dog"]
             info = await stub.ModelInfo(pb.ModelInfoRequest(model="toy"))
             assert info.version == "toy-abc12345"
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_long_client_strings_still_get_the_table_s_status_and_trailer(run):
+    """Client values quoted in a message must not push the status past the client's 16 KiB
+    metadata limit (which ends the call RESOURCE_EXHAUSTED, without our status or trailer)."""
+    async def scenario():
+        engine = FakeEngine()
+        server, channel = await _serve(engine)
+        try:
+            stub, kstub = pb_grpc.DetectorStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
+            calls = [
+                lambda: stub.Detect(pb.DetectRequest(model="m" * 100_000, image=pb.Image(encoded=b"x")), timeout=10),
+                lambda: stub.ModelInfo(pb.ModelInfoRequest(model="m" * 100_000), timeout=10),
+                lambda: kstub.ModelInfer(kpb.ModelInferRequest(model_name="m" * 100_000), timeout=10),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call()
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()[:200]
+                assert ("detserve-error", "model_not_found") in tuple(err.value.trailing_metadata())
+                assert len(err.value.details()) <= 1000
+            await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"x"), request_id="r" * 20_000), timeout=10)
+            await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"x"), request_id="frame-7"), timeout=10)
+            long_id, short_id = engine.request_ids[-2:]
+            assert len(long_id) <= 128 and short_id == "frame-7"  # replaced only when unfit for logs
         finally:
             await channel.close()
             await server.stop(None)

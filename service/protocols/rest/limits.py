@@ -44,8 +44,11 @@ class _Refused(Exception):
     """Raised from a parser callback to stop httptools mid-chunk once the connection is refused."""
 
 
-def _raw_json_response(status: int, reason: str, code: str, message: str) -> bytes:
-    body = orjson.dumps({"code": code, "message": message, "request_id": ""})
+def _raw_json_response(status: int, reason: str, code: str, message: str, path: bytes = b"") -> bytes:
+    body = {"code": code, "message": message, "request_id": ""}
+    if path.startswith(b"/v2/"):
+        body["error"] = message  # the Open Inference Protocol's field, as app.error_response adds it
+    body = orjson.dumps(body)
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii")
     return head + body
@@ -129,7 +132,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Answer before any request exists (so not through the app) and close."""
         self.phase = _REFUSED
         if not self.transport.is_closing():
-            self.transport.write(_raw_json_response(status, reason, code, message))
+            # The path is what httptools has parsed so far (on_url comes before the headers).
+            path = bytes(getattr(self, "url", b"") or b"")
+            self.transport.write(_raw_json_response(status, reason, code, message, path))
             self.transport.close()
 
     def cut_body(self, error: DetserveError) -> bool:
