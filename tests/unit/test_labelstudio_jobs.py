@@ -348,6 +348,13 @@ def test_job_routes_create_list_get_and_cancel(tmp_path):
         assert one_per_task(ls)
 
 
+def _nested_dict(depth: int) -> dict:
+    out: dict = {"a": 1}
+    for _ in range(depth):
+        out = {"a": out}
+    return out
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({}, 400, "project"),
     ({"project": "1"}, 400, "project"),
@@ -359,6 +366,7 @@ def test_job_routes_create_list_get_and_cancel(tmp_path):
     ({"project": 1, "colour": "red"}, 400, "colour"),
     ({"project": 1, "task_ids": list(range(1, 102))}, 413, "max_task_ids"),
     ({"project": 1, "filters": {"items": ["x" * 300]}}, 413, "max_filter_bytes"),
+    ({"project": 1, "filters": _nested_dict(300)}, 400, "nested too deeply"),
 ])
 def test_bad_job_requests_are_4xx_with_the_reason(tmp_path, body, status, words):
     with fake_label_studio(project(1)) as ls:
@@ -402,8 +410,9 @@ def test_tasks_created_webhook_queues_a_job_only_for_opted_in_projects(tmp_path)
             assert one_per_task(ls)
             other = client.post("/labelstudio/blobs/webhook", json={**event, "project": {"id": 2}})
             assert (other.status_code, other.json()) == (200, {"status": "Unknown event"})
-            bad = client.post("/labelstudio/blobs/webhook", json={**event, "tasks": [{"id": "x"}]})
-            assert bad.status_code == 400
+            for tasks in ([{"id": "x"}], [{"id": 2**63}], [{"id": 2**64 - 1}]):  # SQLite holds signed 64-bit ids
+                bad = client.post("/labelstudio/blobs/webhook", json={**event, "tasks": tasks})
+                assert bad.status_code == 400, (tasks, bad.text)
 
 
 # ---- the command line -----------------------------------------------------------------------

@@ -114,8 +114,13 @@ def parse_job_request(body: dict, cfg: LabelStudioJobSettings, origin: str = "ap
             raise PayloadTooLarge(f"{len(parsed.task_ids)} task ids, over labelstudio.jobs.max_task_ids ({cfg.max_task_ids})")
         if not all(0 < t < 2**63 for t in parsed.task_ids):
             raise InvalidRequest("task ids must be positive integers")
-    if parsed.filters is not None and len(orjson.dumps(parsed.filters)) > cfg.max_filter_bytes:
-        raise PayloadTooLarge(f"'filters' is over labelstudio.jobs.max_filter_bytes ({cfg.max_filter_bytes} bytes)")
+    if parsed.filters is not None:
+        try:
+            size = len(orjson.dumps(parsed.filters))
+        except TypeError:  # orjson's recursion limit: nothing Label Studio would take either
+            raise InvalidRequest("'filters' is nested too deeply") from None
+        if size > cfg.max_filter_bytes:
+            raise PayloadTooLarge(f"'filters' is over labelstudio.jobs.max_filter_bytes ({cfg.max_filter_bytes} bytes)")
     return JobSpec(project=parsed.project, task_ids=tuple(sorted(set(parsed.task_ids))) if parsed.task_ids else None,
                    view=parsed.view, filters=parsed.filters, force=parsed.force, origin=origin)
 

@@ -16,7 +16,6 @@ send, so the 401 says how to configure Basic auth), unless `labelstudio.allow_un
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import logging
 import time
@@ -79,7 +78,7 @@ def require_label_studio_auth(request: Request) -> None:
     if scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # bad base64, a non-ASCII header value, or not UTF-8 inside: no credentials
             pass
     ok_user = hmac.compare_digest(user.encode(), expected[0].encode())
     ok_pass = hmac.compare_digest(password.encode(), expected[1].encode())
@@ -170,8 +169,8 @@ async def _on_import(request: Request, engine, model: str, body: dict) -> str | 
     if len(tasks) > cfg.max_task_ids:
         raise PayloadTooLarge(f"{len(tasks)} tasks, over labelstudio.jobs.max_task_ids ({cfg.max_task_ids})")
     ids = [t.get("id") if isinstance(t, dict) else None for t in tasks]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
-        raise InvalidRequest("every task of TASKS_CREATED needs a positive integer 'id'")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
+        raise InvalidRequest("every task of TASKS_CREATED needs a positive integer 'id' below 2**63")
     runner = await _jobs(request)
     view = runner.submit(model, JobSpec(project=project_id, task_ids=tuple(sorted(set(ids))), origin="on_import"))
     return view.id
