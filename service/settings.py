@@ -325,6 +325,17 @@ class LabelStudioSettings(_Strict):
     max_label_config_bytes: int = Field(512 * 1024, ge=64)
     jobs: LabelStudioJobSettings = LabelStudioJobSettings()
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str | None) -> str | None:
+        import urllib.parse
+
+        if url is not None and "@" in urllib.parse.urlsplit(url).netloc:
+            # httpx would send them as Basic auth in place of api_key, and URLs reach logs.
+            raise ValueError("must not carry user:password@; give Label Studio's token in labelstudio.api_key "
+                             "(LABEL_STUDIO_API_KEY)")
+        return url
+
     @field_validator("fetch_allow")
     @classmethod
     def _allow_entries(cls, entries: list[str]) -> list[str]:

@@ -255,6 +255,7 @@ def test_unsupported_references():
     ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("10.1.2.3", "private"),
     ("192.168.0.1", "private"), ("172.16.0.1", "private"), ("fd00::1", "private"), ("224.0.0.1", "multicast"),
     ("0.0.0.0", "unspecified"), ("240.0.0.1", "reserved"), ("100.64.0.1", "not globally routable"),
+    ("fec0::1", "site-local or 6to4"), ("2002:7f00:1::", "site-local or 6to4"), ("192.88.99.1", "6to4 relay anycast"),
 ])
 def test_non_public_addresses_named(address, reason):
     import ipaddress
@@ -277,6 +278,30 @@ def test_configured_url_host_allowed_but_a_setup_hostname_is_not(ls_url):
     assert fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=LEGACY)) == IMAGE
     with pytest.raises(FetchRefused):
         fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=LEGACY, url_trusted=False))
+
+
+def test_the_label_studio_origin_is_trusted_not_every_port_of_its_host(ls_url):
+    """Label Studio on 127.0.0.1:PORT must not open 127.0.0.1's other ports (detserve's own
+    management API among them) to task URLs or redirects from Label Studio."""
+    port = int(ls_url.rsplit(":", 1)[1])
+    other = port + 1 if port < 65535 else port - 1
+    before = FakeLabelStudio.hits
+    with pytest.raises(FetchRefused, match="127.0.0.1 is loopback"):
+        fetch(f"http://127.0.0.1:{other}/models", FetchConfig(url=ls_url, api_key=LEGACY))
+    to_other = urllib.parse.quote(f"http://127.0.0.1:{other}/models")
+    with pytest.raises(FetchRefused, match="127.0.0.1 is loopback"):
+        fetch(f"{ls_url}/redirect?to={to_other}", FetchConfig(url=ls_url, api_key=LEGACY))
+    assert FakeLabelStudio.hits - before == 1  # only Label Studio's own redirecting hop
+    assert fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=LEGACY)) == IMAGE
+
+
+def test_credentials_in_a_url_never_reach_logs_or_messages(ls_url, caplog):
+    from service.protocols.labelstudio.fetch import _redact
+
+    assert _redact("http://user:SECRET@ls.example:8080/data/x.png?sig=SECRET") == "http://ls.example:8080/data/x.png"
+    with pytest.raises(ImageFetchError) as err:
+        fetch(ls_url.replace("http://", "http://user:SECRET@") + "/missing.png", FetchConfig(allow=LOOPBACK))
+    assert "SECRET" not in str(err.value) and "SECRET" not in caplog.text
 
 
 def test_every_redirect_is_checked_and_capped(ls_url):
@@ -382,3 +407,13 @@ def test_byte_budget_is_first_come_first_served():
         assert order == ["big", "small"] and budget.used == 2 and budget.peak == 9
 
     asyncio.run(go())
+
+
+def test_a_label_studio_url_with_credentials_is_refused_at_start_up():
+    from pydantic import ValidationError
+
+    from service.settings import LabelStudioSettings
+
+    with pytest.raises(ValidationError, match="(?s)url.*must not carry user:password@.*api_key"):
+        LabelStudioSettings(url="http://admin:pw@ls.example:8080")
+    assert LabelStudioSettings(url="http://ls.example:8080").url == "http://ls.example:8080"

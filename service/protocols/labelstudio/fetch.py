@@ -64,8 +64,9 @@ class FetchConfig:
     max_redirects: int = 5
 
     def policy(self) -> AddressPolicy:
-        trusted = [origin(self.url)[1]] if self.url and self.url_trusted and origin(self.url) else []
-        return AddressPolicy(self.allow, trusted_hosts=trusted, resolve_timeout_s=self.timeout_s)
+        where = origin(self.url) if self.url and self.url_trusted else None
+        trusted = [(where[1], where[2])] if where and where[2] is not None else []
+        return AddressPolicy(self.allow, trusted_origins=trusted, resolve_timeout_s=self.timeout_s)
 
 
 def is_jwt(token: str) -> bool:
@@ -351,9 +352,11 @@ class ImageFetcher:
 
 
 def _redact(url: str) -> str:
-    """Logs get the URL without its query (presign URIs and signed URLs carry secrets there)."""
+    """Logs and job failures get the URL without its query (presign URIs and signed URLs carry
+    secrets there) and without user:password@ (a task URL may carry them)."""
     try:
         parts = urllib.parse.urlsplit(url[:2000])
-        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))[:300]
+        netloc = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:300]
     except ValueError:
         return url[:60] + "..."

@@ -47,7 +47,15 @@ def non_public(ip: IPAddress) -> str | None:
     for name in ("loopback", "unspecified", "link_local", "multicast", "reserved", "private"):  # private covers most
         if getattr(ip, f"is_{name}"):
             return name.replace("_", "-")
+    if isinstance(ip, ipaddress.IPv6Address) and (ip.is_site_local or ip.sixtofour is not None):
+        return "site-local or 6to4"  # deprecated, and 6to4 embeds an IPv4 address that may be private
+    if ip in _DEPRECATED_RELAY:
+        return "6to4 relay anycast"
     return None if ip.is_global else "not globally routable"
+
+
+# RFC 7526 deprecated it; Python still counts it global.
+_DEPRECATED_RELAY = ipaddress.ip_network("192.88.99.0/24")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +68,14 @@ class Pinned:
 
 
 class AddressPolicy:
-    """Allow public addresses, allow-listed networks, and trusted host names (whatever they resolve to)."""
+    """Allow public addresses, allow-listed networks and host names (on any port: the operator
+    listed them), and trusted origins: Label Studio's (host, port) whatever the host resolves to.
 
-    def __init__(self, allow: Iterable[str] = (), trusted_hosts: Iterable[str] = (), resolve_timeout_s: float = 5.0):
+    An origin, not a host: trusting "127.0.0.1" because Label Studio runs on 127.0.0.1:8089 would let
+    any caller's task URL reach every other loopback port, detserve's own management API included."""
+
+    def __init__(self, allow: Iterable[str] = (), trusted_origins: Iterable[tuple[str, int]] = (),
+                 resolve_timeout_s: float = 5.0):
         self.networks: list[IPNetwork] = []
         self.hosts: set[str] = set()
         for entry in allow:
@@ -70,12 +83,13 @@ class AddressPolicy:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 self.hosts.add(entry.lower().rstrip("."))
-        self.hosts.update(h.lower().rstrip(".") for h in trusted_hosts if h)
+        self.origins = {(h.lower().rstrip("."), port) for h, port in trusted_origins if h}
         self.resolve_timeout_s = resolve_timeout_s
 
-    def allows(self, host: str, ip: IPAddress) -> str | None:
-        """None when `host` at `ip` may be reached; else the reason it may not."""
-        if host.lower().rstrip(".") in self.hosts or any(ip in net for net in self.networks):
+    def allows(self, host: str, ip: IPAddress, port: int) -> str | None:
+        """None when `host`:`port` at `ip` may be reached; else the reason it may not."""
+        name = host.lower().rstrip(".")
+        if name in self.hosts or (name, port) in self.origins or any(ip in net for net in self.networks):
             return None
         return non_public(ip)
 
@@ -107,7 +121,7 @@ class AddressPolicy:
             addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
         reasons = []
         for ip in addresses:
-            reason = self.allows(host, ip)
+            reason = self.allows(host, ip, port)
             if reason is None:
                 return ip
             reasons.append(f"{ip} is {reason}")
