@@ -277,3 +277,34 @@ def test_large_uploads_arrive_intact_whole_or_chunked(tmp_path):
                 assert r.json()["model_version"] == hashlib.sha256(body).hexdigest(), (size, chunked)
     finally:
         proc.stop()
+
+
+def test_a_label_studio_predict_abandoned_by_its_client_stops_running(tmp_path):
+    """Label Studio gives up on a slow /predict and retries it later: the abandoned call's images must
+    not go on through the worker (here 40 tasks of 0.4 s each, one at a time: 16 s of work)."""
+    import base64
+
+    store = tmp_path / "store"
+    write_model(store, "slow", workers=1, batch={"max_batch_size": 1, "max_queue_size": 4})
+    proc = ServeProcess(store, tmp_path, config="")
+    proc.wait_ready()
+    try:
+        image = "data:image/png;base64," + base64.b64encode(b"SLEEP:0.4").decode()
+        config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                  '<Label value="a"/></RectangleLabels></View>')
+        body = {"tasks": [{"id": i, "data": {"image": image}} for i in range(1, 41)], "label_config": config}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{proc.url}/labelstudio/slow/predict", json=body, timeout=1.5)
+
+        def batches() -> float:
+            text = httpx.get(f"{proc.metrics}/metrics", timeout=5).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith('detserve_batch_size_count{model="slow"}'))
+
+        time.sleep(1.5)  # the batch on the worker when the client left finishes
+        settled = batches()
+        time.sleep(2.0)  # five more tasks' worth, had the call gone on
+        assert batches() == settled, "the abandoned call kept running images"
+        assert settled < 10
+    finally:
+        proc.stop()

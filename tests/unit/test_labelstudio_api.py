@@ -312,6 +312,45 @@ def test_too_many_tasks_is_413_naming_the_limit():
     assert resp.status_code == 413 and "labelstudio.max_tasks (3)" in resp.json()["message"]
 
 
+def test_a_config_of_more_controls_than_anyone_labels_with_is_refused():
+    controls = "".join(f'<RectangleLabels name="l{i}" toName="image"><Label value="Blob" predicted_values="blob"/>'
+                       f'</RectangleLabels>' for i in range(65))
+    config = f'<View><Image name="image" value="$image"/>{controls}</View>'
+    engine = BlobEngine()
+    task = [{"id": 1, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}}]
+    resp = client_for(engine).post("/labelstudio/blobs/predict", json=predict_body(task, config))
+    assert resp.status_code == 400 and "more than 64" in resp.json()["message"]
+    assert engine.calls == 0
+
+
+def test_the_regions_of_one_call_are_bounded(monkeypatch):
+    from service.protocols.labelstudio import backend
+
+    monkeypatch.setattr(backend, "MAX_REGIONS_PER_CALL", 3)
+    tasks = [{"id": i, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}} for i in range(1, 6)]
+    client = client_for(BlobEngine())
+    resp = client.post("/labelstudio/blobs/predict", json=predict_body(tasks))  # one region per task
+    assert resp.status_code == 413 and "exceed 3 regions" in resp.json()["message"]
+    assert client.post("/labelstudio/blobs/predict", json=predict_body(tasks[:3])).status_code == 200
+
+
+def test_a_call_past_its_deadline_is_a_504_and_starts_no_more_images(monkeypatch):
+    import dataclasses
+
+    from service.protocols.labelstudio import backend
+    from service.types import BatchSettings
+
+    monkeypatch.setattr(backend, "PREDICT_DEADLINE_S", 0.5)
+    engine = BlobEngine(delay_s=0.3)
+    # a queue of 2 gives the call one image in the engine at a time
+    engine.info = dataclasses.replace(engine.info, batch=BatchSettings(max_queue_size=2, request_timeout_ms=100))
+    tasks = [{"id": i, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}} for i in range(1, 21)]
+    resp = client_for(engine, labelstudio=ls_settings(max_concurrent_fetches=1)).post(
+        "/labelstudio/blobs/predict", json=predict_body(tasks))
+    assert resp.status_code == 504 and "deadline" in resp.json()["message"]
+    assert engine.calls <= 6  # ~0.5 s of 0.3 s images at two at a time, not 20
+
+
 # ---- wrong JSON types are 400s; one bad task URL fails only that task ----------------------------
 
 @pytest.mark.parametrize("path, body", [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...engine.api import EngineAPI
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge
+from ...errors import DeadlineExceeded, DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge
 from ...settings import LabelStudioSettings, ServerSettings
 from ...types import DetectResult, EncodedImage, ModelInfo, Priority
 from ...types import Protocol as Door
@@ -35,6 +35,9 @@ MAX_SETUP_FIELD_CHARS = 4096  # hostname, access_token
 # Label Studio waits ML_TIMEOUT_PREDICT (100 s) for a whole /predict call. Its tasks queue behind
 # each other, so the per-image default deadline would fail the tail of a large call.
 PREDICT_DEADLINE_S = 95.0
+# Regions one /predict answer may hold (~300 bytes of JSON each, built in memory before it is sent):
+# 10,000 tasks of 100 detections each would be a 300 MB answer.
+MAX_REGIONS_PER_CALL = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +199,8 @@ class LabelStudioBackend:
         async with pinned_client(verify=config.verify_ssl, timeout_s=config.timeout_s) as client:
             call_bytes = ByteBudget(self.settings.max_call_bytes)
             fetcher = ImageFetcher(config, client, self.tokens, budgets=(call_bytes, self.image_bytes))
-            run = PredictRun(engine, info, controls, fetcher, request_id, self.settings.max_concurrent_fetches)
+            run = PredictRun(engine, info, controls, fetcher, request_id, self.settings.max_concurrent_fetches,
+                             max_regions=MAX_REGIONS_PER_CALL)
             predictions = await run.all(tasks)
         log.info(
             "label studio predict %s: model %s, %d tasks, %d without an image, %.2f s, peak %d image bytes held",
@@ -283,7 +287,8 @@ class PredictRun:
 
     def __init__(self, engine: EngineAPI, info: ModelInfo, controls: list[BoundControl], fetcher: ImageFetcher,
                  request_id: str, max_concurrent_fetches: int, *, max_in_flight: int | None = None,
-                 priority: Priority = Priority.NORMAL, image_timeout_s: float | None = None, strict: bool = False):
+                 priority: Priority = Priority.NORMAL, image_timeout_s: float | None = None, strict: bool = False,
+                 max_regions: int | None = None):
         self.engine = engine
         self.info = info
         self.controls = controls
@@ -292,11 +297,14 @@ class PredictRun:
         self.failed = 0
         # No class filter here: the regions stay exactly what /predictions returns for the image.
         self.options = detect_options(controls)
-        self.deadline = time.monotonic() + max(PREDICT_DEADLINE_S, info.batch.request_timeout_ms / 1000)
+        self.deadline_s = max(PREDICT_DEADLINE_S, info.batch.request_timeout_ms / 1000)
+        self.deadline = time.monotonic() + self.deadline_s
         # Only background work names a priority: engines that predate priorities still serve /predict.
         self._priority = {"priority": priority} if priority is not Priority.NORMAL else {}
         self.image_timeout_s = image_timeout_s
         self.strict = strict
+        self.max_regions = max_regions  # for the whole call (jobs write task by task: None)
+        self.regions = 0
         self.fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         detect_slots = max(1, info.batch.max_queue_size // 2)  # room for other traffic
         if max_in_flight is not None:
@@ -331,6 +339,10 @@ class PredictRun:
             item = await self._predict_image(task_id, data.get(key, data.get(UNDEFINED_KEY)), key, controls)
             regions.extend(item["result"])
             scores.extend(r["score"] for r in item["result"])
+        self.regions += len(regions)
+        if self.max_regions is not None and self.regions > self.max_regions:
+            raise PayloadTooLarge(f"the predictions of this call exceed {self.max_regions} regions; select fewer tasks "
+                                  "per 'Retrieve Predictions', or pre-annotate the project with a job (POST .../jobs)")
         score = round(sum(scores) / len(scores), 5) if scores else 0.0
         return {"result": regions, "score": score, "model_version": self.info.version}
 
@@ -343,6 +355,10 @@ class PredictRun:
         return task_prediction(result, controls, self.info.version)
 
     async def _detect(self, task_id, ref, key: str) -> DetectResult | None:
+        if self.image_timeout_s is None and time.monotonic() >= self.deadline:
+            # The call as a whole is over its deadline: fail it (504), do not start another image.
+            raise DeadlineExceeded(f"/predict {self.request_id} ran past its {self.deadline_s:.0f} s deadline; "
+                                   "select fewer tasks per 'Retrieve Predictions'")
         try:
             if ref is None:
                 raise InvalidRequest(f"task data has no '{key}' field")
@@ -356,7 +372,7 @@ class PredictRun:
                         self.options,
                         protocol=Door.LABELSTUDIO,
                         request_id=f"{self.request_id}-{str(task_id)[:40]}",
-                        timeout_s=self.image_timeout_s or max(1.0, self.deadline - time.monotonic()),
+                        timeout_s=self.image_timeout_s or max(0.001, self.deadline - time.monotonic()),
                         **self._priority,
                     )
             return results[0]

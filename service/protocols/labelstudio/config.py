@@ -24,6 +24,10 @@ SCORE_THRESHOLD_ATTR = "model_score_threshold"
 SKIP_ATTR = "model_skip"
 # control-tag attribute -> the request option it sets
 TILING_ATTRS = {"model_tile": "tile", "model_tile_overlap": "tile_overlap", "model_tile_merge": "tile_merge"}
+# Every control of an image gets the image's detections as its own regions, and each <Image> is
+# fetched and detected per task: a 512 KiB config of 2,400 controls turned one task into 240,000
+# regions. Real configs have a handful.
+MAX_CONTROLS = 64
 
 
 class ControlKind(str, enum.Enum):
@@ -124,6 +128,9 @@ def parse_label_config(text: str) -> tuple[ControlTag, ...]:
         to_name = next((n for n in to_names if n in images), None)
         if to_name is None:
             continue
+        if len(controls) == MAX_CONTROLS:
+            raise ConfigInvalid(f"the labelling config has more than {MAX_CONTROLS} object-detection controls on "
+                                f"<Image> tags; detserve predicts for at most {MAX_CONTROLS}")
         labels = tuple(
             LabelTag(
                 value=label.get("value"),

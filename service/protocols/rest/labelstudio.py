@@ -15,25 +15,28 @@ send, so the 401 says how to configure Basic auth), unless `labelstudio.allow_un
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
 import time
-
-import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
 
 from ...engine.dataplane import dataplane_for
-from ...errors import DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge, Unauthenticated, http_status
+from ...errors import (ClientClosedRequest, DetserveError, InvalidRequest, ModelNotReady, PayloadTooLarge,
+                       Unauthenticated, http_status)
 from ...types import Protocol as Door
 from ..labelstudio.backend import LabelStudioBackend, basic_auth_credentials
 from ..labelstudio.jobs import JobRunner, default_store_path, parse_job_request
 from ..labelstudio.jobstore import JobSpec, JobStore
 
 log = logging.getLogger("detserve.labelstudio")
+T = TypeVar("T")
 
 NO_BASIC_AUTH_HINT = (
     "bearer tokens are on (auth.inference_tokens) and Label Studio cannot send them: set "
@@ -117,13 +120,35 @@ async def setup(model: str, request: Request) -> dict:
     return _backend(request).setup(_engine(request), model, await _json_body(request))
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, stopped when the client hangs up first: Label Studio gives up on a slow /predict and
+    retries it later, and the abandoned call's fetches and detections must not run on meanwhile."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # the body is read already; nothing else arrives but the disconnect
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientClosedRequest("the client closed the connection before /predict finished") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 @router.post("/predict")
 async def predict(model: str, request: Request) -> dict:
     started = time.perf_counter()
     code = 500
     try:
         body = await _json_body(request)
-        result = await _backend(request).predict(_engine(request), request.app.state.settings, model, body)
+        result = await _unless_disconnected(
+            request, _backend(request).predict(_engine(request), request.app.state.settings, model, body))
         code = 200
         return result
     except DetserveError as err:
