@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 
 import numpy as np
 import simplejpeg
@@ -195,9 +196,15 @@ def jpeg_exif_orientation(data: bytes) -> int:
 
 
 # A client-sized image may hold any number of chunks; reading metadata must stay cheap whatever it
-# holds. Past this many, the orientation reads as 1 and the worker's check of the decoded size
+# holds. Past these bounds the orientation reads as 1, and the worker's check of the decoded size
 # against the declared one (DecodedImages.crop) refuses a disagreement with a 400.
 MAX_METADATA_CHUNKS = 4096
+MAX_PNG_TEXT_CHUNKS = 8  # orientation-bearing text chunks copied into the probe, each at most:
+MAX_PNG_TEXT_BYTES = 1 << 20
+# Where Pillow finds a PNG's orientation: eXIf, XMP in iTXt, ImageMagick's "Raw profile type exif".
+_PNG_ORIENTATION_TEXT = (b"XML:com.adobe.xmp\x00", b"Raw profile type exif\x00")
+_PNG_EMPTY_IDAT = struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))
+_PNG_IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 
 
 def png_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -208,37 +215,54 @@ def png_dimensions(data: bytes) -> tuple[int, int] | None:
 
 
 def png_exif_orientation(data: bytes) -> int:
-    """The EXIF orientation of a PNG (its last eXIf chunk, before or after the pixels, as Pillow
-    reads it once decoded), walking chunk headers only; 1 when absent or unreadable."""
-    pos, found = 8, 1
+    """The EXIF orientation the worker's Pillow decode will apply to a PNG, without decoding it.
+
+    Pillow reads orientation from an eXIf chunk, XMP or a "Raw profile type exif" text chunk, before
+    or after the pixel data, but finds those after it only by decoding every pixel. So the chunks
+    that can carry it are copied, behind the IHDR, into a probe PNG with no pixel data, whose EXIF
+    Pillow reads as it would the real file's; 1 when there are none."""
+    if png_dimensions(data) is None:
+        return 1
+    kept, texts, pos = [data[8:33]], 0, 8  # IHDR: length, type, 13 bytes, CRC
     for _ in range(MAX_METADATA_CHUNKS):
         if pos + 8 > len(data):
             break
         (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
         if kind == b"eXIf":
-            found = _tiff_orientation(_without_exif_header(data[pos + 8:pos + 8 + length]))
+            kept.append(data[pos:pos + 12 + length])
+        elif (kind in (b"iTXt", b"zTXt", b"tEXt") and body.startswith(_PNG_ORIENTATION_TEXT)
+              and length <= MAX_PNG_TEXT_BYTES and texts < MAX_PNG_TEXT_CHUNKS):
+            kept.append(data[pos:pos + 12 + length])
+            texts += 1
         elif kind == b"IEND":
             break
         pos += 12 + length  # length, type, data, CRC
-    return found
+    if len(kept) == 1:
+        return 1
+    probe = data[:8] + b"".join(kept) + _PNG_EMPTY_IDAT + _PNG_IEND
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(probe)) as opened:
+                # Image.getexif, not PngImageFile's: that one decodes the (absent) pixels first.
+                value = Image.Image.getexif(opened).get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the worker's size check has the last word
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def webp_exif_orientation(data: bytes) -> int:
-    """The EXIF orientation from a WebP's EXIF chunk (RIFF chunk headers only); 1 when absent."""
-    pos = 12
-    for _ in range(MAX_METADATA_CHUNKS):
-        if pos + 8 > len(data):
-            break
-        kind, (length,) = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])
-        if kind == b"EXIF":
-            return _tiff_orientation(_without_exif_header(data[pos + 8:pos + 8 + length]))
-        pos += 8 + length + (length & 1)  # payloads are padded to an even size
-    return 1
-
-
-def _without_exif_header(payload: bytes) -> bytes:
-    # Some writers keep JPEG's APP1 signature in front of the TIFF structure; Pillow accepts both.
-    return payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+    """The EXIF orientation of a WebP as the worker's Pillow decode applies it (EXIF or XMP chunk);
+    Pillow reads a WebP's metadata when it opens it, without decoding pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as opened:
+                value = opened.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _tiff_orientation(tiff: bytes) -> int:
@@ -249,8 +273,8 @@ def _tiff_orientation(tiff: bytes) -> int:
         for i in range(count):
             entry = ifd_offset + 2 + 12 * i
             tag, typ, _ = struct.unpack(order + "HHI", tiff[entry : entry + 8])
-            if tag == _ORIENTATION_TAG and typ == 3:  # SHORT
-                (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            if tag == _ORIENTATION_TAG and typ in (3, 4):  # SHORT, or LONG as some writers store it
+                (value,) = struct.unpack(order + ("H" if typ == 3 else "I"), tiff[entry + 8 : entry + 8 + (2 if typ == 3 else 4)])
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error):
         pass

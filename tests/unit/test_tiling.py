@@ -111,6 +111,71 @@ def _png_exif_after_the_pixels(data: bytes) -> bytes:
     return data[:8] + b"".join(rest[:-1] + exif + rest[-1:])  # ... IDAT, eXIf, IEND
 
 
+def _png_with_text_after_the_pixels(keyword: str, text: str, compressed: bool) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if keyword.startswith("XML"):
+        info.add_itxt(keyword, text, zip=compressed)
+    else:
+        info.add_text(keyword, text, zip=compressed)
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((100, 200, 3), np.uint8)).save(out, "PNG", pnginfo=info)
+    data = out.getvalue()
+    import struct
+
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    text_chunks = [c for c in chunks if c[4:8] in (b"iTXt", b"zTXt", b"tEXt")]
+    rest = [c for c in chunks if c not in text_chunks]
+    return data[:8] + b"".join(rest[:-1] + text_chunks + rest[-1:])
+
+
+XMP_ORIENTATION_6 = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                     '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
+def _raw_exif_profile(orientation: int) -> str:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = exif.tobytes()
+    return f"\nexif\n{len(raw):8d}\n" + raw.hex() + "\n"  # ImageMagick's "Raw profile type exif"
+
+
+@pytest.mark.parametrize("encoded", [
+    _png_with_text_after_the_pixels("XML:com.adobe.xmp", XMP_ORIENTATION_6, compressed=False),
+    _png_with_text_after_the_pixels("XML:com.adobe.xmp", XMP_ORIENTATION_6, compressed=True),
+    _png_with_text_after_the_pixels("Raw profile type exif", _raw_exif_profile(8), compressed=True),
+], ids=["png-xmp", "png-xmp-compressed", "png-imagemagick-exif"])
+def test_orientation_in_png_text_chunks_is_read_as_pillow_reads_it(encoded):
+    from service.pipeline.decode import decode_image
+
+    height, width = decode_image(encoded, max_pixels=10**8).shape[:2]
+    assert (width, height) == (100, 200)  # turned by 90 degrees
+    assert image_size(EncodedImage(encoded), 10**8) == (width, height)
+
+
+def test_an_exif_orientation_stored_as_long_turns_the_image_as_pillow_does():
+    """Some writers store Orientation as LONG rather than SHORT; Pillow honours it, so must we."""
+    import struct
+
+    from PIL import ImageOps
+
+    from service.pipeline.decode import decode_image
+
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x04\x00\x00\x00\x01\x00\x00\x00\x06" + b"\x00" * 4
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\x00\x00" + tiff
+    plain = _encoded("JPEG", 200, 100)
+    encoded = plain[:2] + app1 + plain[2:]
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(encoded))).size == (100, 200)
+    height, width = decode_image(encoded, max_pixels=10**8).shape[:2]
+    assert (width, height) == (100, 200)
+    assert image_size(EncodedImage(encoded), 10**8) == (100, 200)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 @pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])
 def test_the_declared_size_is_the_size_the_worker_decodes(fmt, orientation):
@@ -132,8 +197,10 @@ def test_the_declared_size_never_decodes_pixels(monkeypatch):
     def no_decoding(self, *args, **kwargs):
         raise AssertionError("image_size decoded pixels")
 
+    from PIL import ImageFile
+
     monkeypatch.setattr(Image.Image, "load", no_decoding)
-    monkeypatch.setattr(Image.Image, "getexif", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # what PngImageFile.getexif() would run
     assert image_size(EncodedImage(big), 10**8) == (3000, 2000)
     assert image_size(EncodedImage(turned), 10**8) == (200, 300)
     with pytest.raises(errors.ImageTooLarge, match="3000x2000"):
