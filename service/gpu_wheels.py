@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 # What `service` imports at run time (pyproject's dependencies), minus grpcio-tools (stub generation only).
-ROOTS = ("fastapi", "uvicorn", "httptools", "python-multipart", "grpcio", "grpcio-health-checking",
+# httptools and uvloop come with uvicorn[standard]: named here, since extras are not followed.
+ROOTS = ("fastapi", "uvicorn", "httptools", "uvloop", "python-multipart", "grpcio", "grpcio-health-checking",
          "grpcio-reflection", "protobuf", "pydantic", "pydantic-settings", "prometheus-client", "pycocotools",
          "orjson", "simplejpeg", "httpx", "tqdm")
 # On the GPU machine already, and large: carrying them would shadow a CUDA-matched build or not fit.

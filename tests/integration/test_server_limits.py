@@ -121,6 +121,10 @@ def test_headers_over_the_size_or_count_limit_get_431(server):
     v2.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
     status, body = _status_and_json(_read_all(v2, 5))
     assert status == 431 and body["error"] == body["message"]
+    long_url = _connect(server)  # refused while the request line itself is parsed
+    long_url.sendall(b"POST /v2/models/m/infer?x=" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = _status_and_json(_read_all(long_url, 5))
+    assert status == 431 and body["error"] == body["message"]
     # Headers within the limits still work.
     assert httpx.get(f"{server.url}/ping", headers={f"x-{i}": "v" for i in range(20)}, timeout=5).status_code == 200
 

@@ -41,7 +41,8 @@ def make_wheel(folder: Path, name: str = "carried_probe", version: str = "1.0") 
 
 def test_the_closure_pins_the_serving_stack_as_installed_here_and_leaves_the_frameworks_out():
     pins = closure()
-    for name in ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "pycocotools", "grpcio", "protobuf"):
+    for name in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "pydantic-core", "pycocotools",
+                 "grpcio", "protobuf"):
         assert pins[name] == metadata.version(name), name
     for framework in ("torch", "torchvision", "numpy", "onnxruntime-gpu", "opencv-python-headless", "pillow"):
         assert framework not in pins

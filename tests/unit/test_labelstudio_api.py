@@ -214,6 +214,20 @@ def test_allow_listed_hosts_are_fetched():
     assert len(resp.json()["results"][0]["result"]) == 1 and len(seen) == 1
 
 
+def test_credentials_in_label_studio_url_from_the_environment_never_replace_the_token(monkeypatch, caplog):
+    """labelstudio.url refuses user:pw@ at start-up; LABEL_STUDIO_URL is read per call, so there
+    they are dropped: httpx would otherwise send them as Basic auth in place of the API key."""
+    image = png_bytes(20, 20, (2, 2, 10, 10))
+    with recording_server({"/data/upload/1/a.png": (200, image, "image/png")}) as (host, seen):
+        monkeypatch.setenv("LABEL_STUDIO_URL", host.replace("http://", "http://admin:SECRET@"))
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", "a" * 40)
+        resp = client_for(BlobEngine()).post("/labelstudio/blobs/predict",
+                                             json=predict_body([{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]))
+    assert len(resp.json()["results"][0]["result"]) == 1
+    assert [r.headers.get("Authorization") for r in seen] == ["Token " + "a" * 40]
+    assert "SECRET" not in caplog.text
+
+
 # ---- bearer tokens on: Label Studio routes need their own auth -----------------------------------
 
 def test_tokens_on_without_basic_auth_refuses_and_runs_nothing():

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import time
+import urllib.parse
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,6 +66,24 @@ def basic_auth_credentials(settings: ServerSettings) -> tuple[str, str] | None:
     return (user, password or "") if user else None
 
 
+def _without_userinfo(url: str | None) -> str | None:
+    """`url` less any user:password@. labelstudio.url refuses them at start-up; from the
+    environment or a /setup hostname they are dropped instead: httpx would send them as Basic auth
+    in place of the token, and the URL reaches logs."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    if not _USERINFO_WARNED:
+        _USERINFO_WARNED.append(True)
+        log.warning("ignoring user:password@ in the Label Studio URL: give its token as LABEL_STUDIO_API_KEY")
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+_USERINFO_WARNED: list[bool] = []  # once per process: the URL is read on every call
+
+
 def fetch_config(settings: ServerSettings, setup: ProjectSetup | None = None) -> FetchConfig:
     """Where task images come from and with which credentials.
 
@@ -72,14 +91,14 @@ def fetch_config(settings: ServerSettings, setup: ProjectSetup | None = None) ->
     caller of /setup: it is used only when no URL is configured and `allow_setup_hostname` is set,
     and then only with the token that same caller sent."""
     ls = settings.labelstudio
-    url = ls.url or _env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
+    url = ls.url or _without_userinfo(_env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"))
     api_key = ls.api_key or _env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
     trusted = True
     if url:
         # The caller's own token, to the configured address only.
         api_key = api_key or (setup.access_token if setup else None)
     elif ls.allow_setup_hostname and setup and setup.hostname:
-        url, api_key, trusted = setup.hostname, setup.access_token, False
+        url, api_key, trusted = _without_userinfo(setup.hostname), setup.access_token, False
     else:
         api_key = None  # nowhere it may go
     root = ls.document_root or _env("LOCAL_FILES_DOCUMENT_ROOT")

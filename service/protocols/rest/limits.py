@@ -86,8 +86,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # data_received counts the bytes of headers still arriving; these count the parsed ones, so
     # headers that arrive whole in one read (or behind a keep-alive request) meet the same limit.
     def on_url(self, url: bytes) -> None:
+        super().on_url(url)  # first: a refusal reads the path (the V2 "error" field) from self.url
         self._count_parsed(len(url))
-        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_parsed(len(name) + len(value) + 4)
