@@ -88,11 +88,18 @@ def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Offsets of the tiles along one axis: as few as keep consecutive tiles sharing at least
     `overlap * tile` pixels, spread evenly so the last one ends exactly at the border (no tile hangs
     over the edge or is padded, and no object is seen only in a thin sliver at the end)."""
-    if length <= tile:
+    count = axis_count(length, tile, overlap)
+    if count == 1:
         return [0]
-    stride = max(1.0, tile * (1.0 - overlap))
-    count = math.ceil((length - tile) / stride) + 1
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def axis_count(length: int, tile: int, overlap: float) -> int:
+    """How many tiles `axis_starts` places, without placing them."""
+    if length <= tile:
+        return 1
+    stride = max(1.0, tile * (1.0 - overlap))
+    return math.ceil((length - tile) / stride) + 1
 
 
 def tile_layout(width: int, height: int, tile: int, overlap: float) -> list[TileWindow]:
@@ -187,11 +194,14 @@ def plan_tiles(image: ImageInput, options: DetectOptions, tiling, *, input_size:
     width, height = image_size(image, max_pixels)
     if max(width, height) <= threshold:
         return None
-    windows = tile_layout(width, height, side, overlap)
-    if len(windows) > tiling.max_tiles:
+    # Counted before any window is built: this runs on the front's event loop, and a 2 KB header
+    # declaring 40 MP at 32 px tiles would otherwise build 155,688 windows (0.27 s) for a 413.
+    count = axis_count(width, side, overlap) * axis_count(height, side, overlap)
+    if count > tiling.max_tiles:
         raise errors.PayloadTooLarge(
-            f"a {width}x{height} image cut into {side} px tiles with overlap {overlap} needs {len(windows)} tiles, "
+            f"a {width}x{height} image cut into {side} px tiles with overlap {overlap} needs {count} tiles, "
             f"more than this model's tiling.max_tiles ({tiling.max_tiles}); use a larger tile side")
+    windows = tile_layout(width, height, side, overlap)
     if tiling.full_pass:
         windows.append(TileWindow(0, 0, width, height))
     merge = options.tile_merge or tiling.merge

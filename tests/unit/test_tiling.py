@@ -231,10 +231,26 @@ def test_bad_tile_options_are_invalid_requests(options):
         plan_tiles(RawImage(b"", 3000, 4000), options, TilingConfig(), input_size=320, max_pixels=10**8)
 
 
-def test_too_many_tiles_is_payload_too_large():
-    with pytest.raises(errors.PayloadTooLarge, match="max_tiles"):
-        plan_tiles(RawImage(b"", 3000, 4000), DetectOptions(tile=64), TilingConfig(), input_size=320,
-                   max_pixels=10**8)
+def test_too_many_tiles_is_payload_too_large_and_refused_before_any_window_is_built(monkeypatch):
+    """The refusal runs on the front's event loop: a 2 KB header declaring 40 MP at 32 px tiles with
+    0.5 overlap means 155,688 windows, so they must be counted, not built, to say no."""
+    from service.pipeline import tiling
+
+    def no_layout(*args):
+        raise AssertionError("windows built for a refused plan")
+
+    monkeypatch.setattr(tiling, "tile_layout", no_layout)
+    with pytest.raises(errors.PayloadTooLarge, match="needs 155688 tiles.*max_tiles"):
+        plan_tiles(RawImage(b"", 5000, 8000), DetectOptions(tile=32, tile_overlap=0.5), TilingConfig(),
+                   input_size=320, max_pixels=10**8)
+
+
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 100, 321, 1000, 4000])
+@pytest.mark.parametrize("tile, overlap", [(32, 0.0), (32, 0.5), (320, 0.2), (320, 0.9)])
+def test_the_tile_count_is_the_number_of_tiles_placed(length, tile, overlap):
+    from service.pipeline.tiling import axis_count
+
+    assert axis_count(length, tile, overlap) == len(axis_starts(length, tile, overlap))
 
 
 def test_decoded_images_decode_once_per_key_and_stay_bounded():
