@@ -167,8 +167,10 @@ class _PoolBase:
             raise errors.ConfigError(f"model {self.cfg.name!r}: {reason}")
 
     def submit(self, worker_id: int, request: BatchRequest, deadline: float = float("inf")) -> None:
-        """`deadline` (monotonic): when the batch's last request gives up; a batch still running well
-        after it is treated as hung even while heartbeats arrive (a predictor stuck in native code)."""
+        """`deadline` (monotonic): how long the batch may run at all (the engine passes dispatch time +
+        the model's request_timeout_ms); a batch still running well after it is treated as hung even
+        while heartbeats arrive (a predictor stuck in native code). Not the clients' deadlines: a client
+        asking for 200 ms gets its 504, and the worker finishing a long batch is not hung."""
         seat = self._seat(worker_id)
         if seat is None or seat.state != "ready" or seat.batch is not None:
             raise RuntimeError(f"worker {worker_id} cannot take a batch now")
@@ -326,9 +328,20 @@ class ProcessPool(_PoolBase):
         interval, timeout = self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s
         suspect_after = min(interval * HEARTBEAT_MISSES_UNTIL_SUSPECT, timeout)
         tick = min(0.25, interval / 2)  # a missed beat is noticed within a quarter second
+        last = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            stalled, last = now - last - tick, now
+            if stalled > interval:
+                # The event loop itself was blocked (a long request handler, a GC pause): the beats
+                # sent meanwhile sit unread in the pipes, and this wake-up can run before the reader
+                # does. The front's stall is not the workers' silence: forgive it, judge next tick.
+                for seat in self._seats:
+                    if seat.handle is not None:
+                        seat.handle.last_heartbeat = max(seat.handle.last_heartbeat, now - interval)
+                    seat.batch_deadline += stalled
+                continue
             changed = False
             for seat in list(self._seats):
                 handle = seat.handle
@@ -344,7 +357,7 @@ class ProcessPool(_PoolBase):
                 if silent > timeout:
                     handle.kill(f"missed heartbeats for {silent:.1f} s")
                 elif seat.batch is not None and now > seat.batch_deadline + timeout:
-                    handle.kill("batch still running past its requests' deadline")
+                    handle.kill("batch still running past the model's request_timeout_ms")
                 elif silent > suspect_after and not seat.suspect:
                     seat.suspect = changed = True
                     log.warning("worker %d of %s missed heartbeats for %.1f s: not live until it answers",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import time
 
 import pytest
 
@@ -81,18 +83,67 @@ def test_an_image_that_kills_its_worker_fails_fast_after_one_retry(tmp_path):
 
 
 def test_a_hung_worker_is_killed_and_its_request_answered(tmp_path):
-    write_model(tmp_path, "proc-hang", workers=1, batch={"max_batch_size": 1})
+    write_model(tmp_path, "proc-hang", workers=1, batch={"max_batch_size": 1, "request_timeout_ms": 2000})
 
     async def scenario():
         async with running_engine(tmp_path, inline=False, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0) as engine:
             with pytest.raises((errors.WorkerDied, errors.DeadlineExceeded)):
-                await engine.detect("proc-hang", [image(b"HANG")], timeout_s=2)
-            # Heartbeats still flow (the predictor sleeps): the batch outliving its deadline is the tell.
+                await engine.detect("proc-hang", [image(b"HANG")])
+            # Heartbeats still flow (the predictor sleeps): a batch outliving the model's
+            # request_timeout_ms is the tell.
             await wait_until(lambda: engine.model_ready("proc-hang")
                              and engine.model_info("proc-hang").workers[0].restarts >= 1)
             assert len(await engine.detect("proc-hang", [image(b"ok")])) == 1
 
     run(scenario())
+
+
+def test_a_client_deadline_shorter_than_the_batch_does_not_kill_the_worker(tmp_path):
+    write_model(tmp_path, "proc-slow", workers=1, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0) as engine:
+            with pytest.raises(errors.DeadlineExceeded):
+                await engine.detect("proc-slow", [image(b"SLEEP:2.5")], timeout_s=0.2)
+            await asyncio.sleep(3.0)  # the batch finishes on a worker that was never hung
+            assert engine.model_info("proc-slow").workers[0].restarts == 0
+            assert len(await engine.detect("proc-slow", [image(b"ok")])) == 1
+
+    run(scenario())
+
+
+def test_a_stalled_event_loop_is_not_blamed_on_the_workers(tmp_path):
+    """Beats sent while the front's loop was blocked sit unread in the pipes; the supervisor's first
+    wake-up after the stall must not take that for silence and kill healthy workers."""
+    write_model(tmp_path, "proc-stall", workers=2)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0) as engine:
+            # A stall inside an I/O callback, as a request handler woken by its body runs: the
+            # supervisor's next wake-up then comes before the pipes are read again. Whether a beat
+            # was read just before depends on timing, so the stall is repeated.
+            loop = asyncio.get_running_loop()
+            ours, theirs = socket.socketpair()
+            loop.add_reader(ours, lambda: (ours.recv(1), time.sleep(1.5)))
+            try:
+                for _ in range(5):
+                    theirs.send(b"x")
+                    await asyncio.sleep(2.0)
+            finally:
+                loop.remove_reader(ours)
+                ours.close()
+                theirs.close()
+            await asyncio.sleep(1.5)
+            assert [w.restarts for w in engine.model_info("proc-stall").workers] == [0, 0]
+            assert len(await engine.detect("proc-stall", [image(b"ok")])) == 1
+
+    # uvloop, as `detserve serve` runs: it wakes timers before it polls the pipes.
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
 
 
 def test_queue_full_and_expiry_with_worker_processes(tmp_path):
