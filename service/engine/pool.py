@@ -97,6 +97,9 @@ class _PoolBase:
         self._seats: list[_Seat] = []
         self._next_id = 0
         self._stopping = False
+        # One scale at a time: a scale-down racing a scale-up used to retire the workers the other
+        # was still waiting for, and the scale-up answered a false "not ready within 120 s".
+        self._scaling = asyncio.Lock()
 
     # -- what the engine reads -------------------------------------------------------------
     def idle_workers(self) -> list[WorkerLoad]:
@@ -124,7 +127,11 @@ class _PoolBase:
 
     async def scale(self, count: int) -> None:
         """Grow (waiting until the new workers are ready) or shrink (idle workers first; busy ones
-        finish their batch first)."""
+        finish their batch first). Concurrent calls run one after the other, in order."""
+        async with self._scaling:
+            await self._scale(count)
+
+    async def _scale(self, count: int) -> None:
         active = [s for s in self._seats if not s.retiring]
         new = []
         for _ in range(count - len(active)):

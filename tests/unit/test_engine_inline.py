@@ -182,6 +182,21 @@ def test_runtime_batch_settings_are_validated_and_applied(tmp_path):
     run(scenario())
 
 
+def test_racing_scale_calls_run_in_order_and_both_succeed(tmp_path):
+    write_model(tmp_path, "inl-race", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True, factory_kwargs={"load_delay_s": 0.3}) as engine:
+            up = asyncio.create_task(engine.scale_workers("inl-race", 3))
+            await asyncio.sleep(0.05)  # the two new workers are loading
+            down = asyncio.create_task(engine.scale_workers("inl-race", 1))
+            await asyncio.gather(up, down)  # neither fails with a false "not ready"
+            await asyncio.sleep(0.05)
+            assert len(engine.model_info("inl-race").workers) == 1 and engine.model_ready("inl-race")
+
+    run(scenario())
+
+
 def test_scale_unload_and_load_at_runtime(tmp_path):
     write_model(tmp_path, "inl-scale", workers=1)
 
