@@ -297,18 +297,31 @@ def test_a_label_studio_predict_abandoned_by_its_client_stops_running(tmp_path):
         config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
                   '<Label value="a"/></RectangleLabels></View>')
         body = {"tasks": [{"id": i, "data": {"image": image}} for i in range(1, 41)], "label_config": config}
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{proc.url}/labelstudio/slow/predict", json=body, timeout=1.5)
 
         def batches() -> float:
             text = httpx.get(f"{proc.metrics}/metrics", timeout=5).text
             return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                        if line.startswith('detserve_batch_size_count{model="slow"}'))
 
-        time.sleep(1.5)  # the batch on the worker when the client left finishes
-        settled = batches()
-        time.sleep(2.0)  # five more tasks' worth, had the call gone on
-        assert batches() == settled, "the abandoned call kept running images"
-        assert settled < 10
+        def assert_stops(before: float) -> float:
+            time.sleep(1.5)  # the batch on the worker when the client left finishes
+            settled = batches()
+            time.sleep(2.0)  # five more tasks' worth, had the call gone on
+            assert batches() == settled, "the abandoned call kept running images"
+            assert settled - before < 10
+            return settled
+
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{proc.url}/labelstudio/slow/predict", json=body, timeout=1.5)
+        done = assert_stops(0)
+        # The same with a request pipelined behind it on the connection, which takes uvicorn's
+        # notion of the connection's current request.
+        payload = json.dumps(body).encode()
+        pipelined = _connect(proc)
+        pipelined.sendall(b"POST /labelstudio/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(payload) + payload + b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.5)
+        pipelined.close()
+        assert_stops(done)
     finally:
         proc.stop()

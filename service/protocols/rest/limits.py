@@ -62,6 +62,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.running_cycles: list = []  # cycles still answering behind a pipelined request (at most a few)
         # A fresh connection that sends nothing is a header read that has not finished.
         self.phase, self.phase_seen_at, self.header_bytes, self.parsed_header_bytes = _HEADERS, None, 0, 0
 
@@ -106,7 +107,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                         f"{len(self.headers)} headers; at most {self.limits.max_headers} are accepted")
             raise _Refused  # uvicorn reports it as a parser error, whose 400 send_400_response skips
         self.phase, self.phase_seen_at = _BODY, None
+        running = self.cycle
         super().on_headers_complete()
+        if running is not None and running is not self.cycle and not running.response_complete:
+            # A pipelined request took self.cycle while this one still runs: uvicorn's
+            # connection_lost would wake only the newer one, and a handler waiting for the
+            # disconnect (a long Label Studio /predict) would never hear of it.
+            self.running_cycles = [c for c in self.running_cycles if not c.response_complete] + [running]
+
+    def connection_lost(self, exc) -> None:  # type: ignore[override]
+        for cycle in self.running_cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.running_cycles.clear()
+        super().connection_lost(exc)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
