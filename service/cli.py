@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except DetserveError as exc:
         print(f"detserve: error: {exc.message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unwritable --out / --draw / --json, a missing folder: say which, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"detserve: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

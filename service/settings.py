@@ -190,6 +190,17 @@ class ModelConfig(_Strict):
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
     tiling: TilingConfig = TilingConfig()
 
+    @field_validator("weights", "classes_file")
+    @classmethod
+    def _inside_the_folder(cls, value: str | None) -> str | None:
+        from pathlib import PurePath
+
+        if value is not None and ".." in PurePath(value).parts:
+            # A relative path names a file of the model folder; an absolute one is the operator's
+            # explicit choice (a shared weights volume). Climbing out with '..' is neither.
+            raise ValueError(f"{value!r} climbs out of the model folder: give a file in it or an absolute path")
+        return value
+
     @field_validator("resize_scale")
     @classmethod
     def _bounded_scale(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -219,9 +230,11 @@ def load_model_config(folder: str | Path, **overrides) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no {MODEL_CONFIG_FILE} in model folder")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     data.setdefault("name", folder.name)
     data.update(overrides)
     try:

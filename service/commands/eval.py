@@ -17,6 +17,16 @@ def _tile(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected auto, off or a side in pixels, got {value!r}") from None
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return number
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="COCO metrics (pycocotools) of a model on a dataset")
     parser.add_argument("--model", required=True, help="model name (folder in --store) or a model folder")
@@ -25,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--store", type=Path, default=Path("models"))
     parser.add_argument("--url", default=None, help="evaluate through a server, e.g. http://host:8080")
     parser.add_argument("--token", default=None, help="bearer token for --url")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=_positive, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--tile", type=_tile, default=None,

@@ -41,8 +41,15 @@ class EvalReport:
 
 
 def load_coco(ann_file: str | Path) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+    from ..errors import InvalidRequest
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(ann_file))
+    except ValueError as exc:  # json.JSONDecodeError included
+        raise InvalidRequest(f"{ann_file}: not valid JSON: {exc}") from None
+    except (TypeError, KeyError, AttributeError, AssertionError) as exc:
+        raise InvalidRequest(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
 
 
 def category_ids_by_name(coco: COCO) -> dict[str, int]:

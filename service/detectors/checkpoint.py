@@ -18,7 +18,7 @@ from torch import nn
 from service.errors import ConfigError
 
 from .base import get_detector, list_archs
-from .safe_load import UnsafeCheckpoint, safe_torch_load
+from .safe_load import InflatingCheckpoint, UnsafeCheckpoint, safe_torch_load
 
 FORMAT = "detserve-v1"
 MMYOLO_PREFIX = "bbox_head.head_module."
@@ -42,6 +42,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         obj = safe_torch_load(path)
     except UnsafeCheckpoint as exc:
         raise ConfigError(f"refusing to load {path}: it would import or call {', '.join(exc.names)}") from None
+    except InflatingCheckpoint as exc:
+        raise ConfigError(f"refusing to load {path}: {exc}") from None
     except Exception as exc:
         reason = _unpickler_reason(exc)
         if isinstance(exc, pickle.UnpicklingError) and any(m in reason for m in _REFUSAL_MARKERS):

@@ -106,12 +106,40 @@ class UnsafeCheckpoint(pickle.UnpicklingError):
         self.names = names
 
 
+class InflatingCheckpoint(pickle.UnpicklingError):
+    """A zip checkpoint whose entries expand far beyond the file: torch.save stores them uncompressed."""
+
+
+# Room for a few compressed bytes (some tools deflate data.pkl), never a zip bomb: a 2 MB file whose
+# tensor entry was deflated expanded to 2 GiB in torch.load.
+INFLATE_SLACK_BYTES = 16 << 20
+
+
+def check_not_inflating(path: str | Path) -> None:
+    """Raise InflatingCheckpoint when a zip checkpoint's entries add up to more than the file plus
+    INFLATE_SLACK_BYTES; a legacy (non-zip) checkpoint cannot inflate."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            return
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    if expanded > size + INFLATE_SLACK_BYTES:
+        raise InflatingCheckpoint(f"its entries expand to {expanded} bytes from a file of {size} bytes "
+                                  "(torch.save stores tensors uncompressed; this looks like a zip bomb)")
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load(weights_only=True) with numpy and mmengine stand-ins allowed.
 
     Raises UnsafeCheckpoint when a static scan finds disallowed globals, else whatever torch.load raises
     (pickle.UnpicklingError for anything its unpickler refuses at run time).
     """
+    try:
+        check_not_inflating(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        pass  # not a readable zip: torch.load below produces the real error
     try:
         referenced = globals_in_checkpoint(path)
     except Exception:  # not a pickle we can scan: torch.load below produces the real error

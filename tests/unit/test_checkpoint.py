@@ -156,6 +156,23 @@ def test_pickle_that_runs_code_is_refused(tmp_path, tiny3, legacy, payload, monk
     assert not marker.exists()
 
 
+def test_a_checkpoint_whose_entries_inflate_is_refused_before_loading(tmp_path):
+    """torch.save stores tensors uncompressed: a zip whose entries expand far beyond the file is a
+    bomb (a 2 MB file expanded to 2 GiB in torch.load), refused before anything is read."""
+    import zipfile
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {"w": torch.zeros(8 << 20)}}, plain)  # 32 MiB of zeros
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ConfigError, match="expand to .* bytes from a file of"):
+        load_checkpoint(bomb)
+    assert safe_torch_load(plain)["state_dict"]["w"].numel() == 8 << 20  # stored plainly, it loads
+
+
 def test_plain_and_wrapped_state_dicts_with_module_prefix(tmp_path, tiny3):
     sd = tiny3.state_dict()
     torch.save(sd, tmp_path / "plain.pth")

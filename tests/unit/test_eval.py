@@ -88,6 +88,21 @@ def test_eval_reports_a_missing_model_clearly(dataset, capsys):
     assert "no model 'no-such-model'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, words", [("{not json", "not valid JSON"),
+                                             ('{"images": 5}', "not a COCO annotation file")])
+def test_eval_reports_a_bad_annotation_file_clearly(tmp_path, capsys, content, words):
+    ann = tmp_path / "instances.json"
+    ann.write_text(content)
+    assert main(["eval", "--model", "rtmdet", "--ann", str(ann), "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_eval_batch_size_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "rtmdet", "--ann", str(tmp_path / "x.json"), "--batch-size", "0"])
+    assert "positive whole number" in capsys.readouterr().err
+
+
 def test_recall_counts_each_ground_truth_once_with_the_right_class_above_the_score_floor(dataset):
     from service.demo.evaluate import load_coco, recall_at_iou
 

@@ -94,6 +94,21 @@ def test_bad_inputs_report_errors_and_exit_nonzero(store, image, tmp_path, capsy
     assert "not found" in capsys.readouterr().err
     assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--classes", "dog"]) == 1
     assert "dog" in capsys.readouterr().err
+    # An unwritable output is a one-line error, not a traceback.
+    assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--draw", str(tmp_path)]) == 2
+    assert "detserve: error:" in capsys.readouterr().err
+
+
+def test_bad_model_folders_are_config_errors_naming_the_file_or_field(tmp_path, capsys):
+    binary = tmp_path / "store" / "binary"
+    binary.mkdir(parents=True)
+    (binary / "model.toml").write_bytes(b'name = "x"\n' + bytes(range(128, 256)))
+    climbing = tmp_path / "store" / "climbing"
+    climbing.mkdir()
+    (climbing / "model.toml").write_text('arch = "rtmdet-tiny"\nweights = "../../../../etc/passwd"\n')
+    for folder, words in ((binary, "not valid TOML"), (climbing, "field 'weights'")):
+        assert main(["predict", str(folder / "model.toml"), "--model", str(folder)]) == 2
+        assert words in capsys.readouterr().err
 
 
 def test_console_entry_point(store, image):
