@@ -110,8 +110,16 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def download(url: str, dest: Path, *, progress: bool = True, timeout_s: float = 30.0) -> str:
-    """Stream url to dest; returns the sha256 hex digest. Raises PullError on any network failure."""
+# The largest official MMDetection checkpoint of the zoo's families is under 600 MB: a mirror (or a
+# redirect) sending more is not sending a checkpoint, and must not fill the disk.
+MAX_DOWNLOAD_BYTES = 2 << 30
+
+
+def download(url: str, dest: Path, *, progress: bool = True, timeout_s: float = 30.0,
+             max_bytes: int | None = None) -> str:
+    """Stream url to dest; returns the sha256 hex digest. Raises PullError on any network failure
+    and on a file over `max_bytes` (default MAX_DOWNLOAD_BYTES)."""
+    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
     import httpx
     from tqdm import tqdm
 
@@ -121,9 +129,16 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout_s: float = 
             if response.status_code != 200:
                 raise PullError(f"download of {url} failed: HTTP {response.status_code}")
             total = int(response.headers.get("content-length") or 0) or None
+            too_big = PullError(f"{url} is over {max_bytes} bytes: not a checkpoint of the zoo's families")
+            if total is not None and total > max_bytes:
+                raise too_big
+            written = 0
             with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                                desc=dest.name, disable=not progress) as bar:
                 for chunk in response.iter_bytes(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise too_big
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))

@@ -72,6 +72,20 @@ def test_pull_cli_rejects_a_file_whose_hash_does_not_match_its_name(served, tmp_
     assert list(tmp_path.iterdir()) == []  # nothing half-written in the store
 
 
+def test_a_download_over_the_size_cap_stops_and_leaves_nothing(served, tmp_path, monkeypatch):
+    from service.demo import zoo as zoo_module
+
+    base_url, good = served
+    monkeypatch.setattr(zoo_module, "MAX_DOWNLOAD_BYTES", 1000)  # the served checkpoint is far larger
+    zoo = {"rtmdet-tiny-coco": ZooEntry("rtmdet-tiny-coco", "rtmdet-tiny", good)}
+    with pytest.raises(PullError, match="over 1000 bytes"):
+        zoo_module.download(base_url + good, tmp_path / "x.pth", progress=False, max_bytes=1000)
+    store = tmp_path / "store"
+    with pytest.raises(PullError, match="over"):
+        pull("rtmdet-tiny", store, base_url=base_url, progress=False, zoo=zoo)
+    assert list(store.iterdir()) == []
+
+
 def test_pull_cli_without_network_fails_with_a_clear_message(tmp_path, capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
