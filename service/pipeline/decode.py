@@ -232,10 +232,9 @@ def png_exif_orientation(data: bytes) -> int:
         if pos + 8 > len(data):
             break
         (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
         if kind == b"eXIf":
             kept.append(data[pos:pos + 12 + length])
-        elif (kind in (b"iTXt", b"zTXt", b"tEXt") and body.startswith(_PNG_ORIENTATION_TEXT)
+        elif (kind in (b"iTXt", b"zTXt", b"tEXt") and data.startswith(_PNG_ORIENTATION_TEXT, pos + 8)
               and length <= MAX_PNG_TEXT_BYTES and texts < MAX_PNG_TEXT_CHUNKS):
             kept.append(data[pos:pos + 12 + length])
             texts += 1
@@ -244,27 +243,25 @@ def png_exif_orientation(data: bytes) -> int:
         pos += 12 + length  # length, type, data, CRC
     if len(kept) == 1:
         return 1
-    probe = data[:8] + b"".join(kept) + _PNG_EMPTY_IDAT + _PNG_IEND
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(probe)) as opened:
-                # Image.getexif, not PngImageFile's: that one decodes the (absent) pixels first.
-                value = Image.Image.getexif(opened).get(_ORIENTATION_TAG, 1)
-    except Exception:  # noqa: BLE001 - unreadable metadata: the worker's size check has the last word
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    # Image.getexif, not PngImageFile's: that one decodes the (absent) pixels first.
+    return _pillow_orientation(data[:8] + b"".join(kept) + _PNG_EMPTY_IDAT + _PNG_IEND, Image.Image.getexif)
 
 
 def webp_exif_orientation(data: bytes) -> int:
     """The EXIF orientation of a WebP as the worker's Pillow decode applies it (EXIF or XMP chunk);
     Pillow reads a WebP's metadata when it opens it, without decoding pixels."""
+    return _pillow_orientation(data, Image.Image.getexif)
+
+
+def _pillow_orientation(data: bytes, getexif) -> int:
+    """Orientation 1..8 as Pillow reads it from `data` with `getexif`; 1 when unreadable (the
+    worker's check of the decoded size against the declared one has the last word)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as opened:
-                value = opened.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # noqa: BLE001
+                value = getexif(opened).get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - unreadable metadata
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -278,7 +275,8 @@ def _tiff_orientation(tiff: bytes) -> int:
             entry = ifd_offset + 2 + 12 * i
             tag, typ, _ = struct.unpack(order + "HHI", tiff[entry : entry + 8])
             if tag == _ORIENTATION_TAG and typ in (3, 4):  # SHORT, or LONG as some writers store it
-                (value,) = struct.unpack(order + ("H" if typ == 3 else "I"), tiff[entry + 8 : entry + 8 + (2 if typ == 3 else 4)])
+                code, size = ("H", 2) if typ == 3 else ("I", 4)
+                (value,) = struct.unpack(order + code, tiff[entry + 8 : entry + 8 + size])
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error):
         pass
