@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import time
-import urllib.parse
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ...types import DetectResult, EncodedImage, ModelInfo, Priority
 from ...types import Protocol as Door
 from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, detect_options, parse_label_config
 from .fetch import FetchConfig, ImageFetcher, TokenCache
-from .outbound import ByteBudget, FetchUnavailable, pinned_client
+from .outbound import ByteBudget, FetchUnavailable, pinned_client, without_userinfo
 from .results import task_prediction
 
 log = logging.getLogger("detserve.labelstudio")
@@ -70,15 +69,11 @@ def _without_userinfo(url: str | None) -> str | None:
     """`url` less any user:password@. labelstudio.url refuses them at start-up; from the
     environment or a /setup hostname they are dropped instead: httpx would send them as Basic auth
     in place of the token, and the URL reaches logs."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    if not _USERINFO_WARNED:
+    stripped = without_userinfo(url) if url else url
+    if stripped != url and not _USERINFO_WARNED:
         _USERINFO_WARNED.append(True)
         log.warning("ignoring user:password@ in the Label Studio URL: give its token as LABEL_STUDIO_API_KEY")
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return stripped
 
 
 _USERINFO_WARNED: list[bool] = []  # once per process: the URL is read on every call

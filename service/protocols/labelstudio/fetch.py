@@ -33,6 +33,7 @@ from .outbound import (
     open_hop,
     origin,
     reservation,
+    without_userinfo,
 )
 
 __all__ = ["FetchConfig", "FetchRefused", "FetchUnavailable", "ImageFetchError", "ImageFetcher", "TokenCache", "is_jwt"]
@@ -355,8 +356,7 @@ def _redact(url: str) -> str:
     """Logs and job failures get the URL without its query (presign URIs and signed URLs carry
     secrets there) and without user:password@ (a task URL may carry them)."""
     try:
-        parts = urllib.parse.urlsplit(url[:2000])
-        netloc = parts.netloc.rpartition("@")[2]
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))[:300]
+        parts = urllib.parse.urlsplit(without_userinfo(url[:2000]))
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))[:300]
     except ValueError:
         return url[:60] + "..."

@@ -158,6 +158,17 @@ def _short(url: str, limit: int = 120) -> str:
     return repr(url if len(url) <= limit else url[:limit] + "...")
 
 
+def without_userinfo(url: str) -> str:
+    """`url` less any user:password@ (unchanged when it has none, or does not parse)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def origin(url: str) -> tuple[str, str, int | None] | None:
     """(scheme, host, port) with the default port filled in; None for a malformed URL."""
     try:
