@@ -19,15 +19,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What `service` imports at run time (pyproject's dependencies), minus grpcio-tools (stub generation only).
-# httptools and uvloop come with uvicorn[standard]: named here, since extras are not followed.
-ROOTS = ("fastapi", "uvicorn", "httptools", "uvloop", "python-multipart", "grpcio", "grpcio-health-checking",
-         "grpcio-reflection", "protobuf", "pydantic", "pydantic-settings", "prometheus-client", "pycocotools",
-         "orjson", "simplejpeg", "httpx", "tqdm")
+# httptools and uvloop come with uvicorn[standard]: named here, since extras are not followed. The
+# rest is detserve's own run-time requirements (pyproject's dependencies), read from its metadata.
+EXTRA_ROOTS = ("httptools", "uvloop")
 # On the GPU machine already, and large: carrying them would shadow a CUDA-matched build or not fit.
+# grpcio-tools generates the stubs only.
 LEAVE_OUT = re.compile(r"^(torch|torchvision|numpy|onnx|onnxscript|onnx-ir|onnxruntime(-gpu)?|opencv-python(-headless)?"
                        r"|pillow|triton|nvidia-.*|cuda-.*|sympy|networkx|jinja2|markupsafe|fsspec|filelock|mpmath"
-                       r"|setuptools|ml-dtypes)$")
+                       r"|setuptools|ml-dtypes|grpcio-tools)$")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 
@@ -36,12 +35,18 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(roots=ROOTS, leave_out: re.Pattern = LEAVE_OUT) -> dict[str, str]:
-    """{distribution: installed version} for `roots` and everything they require here (extras
-    ignored, environment markers evaluated by nothing: a conditional requirement that is not
-    installed here is skipped), without the distributions `leave_out` matches."""
+def _required(requirements) -> list[str]:
+    """Distribution names of requirement strings, those only an extra asks for left out."""
+    return [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements or () if "extra ==" not in r]
+
+
+def closure(roots=None, leave_out: re.Pattern = LEAVE_OUT) -> dict[str, str]:
+    """{distribution: installed version} for `roots` (default: detserve's requirements and
+    EXTRA_ROOTS) and everything they require here (extras ignored, environment markers evaluated by
+    nothing: a conditional requirement that is not installed here is skipped), without the
+    distributions `leave_out` matches."""
     found: dict[str, str] = {}
-    pending = list(roots)
+    pending = list(roots) if roots is not None else _required(metadata.requires("detserve")) + list(EXTRA_ROOTS)
     while pending:
         name = _norm(pending.pop())
         if name in found or leave_out.match(name):
@@ -51,9 +56,7 @@ def closure(roots=ROOTS, leave_out: re.Pattern = LEAVE_OUT) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue  # e.g. `colorama; sys_platform == "win32"`
         found[name] = dist.version
-        for requirement in dist.requires or ():
-            if "extra ==" not in requirement:
-                pending.append(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0))
+        pending += _required(dist.requires)
     return found
 
 

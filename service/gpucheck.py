@@ -315,8 +315,8 @@ def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path
     ports = {k: free_port() for k in ("inference", "management", "metrics")}
     # `python -m service`, not the console script: a machine running from carried wheels has none.
     cmd = [sys.executable, "-m", "service", "serve", "--model-store", str(store), "--models", "rtmdet",
-           "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(ports["inference"]), "--management-port", str(ports["management"]),
-           "--metrics-port", str(ports["metrics"])]
+           "--host", "127.0.0.1", "--no-grpc", "--inference-port", str(ports["inference"]),
+           "--management-port", str(ports["management"]), "--metrics-port", str(ports["metrics"])]
     env = {**os.environ, "DETSERVE_CACHE_DIR": str(cache)}
     log_path = workdir / "serve.log"
     with open(log_path, "wb") as log:
