@@ -96,6 +96,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # ---- per-request context: id, body limit, access log, last-resort 500 ---------------------------
 
+def first_values(raw_headers) -> dict[bytes, bytes]:
+    """Header name -> its first value, as Starlette's `Headers.get` reads a repeated header."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in raw_headers:
+        if name not in headers:
+            headers[name] = value
+    return headers
+
+
+def declared_too_large(headers: dict[bytes, bytes], max_body_bytes: int | None) -> PayloadTooLarge | None:
+    """The 413 of a Content-Length over the limit, answered before a byte of the body is read."""
+    if max_body_bytes is None:
+        return None
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        return PayloadTooLarge(f"request body of {int(declared)} bytes exceeds max_request_size ({max_body_bytes} bytes)")
+    return None
+
+
 class RequestContextMiddleware:
     """Pure ASGI so the body limit applies to the stream, before anything buffers it."""
 
@@ -106,7 +125,7 @@ class RequestContextMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or ())
+        headers = first_values(scope.get("headers") or ())
         request_id = clean_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
@@ -120,7 +139,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            too_large = self._declared_too_large(headers)
+            too_large = declared_too_large(headers, self.max_body_bytes)
             if too_large is not None:
                 return await detserve_error_response(too_large, request_id, scope.get("path", ""))(
                     scope, receive, send_with_id)
@@ -146,14 +165,6 @@ class RequestContextMiddleware:
                        request_id, f"{client[0]}:{client[1]}" if client else None,
                        quiet=path in HEALTH_PATHS or path == "/metrics")
             request_id_var.reset(token)
-
-    def _declared_too_large(self, headers: dict) -> PayloadTooLarge | None:
-        if self.max_body_bytes is None:
-            return None
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return PayloadTooLarge(f"request body of {int(declared)} bytes exceeds max_request_size ({self.max_body_bytes} bytes)")
-        return None
 
     def _counting(self, receive, scope):
         if self.max_body_bytes is None:
@@ -195,12 +206,15 @@ def _build_auth(settings: ServerSettings):
 
 def check_auth(request: Request, api: str) -> None:
     """The token check of an app built here: the dependency of every route, and the fast door's."""
-    state = request.app.state
+    check_token(request.app.state, api, request.url.path, request.headers.get("authorization"))
+
+
+def check_token(state, api: str, path: str, authorization: str | None) -> None:
+    """`state`: an app's state. The one rule of which paths are open and which need a token."""
     auth = state.auth
-    path = request.url.path
     if auth is None or path in state.open_paths or path.startswith(state.open_prefixes):
         return
-    auth.check(api, request.headers.get("authorization"))
+    auth.check(api, authorization)
 
 
 def _auth_dependency(api: str):
@@ -237,6 +251,10 @@ class InferenceApp(FastAPI):
                 scope["detserve.route"] = route
                 return await door(scope, receive, send)
         await super().__call__(scope, receive, send)
+
+    def fast_door_ready(self) -> bool:
+        """Whether /predictions may skip FastAPI's stack (the ASGI fast door and rest/direct.py)."""
+        return self.fast_door_enabled and (self._fast_door is not None or self._build_fast_door() is not None)
 
     def _build_fast_door(self):
         # Decided once the app is complete: middleware that only the FastAPI stack runs rules it out.

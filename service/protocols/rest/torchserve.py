@@ -145,13 +145,37 @@ def _parse_query(raw: bytes) -> _Query:
 
 
 async def predict(request: Request, model: str, version: str | None) -> Response:
-    """/predictions end to end: the one core of its FastAPI routes and of the fast door. DetserveErrors
-    propagate (after being counted) for the caller's error table to render."""
+    """/predictions from a Starlette request: the FastAPI routes and the ASGI fast door (app.py)."""
+    return await predict_call(_dp(request), model, version, request.scope["query_string"],
+                              request.headers.get("x-request-timeout-ms"), request.state.request_id,
+                              lambda max_images: _read_images(request, max_images))
+
+
+async def predict_call(dp: DataPlane, model: str, version: str | None, query_string: bytes,
+                       timeout_header: str | None, request_id: str, read_images) -> Response:
+    """/predictions end to end, the one core of every way a request reaches it (the FastAPI routes,
+    the ASGI fast door, the direct door of rest/direct.py). `read_images(max_images)` returns the
+    image payload(s) and whether the client sent several. DetserveErrors propagate (after being
+    counted) for the caller's error table to render."""
     started = time.perf_counter()
     code: int = 500
-    dp = _dp(request)
     try:
-        response = await _predict_inner(dp, request, model, version)
+        query = _parse_query(query_string)
+        info = dp.resolve(model, version)  # 503 while starting, 404 before reading a large body
+        options = dp.options(info, render=query.render, **query.option_values())
+        images, many = await read_images(dp.max_images_per_request)
+        if options.render is not None and many:
+            raise InvalidRequest("format=image takes exactly one image per request")
+        results = await dp.detect(
+            model, [EncodedImage(data) for data in images], options,
+            protocol=Door.REST, request_id=request_id, timeout_s=timeout_seconds(timeout_header),
+        )
+        if options.render is not None:
+            response = _rendered(results[0], options.render)
+        elif many:
+            response = _json([torchserve_result(r, options) for r in results])
+        else:
+            response = _json(torchserve_result(results[0], options))
         code = response.status_code
         return response
     except DetserveError as err:
@@ -161,26 +185,8 @@ async def predict(request: Request, model: str, version: str | None) -> Response
         dp.record(model, Door.REST.value, code, time.perf_counter() - started)
 
 
-async def _predict_inner(dp: DataPlane, request: Request, model: str, version: str | None) -> Response:
-    query = _parse_query(request.scope["query_string"])
-    info = dp.resolve(model, version)  # 503 while starting, 404 before reading a large body
-    options = dp.options(info, render=query.render, **query.option_values())
-    images, many = await _read_images(request, dp.max_images_per_request)
-    if options.render is not None and many:
-        raise InvalidRequest("format=image takes exactly one image per request")
-    results = await dp.detect(
-        model, [EncodedImage(data) for data in images], options,
-        protocol=Door.REST, request_id=request.state.request_id, timeout_s=_timeout_s(request),
-    )
-    if options.render is not None:
-        return _rendered(results[0], options.render)
-    if many:
-        return _json([torchserve_result(r, options) for r in results])
-    return _json(torchserve_result(results[0], options))
-
-
-def _timeout_s(request: Request) -> float | None:
-    raw = request.headers.get("x-request-timeout-ms")
+def timeout_seconds(raw: str | None) -> float | None:
+    """The X-Request-Timeout-Ms header in seconds (None when absent)."""
     if raw is None:
         return None
     try:
@@ -192,20 +198,28 @@ def _timeout_s(request: Request) -> float | None:
     return ms / 1000.0
 
 
-async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], bool]:
-    """The image payload(s) and whether the client sent several (which changes the response shape)."""
-    content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith("multipart/form-data"):
-        return await _read_multipart(request, max_images)
+def check_not_text(content_type: str) -> None:
+    """A text or JSON body is a client mistake, not an image to decode (every reader of a raw body)."""
     if content_type.startswith(_TEXT_TYPES):
         raise UnsupportedMediaType(
             f"Content-Type {content_type.split(';')[0]!r} is not an image: send the image bytes "
             "(curl -T img.jpg) or a multipart field 'data'"
         )
-    body = await request.body()
+
+
+def check_not_empty(body: bytes) -> bytes:
     if not body:
         raise InvalidImage("empty request body: send an image (curl -T img.jpg URL)")
-    return [body], False
+    return body
+
+
+async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], bool]:
+    """The image payload(s) and whether the client sent several (which changes the response shape)."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        return await _read_multipart(request, max_images)
+    check_not_text(content_type)
+    return [check_not_empty(await request.body())], False
 
 
 async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes], bool]:
