@@ -41,11 +41,15 @@ class _Uvicorn:
         import uvicorn
 
         try:
+            from .protocols.rest.app import InferenceApp
             from .protocols.rest.limits import bounded_protocol
         except ImportError:  # no httptools: h11 bounds the headers itself, the sweeper has nothing to do
             http, h11_limit = "h11", settings.limits.max_header_bytes
         else:
-            http, h11_limit = bounded_protocol(settings.limits, settings.max_request_size), None
+            from .protocols.rest.direct import DirectDoor
+
+            direct = DirectDoor(app) if isinstance(app, InferenceApp) else None  # /predictions without ASGI
+            http, h11_limit = bounded_protocol(settings.limits, settings.max_request_size, direct), None
 
         class QuietSignalsServer(uvicorn.Server):
             # run_server owns SIGTERM/SIGINT for all servers; uvicorn would otherwise install its own

@@ -59,6 +59,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: ServerLimits = ServerLimits()  # set per listener by `bounded_protocol`
     body_buffer_bytes: int = BODY_BUFFER_BYTES  # never above max_request_size: the 413 must not wait for it
+    direct = None  # the inference listener's DirectDoor (rest/direct.py), set by `bounded_protocol`
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -114,6 +115,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # connection_lost would wake only the newer one, and a handler waiting for the
             # disconnect (a long Label Studio /predict) would never hear of it.
             self.running_cycles = [c for c in self.running_cycles if not c.response_complete] + [running]
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        # Called for each request, pipelined ones included, once the one before it is answered.
+        # `app` is not self.app when uvicorn's concurrency limit answers 503 instead.
+        direct = self.direct
+        if direct is not None and app is self.app and not self.config.reset_contextvars:
+            route = direct.accepts(cycle.scope)
+            if route is not None:
+                task = self.loop.create_task(direct.run(cycle, route))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+                return
+        super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc) -> None:  # type: ignore[override]
         for cycle in self.running_cycles:
@@ -189,9 +203,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.phase = _IDLE
 
 
-def bounded_protocol(limits: ServerLimits, max_request_size: int | None = None) -> type[BoundedHttpToolsProtocol]:
+def bounded_protocol(limits: ServerLimits, max_request_size: int | None = None,
+                     direct=None) -> type[BoundedHttpToolsProtocol]:
     gather = BODY_BUFFER_BYTES if max_request_size is None else min(BODY_BUFFER_BYTES, max_request_size + 1)
-    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits, "body_buffer_bytes": gather})
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
+                {"limits": limits, "body_buffer_bytes": gather, "direct": direct})
 
 
 async def sweep_forever(servers, tick_s: float = SWEEP_TICK_S) -> None:

@@ -1,0 +1,169 @@
+"""The direct door: PUT/POST /predictions answered from uvicorn's HTTP protocol, without ASGI.
+
+uvicorn still parses the request, bounds it (rest/limits.py), keeps the connection alive and
+queues pipelined requests. The door replaces only what runs between "headers complete" and
+"response written": the ASGI task's wrappers (uvicorn's proxy-headers middleware, the app's
+`__call__`, RequestContextMiddleware's `send`/`receive` wrappers), the ASGI message dicts, and
+Starlette's Request object and response call. With the null model those were about a fifth of
+the front process's CPU (bench/analysis.md, "The direct door").
+
+It runs the same steps, with the same helpers, as RequestContextMiddleware and the ASGI fast
+door (app.py) do: the request id, the declared and the streamed body limit, a body cut by the
+sweeper, the token check, `torchserve.predict_call`, the error table, the access log, the 503
+of a drain that ends mid-request and the last-resort 500.
+
+Left to ASGI (`accepts` says None): every other path and method, multipart bodies (Starlette
+parses them), requests with X-Forwarded-* headers (uvicorn's proxy middleware rewrites the
+client address from them), an app whose fast door is off (CORS, a root path, the parity tests),
+and the 503s of uvicorn's concurrency limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from ...engine.dataplane import dataplane_for
+from ...errors import ClientClosedRequest, DetserveError, ModelNotReady, PayloadTooLarge
+from ...observability.logging import clean_request_id, log_access, request_id_var
+from . import torchserve
+from .app import (CUT_KEY, InferenceApp, check_token, declared_too_large, detserve_error_response, error_response,
+                  first_values)
+
+log = logging.getLogger("detserve.rest")
+
+# uvicorn's ProxyHeadersMiddleware reads these to rewrite the client and scheme; ASGI keeps that job.
+_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+_MULTIPART = b"multipart/form-data"
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _nothing() -> None:
+    return None
+
+
+class DirectDoor:
+    def __init__(self, app: InferenceApp):
+        self.app = app
+
+    def accepts(self, scope) -> tuple[str, str | None] | None:
+        """(model, version) when this door answers the request, else None (ASGI does)."""
+        route = torchserve.match_predictions(scope["method"], scope["path"])
+        if route is None or scope.get("root_path") or not self.app.fast_door_ready():
+            return None
+        for name, value in scope["headers"]:
+            if name in _PROXY_HEADERS or (name == b"content-type" and value[:19].lower() == _MULTIPART):
+                return None
+        return route
+
+    async def run(self, cycle, route: tuple[str, str | None]) -> None:
+        """Answer one request on uvicorn's RequestResponseCycle `cycle` (its connection state)."""
+        scope = cycle.scope
+        headers = first_values(scope["headers"])
+        request_id = clean_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 0
+        try:
+            response = await self._respond(cycle, headers, route, request_id)
+            status = response.status_code
+            await write_response(cycle, response, request_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the drain timeout ends: answer in the table's shape.
+            if not cycle.response_started:
+                status = 503
+                with contextlib.suppress(Exception):
+                    await write_response(cycle, error_response(
+                        503, ModelNotReady.code, "the server shut down before this request finished", request_id,
+                        path=scope["path"]), request_id)
+            raise
+        except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
+            log.exception("unhandled error serving %s %s", scope["method"], scope["path"])
+            if not cycle.response_started:
+                status = 500
+                await write_response(cycle, error_response(500, "internal", "internal server error", request_id,
+                                                           path=scope["path"]), request_id)
+            else:
+                cycle.transport.close()
+        finally:
+            cycle.on_response = _nothing  # as uvicorn's run_asgi: a pipelined request starts once
+            client = scope.get("client")
+            log_access(scope["method"], scope["path"], status or 500, time.perf_counter() - started, request_id,
+                       f"{client[0]}:{client[1]}" if client else None)
+            request_id_var.reset(token)
+
+    async def _respond(self, cycle, headers: dict[bytes, bytes], route, request_id: str):
+        state = self.app.state
+        limit = state.settings.max_request_size
+        path = cycle.scope["path"]
+        try:
+            too_large = declared_too_large(headers, limit)
+            if too_large is not None:
+                raise too_large
+            if state.auth is not None:
+                check_token(state, "inference", path, _text(headers.get(b"authorization")))
+
+            async def read_images(max_images: int) -> tuple[list[bytes], bool]:
+                torchserve.check_not_text(headers.get(b"content-type", b"").decode("latin-1").lower())
+                return [torchserve.check_not_empty(await read_body(cycle, limit))], False
+
+            model, version = route
+            return await torchserve.predict_call(dataplane_for(state), model, version, cycle.scope["query_string"],
+                                                 _text(headers.get(b"x-request-timeout-ms")), request_id, read_images)
+        except DetserveError as err:
+            return detserve_error_response(err, request_id, path)
+
+
+async def read_body(cycle, limit: int | None) -> bytes:
+    """The whole body, as uvicorn's receive() and RequestContextMiddleware's count would hand it over."""
+    if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+        cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        cycle.waiting_for_100_continue = False
+    parts: list[bytes] = []
+    seen = 0
+    while True:
+        if not cycle.disconnected and not cycle.response_complete:
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected or cycle.response_complete:
+            raise ClientClosedRequest("the client closed the connection before sending the whole request")
+        chunk, more = bytes(cycle.body), cycle.more_body
+        cycle.body = bytearray()
+        seen += len(chunk)
+        if limit is not None and seen > limit:  # chunked uploads declare no length: stop them mid-stream
+            raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
+        if more and CUT_KEY in cycle.scope:  # a body timeout or the end of a drain (rest/limits.py)
+            raise cycle.scope[CUT_KEY]
+        parts.append(chunk)
+        if not more:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def write_response(cycle, response, request_id: str) -> None:
+    """`response` (a Starlette Response, never called as ASGI) in one write, with uvicorn's
+    bookkeeping of a completed response: keep-alive, close, and starting the next pipelined request."""
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected or cycle.response_started:
+        return
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    content = [STATUS_LINE[response.status_code]]
+    for name, value in (*cycle.default_headers, *response.raw_headers, (b"x-request-id", request_id.encode())):
+        content += (name, b": ", value, b"\r\n")
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", response.body)
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
