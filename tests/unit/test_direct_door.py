@@ -189,21 +189,16 @@ def test_keep_alive_pipelining_http10_and_expect_100_continue():
         sock.sendall(b"jpeg")
         [(status, _, body)] = _read_responses(sock, 1)
         assert status == 200 and b"square" in body
-        # Connection: close is honoured: the answer says so and the server closes.
-        sock.sendall(b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 4\r\n\r\njpeg")
-        [(status, headers, _)] = _read_responses(sock, 1)
-        assert status == 200 and headers[b"connection"] == b"close"
-        assert sock.recv(10) == b""
-        sock.close()
-        # HTTP/1.0 without keep-alive: one answer, then the server closes.
-        sock = served.connect()
-        sock.sendall(b"PUT /predictions/shapes HTTP/1.0\r\nContent-Length: 4\r\n\r\njpeg")
-        [(status, headers, _)] = _read_responses(sock, 1)
-        assert status == 200 and headers[b"connection"] == b"close"
-        assert sock.recv(10) == b""
-        sock.close()
+        # Connection: close, and HTTP/1.0 without keep-alive: the answer says so and the server closes.
+        for request in (b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+                        b"PUT /predictions/shapes HTTP/1.0\r\n"):
+            sock.sendall(request + b"Content-Length: 4\r\n\r\njpeg")
+            [(status, headers, _)] = _read_responses(sock, 1)
+            assert status == 200 and headers[b"connection"] == b"close"
+            assert sock.recv(10) == b""
+            sock.close()
+            sock = served.connect()
         # A chunked body, sent in pieces.
-        sock = served.connect()
         sock.sendall(b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\njp\r\n")
         time.sleep(0.05)
         sock.sendall(b"2\r\neg\r\n0\r\n\r\n")
@@ -240,18 +235,22 @@ def test_a_client_that_hangs_up_mid_body_or_mid_request_leaves_the_server_servin
     assert lines["left"] == 200  # answered to a closed socket: the write is skipped, the log says what ran
 
 
-def test_the_drain_answers_a_request_still_running_with_json_503():
+def test_the_drain_answers_a_request_still_running_with_json_503_and_starts_nothing_behind_it():
     settings = ServerSettings(drain_timeout_s=1.0)
     engine = SlowEngine()
     with Served(build_inference_app(engine, settings), settings) as served:
         sock = served.connect()
-        sock.sendall(b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nX-Request-ID: late\r\nContent-Length: 4\r\n\r\nwait")
+        # A second request pipelined behind the one that is still running when the drain ends.
+        sock.sendall(b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nX-Request-ID: late\r\nContent-Length: 4\r\n\r\nwait"
+                     b"PUT /predictions/shapes HTTP/1.1\r\nHost: x\r\nX-Request-ID: queued\r\nContent-Length: 4\r\n\r\njpeg")
         assert engine.started.wait(10)
         served.server.should_exit = True  # uvicorn waits timeout_graceful_shutdown, then cancels the task
-        [(status, headers, body)] = _read_responses(sock, 1, timeout_s=20)
+        answers = _read_responses(sock, 2, timeout_s=20)
         sock.close()
-    assert status == 503 and headers[b"x-request-id"] == b"late"
+    [(status, headers, body)] = answers  # then the connection closed: the queued request never ran
+    assert status == 503 and headers[b"x-request-id"] == b"late" and headers[b"connection"] == b"close"
     assert b'"code":"model_not_ready"' in body
+    assert engine.calls == []
 
 
 def test_each_prediction_through_the_door_writes_one_access_line(caplog):

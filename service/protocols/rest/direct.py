@@ -75,7 +75,10 @@ class DirectDoor:
             status = response.status_code
             await write_response(cycle, response, request_id)
         except asyncio.CancelledError:
-            # uvicorn cancels what still runs when the drain timeout ends: answer in the table's shape.
+            # uvicorn cancels what still runs when the drain timeout ends: answer in the table's shape,
+            # and close, so that a request pipelined behind this one is never started (uvicorn's
+            # shutdown() only marks the connection's newest cycle as the last).
+            cycle.keep_alive = False
             if not cycle.response_started:
                 status = 503
                 with contextlib.suppress(Exception):
