@@ -158,11 +158,26 @@ def test_with_auth_on_the_direct_door_checks_the_same_token():
             assert runs == [1, 1]
 
 
-def test_proxy_headers_and_cors_leave_the_request_to_asgi():
+def _access_clients(caplog) -> list[str]:
+    return [r.client for r in caplog.records if r.name == "detserve.access"]
+
+
+def test_proxy_headers_from_a_trusted_proxy_and_cors_leave_the_request_to_asgi(caplog):
+    forwarded = {"X-Forwarded-For": "10.1.2.3"}
     settings = ServerSettings()
-    with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:
-        r = httpx.put(f"{served.url}/predictions/shapes", content=b"jpeg", headers={"X-Forwarded-For": "10.1.2.3"})
+    # uvicorn trusts 127.0.0.1 by default: its middleware rewrites the client, so ASGI answers.
+    with Served(build_inference_app(ScriptedEngine(), settings), settings) as served, \
+            caplog.at_level("INFO", logger="detserve.access"):
+        r = httpx.put(f"{served.url}/predictions/shapes", content=b"jpeg", headers=forwarded)
         assert r.status_code == 200 and served.runs == 0
+    assert _access_clients(caplog)[-1].startswith("10.1.2.3:")
+    # From a client that is not a trusted proxy the header means nothing on either path: the door answers.
+    served = Served(build_inference_app(ScriptedEngine(), settings), settings)
+    served.server.config.forwarded_allow_ips = "10.9.9.9"
+    with served, caplog.at_level("INFO", logger="detserve.access"):
+        r = httpx.put(f"{served.url}/predictions/shapes", content=b"jpeg", headers=forwarded)
+        assert r.status_code == 200 and served.runs == 1
+    assert _access_clients(caplog)[-1].startswith("127.0.0.1:")
     origin = "https://labeling.example.com"
     settings = ServerSettings(cors_origins=[origin])
     with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:

@@ -13,9 +13,9 @@ sweeper, the token check, `torchserve.predict_call`, the error table, the access
 of a drain that ends mid-request and the last-resort 500.
 
 Left to ASGI (`accepts` says None): every other path and method, multipart bodies (Starlette
-parses them), requests with X-Forwarded-* headers (uvicorn's proxy middleware rewrites the
-client address from them), an app whose fast door is off (CORS, a root path, the parity tests),
-and the 503s of uvicorn's concurrency limit.
+parses them), X-Forwarded-* headers from a trusted proxy (uvicorn's proxy middleware rewrites the
+client address from them; from anyone else both paths ignore them), an app whose fast door is
+off (CORS, a root path, the parity tests), and the 503s of uvicorn's concurrency limit.
 """
 from __future__ import annotations
 
@@ -48,17 +48,31 @@ def _nothing() -> None:
     return None
 
 
+def _from_trusted_proxy(scope, asgi_app) -> bool:
+    """Whether uvicorn's ProxyHeadersMiddleware (if it wraps the app) trusts this client's headers."""
+    client = scope.get("client")
+    while asgi_app is not None and not isinstance(asgi_app, InferenceApp):
+        trusted = getattr(asgi_app, "trusted_hosts", None)
+        if trusted is not None:
+            return (client[0] if client else None) in trusted
+        asgi_app = getattr(asgi_app, "app", None)
+    return False
+
+
 class DirectDoor:
     def __init__(self, app: InferenceApp):
         self.app = app
 
-    def accepts(self, scope) -> tuple[str, str | None] | None:
-        """(model, version) when this door answers the request, else None (ASGI does)."""
+    def accepts(self, scope, asgi_app) -> tuple[str, str | None] | None:
+        """(model, version) when this door answers the request, else None (ASGI does). `asgi_app`:
+        what uvicorn would run instead (the app inside uvicorn's middleware)."""
         route = torchserve.match_predictions(scope["method"], scope["path"])
         if route is None or scope.get("root_path") or not self.app.fast_door_ready():
             return None
         for name, value in scope["headers"]:
-            if name in _PROXY_HEADERS or (name == b"content-type" and value[:19].lower() == _MULTIPART):
+            if name == b"content-type" and value[:19].lower() == _MULTIPART:
+                return None
+            if name in _PROXY_HEADERS and _from_trusted_proxy(scope, asgi_app):
                 return None
         return route
 

@@ -121,7 +121,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # `app` is not self.app when uvicorn's concurrency limit answers 503 instead.
         direct = self.direct
         if direct is not None and app is self.app and not self.config.reset_contextvars:
-            route = direct.accepts(cycle.scope)
+            route = direct.accepts(cycle.scope, app)
             if route is not None:
                 task = self.loop.create_task(direct.run(cycle, route))
                 task.add_done_callback(self.tasks.discard)
