@@ -10,6 +10,8 @@ router and exception handlers), and the answers must match.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import socket
 import threading
 import time
@@ -21,7 +23,10 @@ from service.protocols.rest import direct
 from service.protocols.rest.app import build_inference_app
 from service.server import _Uvicorn, bind
 from service.settings import AuthSettings, ServerSettings
-from test_fast_door import HEADERS_COMPARED, REQUESTS, TOKEN, ScriptedEngine
+from test_fast_door import REQUESTS, TOKEN, ScriptedEngine
+from test_fast_door import HEADERS_COMPARED as FAST_DOOR_HEADERS
+
+HEADERS_COMPARED = (*FAST_DOOR_HEADERS, "inference-header-content-length")
 
 pytestmark = pytest.mark.integration
 
@@ -143,19 +148,63 @@ def test_the_direct_door_answers_every_prediction_request_as_the_fastapi_routes_
     assert runs == [1] * 17 + [0, 0, 0, 1, 0, 0]
 
 
+def _v2(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+_IMAGE = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(b"jpeg").decode()]}
+RAW = {"Inference-Header-Content-Length": "0"}
+V2_REQUESTS = [
+    ("POST", "/v2/models/shapes/infer", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models/shapes/versions/shapes-1/infer", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models/shapes/versions/other/infer", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models/nope/infer", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models/shapes/infer", dict(content=_v2({"id": "r1", "inputs": [_IMAGE]}))),
+    ("POST", "/v2/models/shapes/infer", dict(content=_v2({"inputs": [_IMAGE],
+                                                          "parameters": {"binary_data_output": True}}))),
+    ("POST", "/v2/models/shapes/infer", dict(content=_v2({"inputs": [_IMAGE], "outputs": [{"name": "nope"}]}))),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"{not json")),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"{}", headers={"Inference-Header-Content-Length": "99"})),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"overload", headers=RAW)),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"slow", headers=RAW)),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"boom", headers=RAW)),
+    ("POST", "/v2/models/shapes/infer", dict(content=b"x" * 5000, headers=RAW)),
+    ("POST", "/v2/models/shapes/infer", dict(chunks=[b"y" * 600] * 3, headers=RAW)),
+    ("POST", "/v2/models/shapes/infer/", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models//infer", dict(content=b"jpeg", headers=RAW)),
+    ("POST", "/v2/models/shapes/versions/infer", dict(content=b"jpeg", headers=RAW)),
+    ("GET", "/v2/models/shapes/infer", dict()),
+]
+
+
+def test_the_direct_door_answers_kserve_v2_infer_as_the_fastapi_route_does():
+    settings = ServerSettings(max_request_size=1000)
+    with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:
+        fast, slow, runs = _both_ways(served, V2_REQUESTS)
+    for (method, path, _), got, want in zip(V2_REQUESTS, fast, slow):
+        assert got == want, (method, path)
+    # The trailing slash is FastAPI's redirect, which the client follows to the door.
+    assert [status for status, _, _ in fast] == [200, 200, 404, 404, 200, 200, 400, 400, 400, 429, 504, 500, 413,
+                                                  413, 200, 404, 405, 405]
+    assert all(json.loads(body)["error"] for status, body, _ in fast if status >= 400 and body)
+    assert fast[5][2]["inference-header-content-length"] is not None  # the binary output's framing
+    assert runs == [1] * 15 + [0] * 3
+
+
 def test_with_auth_on_the_direct_door_checks_the_same_token():
     settings = ServerSettings(auth=AuthSettings(inference_tokens=[TOKEN], management_tokens=["mgmt-token"]))
     requests = [("PUT", "/predictions/shapes", dict(content=b"jpeg")),
-                ("PUT", "/predictions/nope", dict(content=b"jpeg"))]
+                ("PUT", "/predictions/nope", dict(content=b"jpeg")),
+                ("POST", "/v2/models/shapes/infer", dict(content=b"jpeg", headers=RAW))]
     with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:
-        for headers, statuses in (({}, [401, 401]), ({"Authorization": "Bearer wrong"}, [401, 401]),
-                                  ({"Authorization": "Bearer mgmt-token"}, [403, 403]),
-                                  ({"Authorization": "Basic abc"}, [401, 401]),
-                                  ({"Authorization": f"Bearer {TOKEN}"}, [200, 404])):
+        for headers, statuses in (({}, [401, 401, 401]), ({"Authorization": "Bearer wrong"}, [401, 401, 401]),
+                                  ({"Authorization": "Bearer mgmt-token"}, [403, 403, 403]),
+                                  ({"Authorization": "Basic abc"}, [401, 401, 401]),
+                                  ({"Authorization": f"Bearer {TOKEN}"}, [200, 404, 200])):
             fast, slow, runs = _both_ways(served, requests, headers)
             assert fast == slow, headers
             assert [status for status, _, _ in fast] == statuses, headers
-            assert runs == [1, 1]
+            assert runs == [1, 1, 1]
 
 
 def _access_clients(caplog) -> list[str]:
@@ -288,3 +337,21 @@ def test_the_door_is_a_plain_protocol_hook():
     management = _Uvicorn.server(build_management_app(ScriptedEngine(), settings), settings)
     assert isinstance(inference.config.http.direct, direct.DirectDoor)
     assert management.config.http.direct is None
+
+
+@pytest.mark.parametrize("method, path, expected", [
+    ("POST", "/v2/models/m/infer", ("m", None)),
+    ("POST", "/v2/models/m/versions/2/infer", ("m", "2")),
+    ("GET", "/v2/models/m/infer", None),
+    ("POST", "/v2/models//infer", None),
+    ("POST", "/v2/models/infer", None),
+    ("POST", "/v2/models/m/versions/infer", None),
+    ("POST", "/v2/models/m/versions//infer", None),
+    ("POST", "/v2/models/m/x/2/infer", None),
+    ("POST", "/v2/models/m/infer/", None),
+    ("POST", "/v2/models/m/ready", None),
+])
+def test_match_infer_takes_what_the_two_v2_routes_take(method, path, expected):
+    from service.protocols.rest.kserve_v2 import match_infer
+
+    assert match_infer(method, path) == expected

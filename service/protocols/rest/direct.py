@@ -1,16 +1,18 @@
-"""The direct door: PUT/POST /predictions answered from uvicorn's HTTP protocol, without ASGI.
+"""The direct door: raw-body PUT/POST /predictions and KServe V2 infer answered from uvicorn's
+HTTP protocol, without ASGI.
 
 uvicorn still parses the request, bounds it (rest/limits.py), keeps the connection alive and
 queues pipelined requests. The door replaces only what runs between "headers complete" and
 "response written": the ASGI task's wrappers (uvicorn's proxy-headers middleware, the app's
 `__call__`, RequestContextMiddleware's `send`/`receive` wrappers), the ASGI message dicts, and
-Starlette's Request object and response call. With the null model those were about a fifth of
-the front process's CPU (bench/analysis.md, "The direct door").
+Starlette's Request object and response call, and for V2 FastAPI's whole stack. With the null
+model those were about a fifth of the front process's CPU on /predictions (bench/analysis.md,
+"The direct door").
 
 It runs the same steps, with the same helpers, as RequestContextMiddleware and the ASGI fast
 door (app.py) do: the request id, the declared and the streamed body limit, a body cut by the
-sweeper, the token check, `torchserve.predict_call`, the error table, the access log, the 503
-of a drain that ends mid-request and the last-resort 500.
+sweeper, the token check, the route's core (`torchserve.predict_call`, `kserve_v2.infer_call`),
+the error table, the access log, the 503 of a drain that ends mid-request and the last-resort 500.
 
 Left to ASGI (`accepts` says None): every other path and method, multipart bodies (Starlette
 parses them), X-Forwarded-* headers from a trusted proxy (uvicorn's proxy middleware rewrites the
@@ -62,11 +64,19 @@ def _from_trusted_proxy(scope, asgi_app) -> bool:
 class DirectDoor:
     def __init__(self, app: InferenceApp):
         self.app = app
+        try:  # an optional router (app.py OPTIONAL_ROUTERS): without it, V2 is FastAPI's 404
+            from . import kserve_v2
+        except ImportError:
+            kserve_v2 = None
+        self.kserve_v2 = kserve_v2
 
-    def accepts(self, scope, asgi_app) -> tuple[str, str | None] | None:
-        """(model, version) when this door answers the request, else None (ASGI does). `asgi_app`:
-        what uvicorn would run instead (the app inside uvicorn's middleware)."""
-        route = torchserve.match_predictions(scope["method"], scope["path"])
+    def accepts(self, scope, asgi_app):
+        """(route's core, model, version) when this door answers the request, else None (ASGI
+        does). `asgi_app`: what uvicorn would run instead (the app inside uvicorn's middleware)."""
+        method, path = scope["method"], scope["path"]
+        route, core = torchserve.match_predictions(method, path), self._predictions
+        if route is None and self.kserve_v2 is not None:
+            route, core = self.kserve_v2.match_infer(method, path), self._v2_infer
         if route is None or scope.get("root_path") or not self.app.fast_door_ready():
             return None
         for name, value in scope["headers"]:
@@ -74,9 +84,9 @@ class DirectDoor:
                 return None
             if name in _PROXY_HEADERS and _from_trusted_proxy(scope, asgi_app):
                 return None
-        return route
+        return core, *route
 
-    async def run(self, cycle, route: tuple[str, str | None]) -> None:
+    async def run(self, cycle, route) -> None:
         """Answer one request on uvicorn's RequestResponseCycle `cycle` (its connection state)."""
         scope = cycle.scope
         headers = first_values(scope["headers"])
@@ -125,16 +135,23 @@ class DirectDoor:
                 raise too_large
             if state.auth is not None:
                 check_token(state, "inference", path, _text(headers.get(b"authorization")))
-
-            async def read_images(max_images: int) -> tuple[list[bytes], bool]:
-                torchserve.check_not_text(headers.get(b"content-type", b"").decode("latin-1").lower())
-                return [torchserve.check_not_empty(await read_body(cycle, limit))], False
-
-            model, version = route
-            return await torchserve.predict_call(dataplane_for(state), model, version, cycle.scope["query_string"],
-                                                 _text(headers.get(b"x-request-timeout-ms")), request_id, read_images)
+            core, model, version = route
+            return await core(dataplane_for(state), cycle, headers, model, version, request_id, limit)
         except DetserveError as err:
             return detserve_error_response(err, request_id, path)
+
+    @staticmethod
+    async def _predictions(dp, cycle, headers, model, version, request_id, limit):
+        async def read_images(max_images: int) -> tuple[list[bytes], bool]:
+            torchserve.check_not_text(headers.get(b"content-type", b"").decode("latin-1").lower())
+            return [torchserve.check_not_empty(await read_body(cycle, limit))], False
+
+        return await torchserve.predict_call(dp, model, version, cycle.scope["query_string"],
+                                             _text(headers.get(b"x-request-timeout-ms")), request_id, read_images)
+
+    async def _v2_infer(self, dp, cycle, headers, model, version, request_id, limit):
+        return await self.kserve_v2.infer_call(dp, model, version, _text(headers.get(b"inference-header-content-length")),
+                                               lambda: read_body(cycle, limit))
 
 
 async def read_body(cycle, limit: int | None) -> bytes:

@@ -68,11 +68,33 @@ async def model_ready(request: Request, model: str, version: str | None = None) 
 @router.post("/v2/models/{model}/infer")
 @router.post("/v2/models/{model}/versions/{version}/infer")
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    return await infer_call(_dp(request), model, version, request.headers.get(HEADER_LENGTH), request.body)
+
+
+_MODELS_PREFIX, _INFER_SUFFIX = "/v2/models/", "/infer"
+
+
+def match_infer(method: str, path: str) -> tuple[str, str | None] | None:
+    """(model, version) when `method path` is what the two infer routes above match (Starlette's
+    `{param}` is one non-empty segment), else None: the direct door (rest/direct.py) asks."""
+    if method != "POST" or not path.startswith(_MODELS_PREFIX) or not path.endswith(_INFER_SUFFIX):
+        return None
+    parts = path[len(_MODELS_PREFIX):len(path) - len(_INFER_SUFFIX)].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
+async def infer_call(dp: DataPlane, model: str, version: str | None, header_length: str | None,
+                     read_body) -> Response:
+    """One V2 infer end to end, for the FastAPI route and the direct door. `read_body()` returns the
+    whole body; `header_length` is the Inference-Header-Content-Length header."""
     started = time.perf_counter()
     code = 500
-    dp = _dp(request)
     try:
-        response = await _infer(dp, request, model, version)
+        response = await _infer(dp, model, version, header_length, read_body)
         code = response.status_code
         return response
     except DetserveError as err:
@@ -82,9 +104,9 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         dp.record(model, PROTOCOL.value, code, time.perf_counter() - started)
 
 
-async def _infer(dp: DataPlane, request: Request, model: str, version: str | None) -> Response:
+async def _infer(dp: DataPlane, model: str, version: str | None, header_length: str | None, read_body) -> Response:
     dp.resolve(model)  # 503 while starting, 404 before reading a large body
-    header, inputs = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    header, inputs = _parse_request(await read_body(), header_length)
     parameters = codec.parameters_object(header.get("parameters"), "request")
     binary_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     requested = header.get("outputs") or []
