@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 
+from starlette.datastructures import QueryParams
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from ...engine.dataplane import dataplane_for
@@ -150,6 +151,10 @@ class DirectDoor:
                                              _text(headers.get(b"x-request-timeout-ms")), request_id, read_images)
 
     async def _v2_infer(self, dp, cycle, headers, model, version, request_id, limit):
+        query = cycle.scope["query_string"]
+        if version is None and query:
+            # The unversioned route's `version` parameter is FastAPI's query parameter: bound the same way.
+            version = QueryParams(query).get("version")
         return await self.kserve_v2.infer_call(dp, model, version, _text(headers.get(b"inference-header-content-length")),
                                                lambda: read_body(cycle, limit))
 
