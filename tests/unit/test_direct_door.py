@@ -135,12 +135,18 @@ def _read_responses(sock: socket.socket, count: int, timeout_s: float = 10) -> l
     return out
 
 
-def test_the_direct_door_answers_every_prediction_request_as_the_fastapi_routes_do():
+def _identical_both_ways(requests):
+    """The answers through the door, after checking each equals FastAPI's, and the door's runs."""
     settings = ServerSettings(max_request_size=1000)
     with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:
-        fast, slow, runs = _both_ways(served, REQUESTS)
-    for (method, path, _), got, want in zip(REQUESTS, fast, slow):
+        fast, slow, runs = _both_ways(served, requests)
+    for (method, path, _), got, want in zip(requests, fast, slow):
         assert got == want, (method, path)
+    return fast, runs
+
+
+def test_the_direct_door_answers_every_prediction_request_as_the_fastapi_routes_do():
+    fast, runs = _identical_both_ways(REQUESTS)
     assert [status for status, _, _ in fast] == [200, 200, 200, 404, 404, 200, 400, 200, 400, 415, 400, 200, 429, 504,
                                                   500, 413, 413, 200, 200, 400, 200, 404, 405]
     # Every raw-body prediction took the door; multipart bodies and the other routes went to ASGI,
@@ -182,11 +188,7 @@ V2_REQUESTS = [
 
 
 def test_the_direct_door_answers_kserve_v2_infer_as_the_fastapi_route_does():
-    settings = ServerSettings(max_request_size=1000)
-    with Served(build_inference_app(ScriptedEngine(), settings), settings) as served:
-        fast, slow, runs = _both_ways(served, V2_REQUESTS)
-    for (method, path, _), got, want in zip(V2_REQUESTS, fast, slow):
-        assert got == want, (method, path)
+    fast, runs = _identical_both_ways(V2_REQUESTS)
     # The trailing slash is FastAPI's redirect, which the client follows to the door.
     assert [status for status, _, _ in fast] == [200, 200, 404, 404, 404, 404, 200, 200, 200, 400, 400, 400, 429,
                                                   504, 500, 413, 413, 200, 404, 405, 405]
