@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     except InvalidRequest as err:
         print(f"detserve: {err.message}", file=sys.stderr)
         return 2
+    if args.draw is not None and (problem := draw_target_problem(args.draw)) is not None:
+        print(f"detserve: --draw {args.draw}: {problem}", file=sys.stderr)  # before any model load or output
+        return 2
     detect = _detector_for(args)
     failed = False
     for path in args.images:
@@ -94,6 +98,18 @@ def options_from_args(args: argparse.Namespace) -> DetectOptions:
         normalized=args.normalized, mask_format=args.mask_format, tile=args.tile, tile_overlap=args.tile_overlap,
         tile_merge=args.tile_merge)
     return dataclasses.replace(knobs, score_thr=args.score_thr, max_dets=args.max_dets, classes=classes, render=render)
+
+
+def draw_target_problem(draw: Path) -> str | None:
+    """Why pictures cannot be written at `draw` (a file name, or the stem of one per image), else None."""
+    if draw.is_dir():
+        return "is a folder; give a file name ending in .png or .jpg"
+    folder = draw.parent
+    if not folder.is_dir():
+        return f"folder {str(folder)!r} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"folder {str(folder)!r} is not writable"
+    return None
 
 
 def draw_path(draw: Path, image: Path, *, several: bool) -> Path:

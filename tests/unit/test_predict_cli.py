@@ -94,9 +94,11 @@ def test_bad_inputs_report_errors_and_exit_nonzero(store, image, tmp_path, capsy
     assert "not found" in capsys.readouterr().err
     assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--classes", "dog"]) == 1
     assert "dog" in capsys.readouterr().err
-    # An unwritable output is a one-line error, not a traceback.
-    assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--draw", str(tmp_path)]) == 2
-    assert "detserve: error:" in capsys.readouterr().err
+    # An output that cannot be written is a one-line error before any detection is printed.
+    for draw, words in ((tmp_path, "is a folder"), (tmp_path / "no" / "out.png", "does not exist")):
+        assert main(["predict", str(image), "--model", "shapes", "--model-store", str(store), "--draw", str(draw)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"detserve: --draw {draw}: ") and words in captured.err
 
 
 def test_bad_model_folders_are_config_errors_naming_the_file_or_field(tmp_path, capsys):
