@@ -115,6 +115,33 @@ def declared_too_large(headers: dict[bytes, bytes], max_body_bytes: int | None) 
     return None
 
 
+def check_body_chunk(seen: int, more_body: bool, limit: int | None, scope) -> None:
+    """After each body chunk (`seen` bytes so far): the streamed limit, and a cut by rest/limits.py."""
+    if limit is not None and seen > limit:  # chunked uploads declare no length: stop them mid-stream
+        raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
+    # A body timeout or the end of a drain (rest/limits.py) marks the scope and wakes the reader.
+    if more_body and CUT_KEY in scope:
+        raise scope[CUT_KEY]
+
+
+def shutdown_response(request_id: str, path: str) -> Response:
+    """What a request still running when the drain timeout ends gets, instead of uvicorn's plain 500."""
+    return error_response(503, ModelNotReady.code, "the server shut down before this request finished", request_id,
+                          path=path)
+
+
+def internal_error_response(request_id: str, path: str) -> Response:
+    return error_response(500, "internal", "internal server error", request_id, path=path)
+
+
+def log_request(scope, status: int, started: float, request_id: str) -> None:
+    """The access line of one request; `status` 0 when no answer was sent."""
+    client = scope.get("client")
+    path = scope.get("path", "")
+    log_access(scope.get("method", ""), path, status or 500, time.perf_counter() - started, request_id,
+               f"{client[0]}:{client[1]}" if client else None, quiet=path in HEALTH_PATHS or path == "/metrics")
+
+
 class RequestContextMiddleware:
     """Pure ASGI so the body limit applies to the stream, before anything buffers it."""
 
@@ -149,21 +176,14 @@ class RequestContextMiddleware:
             # would be a plain-text 500, so answer in the error table's shape first.
             if not status["sent"]:
                 with contextlib.suppress(Exception):
-                    await error_response(503, ModelNotReady.code, "the server shut down before this request finished",
-                                         request_id, path=scope.get("path", ""))(scope, receive, send_with_id)
+                    await shutdown_response(request_id, scope.get("path", ""))(scope, receive, send_with_id)
             raise
         except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
             log.exception("unhandled error serving %s %s", scope.get("method"), scope.get("path"))
             if not status["sent"]:
-                response = error_response(500, "internal", "internal server error", request_id,
-                                          path=scope.get("path", ""))
-                await response(scope, receive, send_with_id)
+                await internal_error_response(request_id, scope.get("path", ""))(scope, receive, send_with_id)
         finally:
-            client = scope.get("client")
-            path = scope.get("path", "")
-            log_access(scope.get("method", ""), path, status["code"] or 500, time.perf_counter() - started,
-                       request_id, f"{client[0]}:{client[1]}" if client else None,
-                       quiet=path in HEALTH_PATHS or path == "/metrics")
+            log_request(scope, status["code"], started, request_id)
             request_id_var.reset(token)
 
     def _counting(self, receive, scope):
@@ -181,11 +201,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 complete = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
-                if seen > limit:  # chunked uploads declare no length: stop them mid-stream
-                    raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
-                # A body timeout or the end of a drain (rest/limits.py) marks the scope and wakes us.
-                if message.get("more_body") and CUT_KEY in scope:
-                    raise scope[CUT_KEY]
+                check_body_chunk(seen, message.get("more_body", False), limit, scope)
             return message
 
         return counted
@@ -244,12 +260,12 @@ class InferenceApp(FastAPI):
         self._fast_door = None  # RequestContextMiddleware around _fast_predict, built on first use
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.fast_door_enabled and not scope.get("root_path"):
+        if scope["type"] == "http" and not scope.get("root_path"):
             route = torchserve.match_predictions(scope["method"], scope["path"])
-            if route is not None and (door := self._fast_door or self._build_fast_door()) is not None:
+            if route is not None and self.fast_door_ready():
                 scope["app"] = self
                 scope["detserve.route"] = route
-                return await door(scope, receive, send)
+                return await self._fast_door(scope, receive, send)
         await super().__call__(scope, receive, send)
 
     def fast_door_ready(self) -> bool:

@@ -30,11 +30,11 @@ from starlette.datastructures import QueryParams
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from ...engine.dataplane import dataplane_for
-from ...errors import ClientClosedRequest, DetserveError, ModelNotReady, PayloadTooLarge
-from ...observability.logging import clean_request_id, log_access, request_id_var
+from ...errors import ClientClosedRequest, DetserveError
+from ...observability.logging import clean_request_id, request_id_var
 from . import torchserve
-from .app import (CUT_KEY, InferenceApp, check_token, declared_too_large, detserve_error_response, error_response,
-                  first_values)
+from .app import (InferenceApp, check_body_chunk, check_token, declared_too_large, detserve_error_response,
+                  first_values, internal_error_response, log_request, shutdown_response)
 
 log = logging.getLogger("detserve.rest")
 
@@ -107,23 +107,18 @@ class DirectDoor:
             if not cycle.response_started:
                 status = 503
                 with contextlib.suppress(Exception):
-                    await write_response(cycle, error_response(
-                        503, ModelNotReady.code, "the server shut down before this request finished", request_id,
-                        path=scope["path"]), request_id)
+                    await write_response(cycle, shutdown_response(request_id, scope["path"]), request_id)
             raise
         except Exception:  # noqa: BLE001 - the last resort: should never happen, so log it loudly
             log.exception("unhandled error serving %s %s", scope["method"], scope["path"])
             if not cycle.response_started:
                 status = 500
-                await write_response(cycle, error_response(500, "internal", "internal server error", request_id,
-                                                           path=scope["path"]), request_id)
+                await write_response(cycle, internal_error_response(request_id, scope["path"]), request_id)
             else:
                 cycle.transport.close()
         finally:
             cycle.on_response = _nothing  # as uvicorn's run_asgi: a pipelined request starts once
-            client = scope.get("client")
-            log_access(scope["method"], scope["path"], status or 500, time.perf_counter() - started, request_id,
-                       f"{client[0]}:{client[1]}" if client else None)
+            log_request(scope, status, started, request_id)
             request_id_var.reset(token)
 
     async def _respond(self, cycle, headers: dict[bytes, bytes], route, request_id: str):
@@ -176,10 +171,7 @@ async def read_body(cycle, limit: int | None) -> bytes:
         chunk, more = bytes(cycle.body), cycle.more_body
         cycle.body = bytearray()
         seen += len(chunk)
-        if limit is not None and seen > limit:  # chunked uploads declare no length: stop them mid-stream
-            raise PayloadTooLarge(f"request body exceeds max_request_size ({limit} bytes)")
-        if more and CUT_KEY in cycle.scope:  # a body timeout or the end of a drain (rest/limits.py)
-            raise cycle.scope[CUT_KEY]
+        check_body_chunk(seen, more, limit, cycle.scope)
         parts.append(chunk)
         if not more:
             return parts[0] if len(parts) == 1 else b"".join(parts)
