@@ -243,24 +243,24 @@ def png_exif_orientation(data: bytes) -> int:
         pos += 12 + length  # length, type, data, CRC
     if len(kept) == 1:
         return 1
-    # Image.getexif, not PngImageFile's: that one decodes the (absent) pixels first.
-    return _pillow_orientation(data[:8] + b"".join(kept) + _PNG_EMPTY_IDAT + _PNG_IEND, Image.Image.getexif)
+    return _pillow_orientation(data[:8] + b"".join(kept) + _PNG_EMPTY_IDAT + _PNG_IEND)
 
 
 def webp_exif_orientation(data: bytes) -> int:
     """The EXIF orientation of a WebP as the worker's Pillow decode applies it (EXIF or XMP chunk);
     Pillow reads a WebP's metadata when it opens it, without decoding pixels."""
-    return _pillow_orientation(data, Image.Image.getexif)
+    return _pillow_orientation(data)
 
 
-def _pillow_orientation(data: bytes, getexif) -> int:
-    """Orientation 1..8 as Pillow reads it from `data` with `getexif`; 1 when unreadable (the
-    worker's check of the decoded size against the declared one has the last word)."""
+def _pillow_orientation(data: bytes) -> int:
+    """Orientation 1..8 as Pillow reads it from `data`; 1 when unreadable (the worker's check of the
+    decoded size against the declared one has the last word). Image.getexif, not a subclass's:
+    PngImageFile's decodes the pixels first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as opened:
-                value = getexif(opened).get(_ORIENTATION_TAG, 1)
+                value = Image.Image.getexif(opened).get(_ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - unreadable metadata
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
