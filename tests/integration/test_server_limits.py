@@ -325,3 +325,82 @@ def test_a_label_studio_predict_abandoned_by_its_client_stops_running(tmp_path):
         assert_stops(done)
     finally:
         proc.stop()
+
+
+def _read_answers(sock: socket.socket, count: int, timeout_s: float = 20) -> list[tuple[int, bytes]]:
+    """`count` HTTP/1.1 answers with a content-length, in order, from a kept-alive connection."""
+    sock.settimeout(timeout_s)
+    buffer, answers = b"", []
+    while len(answers) < count:
+        head, sep, rest = buffer.partition(b"\r\n\r\n")
+        if sep:
+            status = int(head.split(b" ", 2)[1])
+            if status == 100:
+                buffer = rest
+                continue
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            if len(rest) >= length:
+                answers.append((status, rest[:length]))
+                buffer = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(answers)} of {count} answers"
+        buffer += chunk
+    return answers
+
+
+UPGRADE_H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+
+
+def test_an_upgrade_the_server_does_not_take_is_ignored_and_the_body_arrives(server):
+    """`curl --http2 -T img URL` sends `Upgrade: h2c` with its body. llhttp ends such a request at
+    its headers, so uvicorn answered "empty request body" and then never read the connection
+    again; RFC 9110 7.8 says to ignore the header and go on in HTTP/1.1, keep-alive included."""
+    import hashlib
+
+    body = b"DIGEST" + os.urandom(20_000)
+    digest = hashlib.sha256(body).hexdigest()
+    v2 = (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: t\r\nInference-Header-Content-Length: 0\r\n"
+          b"Content-Type: application/octet-stream\r\n")
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7000]), body[i:i + 7000])
+                       for i in range(0, len(body), 7000)) + b"0\r\n\r\n"
+    cases = {
+        "content-length": v2 + UPGRADE_H2C + b"Content-Length: %d\r\n\r\n" % len(body) + body,
+        "chunked": v2 + UPGRADE_H2C + b"Transfer-Encoding: chunked\r\n\r\n" + chunked,
+        # the TorchServe door too, with the second request pipelined behind the first
+        "torchserve, pipelined": (b"PUT /predictions/m HTTP/1.1\r\nHost: t\r\n" + UPGRADE_H2C
+                                  + b"Content-Length: %d\r\n\r\n" % len(body) + body),
+    }
+    for name, request in cases.items():
+        plain_after = b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n"
+        with _connect(server) as sock:
+            if name.endswith("pipelined"):
+                sock.sendall(request + plain_after)
+                answers = _read_answers(sock, 2)
+            else:
+                sock.sendall(request)
+                answers = _read_answers(sock, 1)
+                sock.sendall(plain_after)  # the same connection, kept alive
+                answers += _read_answers(sock, 1)
+        (status, first), (ping_status, ping) = answers
+        assert status == 200, (name, first)
+        if name.startswith("torchserve"):
+            assert isinstance(json.loads(first), list), (name, first)
+        else:
+            assert json.loads(first)["model_version"] == digest, name
+        assert ping_status == 200 and json.loads(ping)["status"] == "Healthy", (name, ping)
+
+    # curl's own order: headers with Expect: 100-continue, the body only after the interim answer.
+    with _connect(server) as sock:
+        sock.sendall(v2 + UPGRADE_H2C + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        [(status, answer)] = _read_answers(sock, 1)
+    assert status == 200 and json.loads(answer)["model_version"] == digest
+
+    # Without a body (GET /ping upgraded) the connection goes on too, pipelined or kept alive.
+    with _connect(server) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n" + UPGRADE_H2C + b"\r\n" + b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert [s for s, _ in _read_answers(sock, 2)] == [200, 200]

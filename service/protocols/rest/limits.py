@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -71,14 +72,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         phase = self.phase
         if phase != _HEADERS:
             if phase != _REFUSED:
-                super().data_received(data)
+                self._feed(data)
             return
         self.header_bytes += len(data)
-        super().data_received(data)
+        self._feed(data)
         # Checked after parsing: a chunk that completes the headers may carry body bytes too.
         if self.phase == _HEADERS and self.header_bytes > self.limits.max_header_bytes:
             self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
                         f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+
+    def _feed(self, data: bytes) -> None:
+        # uvicorn's data_received, except for an Upgrade it does not take (any but a WebSocket one).
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._ignore_upgrade(data[upgrade.args[0]:])
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Go on in HTTP/1.1 after a request asked to upgrade (`curl --http2` sends `Upgrade: h2c`).
+
+        llhttp ends an upgrade request at its headers, since what follows would be the new protocol,
+        so uvicorn answered it with an empty body ("empty request body" for `curl --http2 -T img`) and
+        never parsed another request on the connection. RFC 9110 section 7.8: a server that does not
+        switch ignores the header. A second parser takes over: fed this request's framing headers,
+        then the bytes that followed, it hands only the body to this protocol until the message ends,
+        and everything after that, so keep-alive and pipelining work as on any connection.
+        """
+        framing = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers
+                           if name in (b"content-length", b"transfer-encoding"))
+        cycle = self.cycle
+        if framing and cycle is not None and not cycle.response_complete:
+            # on_message_complete already ran, but the app has not run since: undo it.
+            cycle.more_body = True
+            cycle.message_event.clear()
+            self.phase, self.phase_seen_at = _BODY, None
+        self.parser = httptools.HttpRequestParser(_AfterIgnoredUpgrade(self))
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's own parser
+        self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -201,6 +238,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if not cut:
                 self.transport.close()
             self.phase = _IDLE
+
+
+class _AfterIgnoredUpgrade:
+    """Callbacks of the parser that replaces llhttp's after an ignored Upgrade (see _ignore_upgrade).
+
+    The replayed head of the upgrade request is parsed again only for its framing, so until that
+    message ends only its body goes through; every later message goes to the protocol whole.
+    """
+
+    def __init__(self, protocol: BoundedHttpToolsProtocol):
+        self.protocol = protocol
+        self.replaying = True
+
+    def on_message_begin(self) -> None:
+        if not self.replaying:
+            self.protocol.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.replaying:
+            self.protocol.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.replaying:
+            self.protocol.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.replaying:
+            self.protocol.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.protocol.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.replaying = False
+        self.protocol.on_message_complete()
 
 
 def bounded_protocol(limits: ServerLimits, max_request_size: int | None = None,
