@@ -380,6 +380,7 @@ class Engine:
         await runtime.drain_and_stop(self.settings.drain_timeout_s)
         self._models.pop(name, None)
         self._configured.discard(name)
+        metrics.forget_model(name)
         log.info("model %s unloaded", name)
 
     async def scale_workers(self, name: str, count: int) -> ModelInfo:

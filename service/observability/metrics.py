@@ -52,6 +52,10 @@ LS_JOBS_ACTIVE = Gauge("detserve_labelstudio_jobs_active", "Pre-annotation jobs 
 LS_JOB_PROGRESS = Gauge("detserve_labelstudio_job_progress_ratio", "Finished share (0-1) of the tasks of the model's unfinished jobs; 1 when none.", ["model"], registry=REGISTRY)
 OOM_SPLITS = Counter("detserve_oom_batch_splits", "Batches split in half after a CUDA out-of-memory error.", ["model"], registry=REGISTRY)
 
+_PER_MODEL = (REQUESTS, REQUEST_LATENCY, QUEUE_WAIT, STAGE_LATENCY, BATCH_SIZE, BATCH_PROTOCOLS, QUEUE_DEPTH,
+              IN_FLIGHT, LIVE_WORKERS, WORKER_RESTARTS, REJECTED, GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED,
+              LS_JOBS_STARTED, LS_JOBS_FINISHED, LS_JOB_TASKS, LS_JOBS_ACTIVE, LS_JOB_PROGRESS, OOM_SPLITS)
+
 
 # A not-found model name is chosen by the client: recording it verbatim would let any client grow
 # the metric's label set without bound, so every door's not-found requests share one label.
@@ -78,6 +82,16 @@ def record_request(model: str, protocol: str, code: int | str, seconds: float | 
     children[0].inc()
     if seconds is not None:
         children[1].observe(seconds)
+
+
+def forget_model(model: str) -> None:
+    """Drop every series of an unloaded model. Left behind, `detserve_live_workers{model} 0` reads as
+    an outage to an alert rule long after the model was removed on purpose; and a model loaded again
+    under the name must get live children, not the cached ones of the removed series."""
+    for metric in _PER_MODEL:
+        metric.remove_by_labels({"model": model})
+    for key in [key for key in _request_children if key[0] == model]:
+        del _request_children[key]
 
 
 class ModelMetrics:

@@ -187,6 +187,18 @@ def test_management_load_scale_batch_unload(server):
     assert httpx.delete(f"{server.mgmt}/models/spare", timeout=60).status_code == 200
     assert httpx.put(predict, content=b"ok").status_code == 404
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+    # An unloaded model leaves no series behind: `detserve_live_workers{model="spare"} 0` would
+    # read as an outage to an alert rule.
+    assert 'model="spare"' not in httpx.get(f"{server.metrics}/metrics").text
+
+    # Loaded again under the same name, it is counted afresh.
+    r = httpx.post(f"{server.mgmt}/models", params={"model_name": "spare", "initial_workers": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.put(predict, content=b"ok").status_code == 200
+    text = httpx.get(f"{server.metrics}/metrics").text
+    assert 'detserve_requests_total{code="200",model="spare",protocol="rest"} 1.0' in text, text
+    assert 'detserve_live_workers{model="spare"} 1.0' in text
+    assert httpx.delete(f"{server.mgmt}/models/spare", timeout=60).status_code == 200
 
 
 def test_sigterm_during_load_completes_accepted_requests(tmp_path):
