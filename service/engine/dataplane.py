@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -165,16 +166,26 @@ def knob_options(*, iou_thr: Any = None, class_agnostic: Any = None, box_format:
     )
 
 
+# float() also takes "１", "1_0", "nan" and "infinity": a query value is a plain decimal or it is refused.
+_DECIMAL = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+
+
+def decimal(text: str | bytes) -> float | None:
+    """A client's number written as a plain ASCII decimal (1, 0.5, 2e3), else None."""
+    text = _text(text)
+    return float(text) if _DECIMAL.fullmatch(text) else None
+
+
 def _number(field: str, value: Any) -> float:
     if isinstance(value, bool):
         raise errors.InvalidRequest(f"{field} must be a number, got a boolean")
     if isinstance(value, (int, float)):
         number = float(value)
     elif isinstance(value, (str, bytes)):
-        try:
-            number = float(value)
-        except ValueError:
-            raise errors.InvalidRequest(f"{field} must be a number, got {_show(value)}") from None
+        number = decimal(value)
+        if number is None:
+            finite = " finite" if _text(value).strip().lower().lstrip("+-") in ("nan", "inf", "infinity") else ""
+            raise errors.InvalidRequest(f"{field} must be a{finite} number, got {_show(value)}")
     else:
         raise errors.InvalidRequest(f"{field} must be a number, got {type(value).__name__}")
     if not math.isfinite(number):
@@ -281,11 +292,8 @@ def _tile(value: Any) -> int | str | None:
         return value.strip().lower()
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}")
-    try:
-        side = float(value)
-    except ValueError:
-        raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}") from None
-    if not math.isfinite(side) or side != int(side) or not MIN_TILE <= side <= MAX_TILE:
+    side = decimal(value) if isinstance(value, str) else float(value)
+    if side is None or not math.isfinite(side) or side != int(side) or not MIN_TILE <= side <= MAX_TILE:
         raise errors.InvalidRequest(f"tile must be {TILE_ALLOWED}, got {_show(value)}")
     return int(side)
 

@@ -164,8 +164,9 @@ def test_errors_map_through_the_one_table(client):
     assert_error(client.put("/predictions/shapes", content=b"bad"), 400, "invalid_image")
     assert_error(client.put("/predictions/shapes", content=b"hello", headers={"content-type": "text/plain"}),
                  415, "unsupported_media_type")
-    assert_error(client.put("/predictions/shapes", content=b"x", headers={"X-Request-Timeout-Ms": "-1"}),
-                 400, "invalid_request")
+    for timeout in ("-1", "0", "nan", "1_000", "inf"):
+        assert_error(client.put("/predictions/shapes", content=b"x", headers={"X-Request-Timeout-Ms": timeout}),
+                     400, "invalid_request")
     assert_error(client.put("/predictions/shapes/other-version", content=b"x"), 404, "model_not_found")
     r = client.put("/predictions/shapes", content=b"overload")
     assert_error(r, 429, "overloaded")

@@ -29,6 +29,12 @@ def _info(max_per_img: int | None = 100) -> ModelInfo:
     ("score_thr", [0.1], "list"),
     ("score_thr", {"a": 1}, "dict"),
     ("score_thr", "x", "must be a number"),
+    ("score_thr", "-Infinity", "finite"),
+    # float() takes these too; a client's number is a plain ASCII decimal
+    ("score_thr", "\uff10.\uff15", "must be a number"),  # fullwidth "0.5"
+    ("score_thr", "0_5", "must be a number"),
+    ("score_thr", "0x1", "must be a number"),
+    ("max_dets", "\u0661\u0660", "must be a number"),  # Arabic-Indic "10"
     ("max_dets", math.inf, "finite"),
     ("max_dets", "1e400", "finite"),
     ("max_dets", 0, "within [1, 100]"),
@@ -48,7 +54,7 @@ def test_every_bad_option_is_one_invalid_request_naming_the_field(field, value, 
 
 def test_options_from_any_wire_type_agree():
     dp = DataPlane(object())
-    from_query = dp.options(_info(), score_thr="0.25", max_dets="7", classes="dog, cat")
+    from_query = dp.options(_info(), score_thr=" 2.5e-1 ", max_dets="7", classes="dog, cat")
     from_json = dp.options(_info(), score_thr=0.25, max_dets=7.0, classes=["dog", "cat"])
     assert from_query == from_json
     assert from_query.score_thr == 0.25 and from_query.max_dets == 7 and from_query.classes == ("dog", "cat")
@@ -136,6 +142,8 @@ def _series() -> set[tuple]:
     ("tile", "8193", "[32, 8192]"),
     ("tile", 512.5, "[32, 8192]"),
     ("tile", "inf", "[32, 8192]"),
+    ("tile", "\uff15\uff11\uff12", "[32, 8192]"),  # fullwidth "512"
+    ("tile", "5_12", "[32, 8192]"),
     ("tile", True, "[32, 8192]"),
     ("tile_overlap", 0.51, "[0, 0.5]"),
     ("tile_overlap", -0.1, "[0, 0.5]"),

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...engine.dataplane import OPTION_NAMES, DataPlane, dataplane_for
+from ...engine.dataplane import OPTION_NAMES, DataPlane, dataplane_for, decimal
 from ...errors import DetserveError, InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, http_status
 from ...types import DetectResult, EncodedImage, RenderFormat
 from ...types import Protocol as Door
@@ -189,11 +189,8 @@ def timeout_seconds(raw: str | None) -> float | None:
     """The X-Request-Timeout-Ms header in seconds (None when absent)."""
     if raw is None:
         return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = float("nan")
-    if not ms > 0 or ms == float("inf"):
+    ms = decimal(raw)
+    if ms is None or not 0 < ms < float("inf"):
         raise InvalidRequest(f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {raw!r}")
     return ms / 1000.0
 
