@@ -115,6 +115,16 @@ def test_headers_over_the_size_or_count_limit_get_431(server):
     second.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
     status, body = _status_and_json(_read_all(second, 5))
     assert status == 431 and body["code"] == "headers_too_large"
+    # Pipelined behind requests still running, the refusal waits for their answers, which come first.
+    slow = b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nSLEEP:0.5"
+    for too_big in (b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n",  # in one read
+                    b"".join(b"X-%d: v\r\n" % i for i in range(60)) + b"\r\n"):  # too many
+        behind = _connect(server)
+        behind.sendall(slow + slow + b"GET /ping HTTP/1.1\r\nHost: x\r\n" + too_big)
+        raw = _read_all(behind, 10)
+        answers = raw.split(b"HTTP/1.1 ")[1:]
+        assert [a.split(b" ", 1)[0] for a in answers] == [b"200", b"200", b"431"], raw[:300]
+        assert b"headers_too_large" in answers[2]
     # Under /v2/ the refusal carries the Open Inference Protocol's "error" field too, as the app's do.
     assert "error" not in body
     v2 = _connect(server)

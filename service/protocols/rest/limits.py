@@ -61,6 +61,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     limits: ServerLimits = ServerLimits()  # set per listener by `bounded_protocol`
     body_buffer_bytes: int = BODY_BUFFER_BYTES  # never above max_request_size: the 413 must not wait for it
     direct = None  # the inference listener's DirectDoor (rest/direct.py), set by `bounded_protocol`
+    refusal: bytes | None = None  # a 431/408 waiting for the answers of requests pipelined before it
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -200,8 +201,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             # The path is what httptools has parsed so far (on_url comes before the headers).
             path = bytes(getattr(self, "url", b"") or b"")
-            self.transport.write(_raw_json_response(status, reason, code, message, path))
+            self.refusal = _raw_json_response(status, reason, code, message, path)
+            if not self._answering():
+                self._send_refusal()
+            # else: pipelined behind requests still answering, whose answers must go out first;
+            # on_response_complete sends it after the last of them. Meanwhile input is dropped.
+
+    def _answering(self) -> bool:
+        cycle = self.cycle  # the latest request parsed: the last of any pipeline
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def _send_refusal(self) -> None:
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None and not self.transport.is_closing():
+            self.transport.write(refusal)
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.refusal is not None and not self._answering():
+            self._unset_keepalive_if_required()
+            self._send_refusal()
 
     def cut_body(self, error: DetserveError) -> bool:
         """Make the running request's next receive() raise `error`; False when it is past that."""
