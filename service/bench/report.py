@@ -62,7 +62,7 @@ class ReportOptions:
     model_dir: Path = ROOT / "models" / "rtmdet"
     quick: bool = False
     torchserve: bool = True
-    wrk: bool = True
+    wrk: bool = True  # C load clients where installed: wrk (REST doors), h2load (gRPC doors)
     pinned: bool = True  # the extra pinned front/worker table
     two_stage: bool = True  # Mask R-CNN R-50 served vs in-process (service/bench/two_stage.py, ~4 min)
     duration_s: float = 8.0  # null model / no-op runs: thousands of requests
@@ -110,17 +110,24 @@ class Harness:
     def duration(self, model: str) -> float:
         return self.opts.duration_s if model in ("null", "noop") else self.opts.model_duration_s
 
-    def served(self, section, system, kind, url, model, c, label, d=None, w=None, client="auto", **extra) -> RunResult:
-        """REST runs use wrk where it is installed: a Python load client on the same 2 cores takes CPU
-        from the server it measures (measured: the raw asyncio client reached 0.46x of wrk's rate on the
-        same null server), and a C client is what the issue's figures were taken with."""
+    def served(self, section, system, kind, url, model, c, label, d=None, w=None, client="auto", metrics=None,
+               **extra) -> RunResult:
+        """REST runs use wrk and gRPC runs h2load where they are installed (gRPC runs also need the
+        server's `metrics` URL, where h2load's errors are counted): a Python load client on the same 2
+        cores takes CPU from the server it measures (measured: the raw asyncio client reached 0.46x of
+        wrk's rate on the same null server), and a C client is what the issue's figures were taken with."""
         d = self.duration(model) if d is None else d
         w = self.opts.warmup_s if w is None else w
         if client == "auto":
-            from .wrk import available
+            from . import h2load, wrk
 
-            if kind == "rest" and self.opts.wrk and available():
-                return self._served_wrk(section, system, url, model, c, label, d, w, **extra)
+            if kind in wrk.DOORS and self.opts.wrk and wrk.available():
+                return self._served_wrk(section, system, url, model, c, label, d, w, kind=kind, **extra)
+            if kind in ("grpc", "kserve-grpc") and self.opts.wrk and h2load.available() and metrics:
+                result, cmd = h2load.run_h2load(url, kind, model, self.corpus, concurrency=c, duration_s=d,
+                                                warmup_s=w, metrics_url=metrics, label=label, cpus=self.client_cpus)
+                return self.rec.add(section, result, f"{cmd}  (one image of the corpus, its median size)",
+                                    system, **extra)
             client = "raw"
         target = make_target(kind, url, model, self.corpus, client=client, pool_size=c)
         _pin_self(self.client_cpus or self.all_cpus)
@@ -134,16 +141,18 @@ class Harness:
                f"--duration {d:g} --warmup {w:g}" + (" --client httpx" if client == "httpx" else ""))
         return self.rec.add(section, result, cmd, system, **extra)
 
-    def _served_wrk(self, section, system, url, model, c, label, d, w, **extra) -> RunResult:
-        from .wrk import run_wrk
+    def _served_wrk(self, section, system, url, model, c, label, d, w, kind="rest", **extra) -> RunResult:
+        from .wrk import request_line, run_wrk
 
         if w > 0:
-            run_wrk(url, model, self.corpus, concurrency=c, duration_s=w, label="warm-up", cpus=self.client_cpus)
+            run_wrk(url, model, self.corpus, concurrency=c, duration_s=w, label="warm-up", cpus=self.client_cpus,
+                    kind=kind)
             self._drain(url, model)
-        result = run_wrk(url, model, self.corpus, concurrency=c, duration_s=d, label=label, cpus=self.client_cpus)
+        result = run_wrk(url, model, self.corpus, concurrency=c, duration_s=d, label=label, cpus=self.client_cpus,
+                         kind=kind)
         self._drain(url, model)
-        return self.rec.add(section, result, f"wrk -t1 -c{c} -d{d:g}s --latency -s put.lua {url}  "
-                            f"(PUT /predictions/{model}, after {w:g} s of warm-up)", system, **extra)
+        return self.rec.add(section, result, f"wrk -t1 -c{c} -d{d:g}s --latency -s {kind}.lua {url}  "
+                            f"({request_line(kind, model)}, after {w:g} s of warm-up)", system, **extra)
 
     def _drain(self, url: str, model: str) -> None:
         """wrk hangs up with requests still queued in the server; let them finish before the next run."""
@@ -295,7 +304,8 @@ def _limits_and_shipped(opts, rec, h: Harness, ds, store, threads) -> None:
     for r in range(opts.rounds):
         h.in_process("latency", store / "rtmdet", threads, 1, f"in-process rtmdet c1 #{r + 1}", d=d1)
         h.served("latency", "detserve", "rest", ds.url, "rtmdet", 1, f"detserve rtmdet REST c1 #{r + 1}", d=d1)
-        h.served("latency", "detserve", "grpc", ds.grpc_address, "rtmdet", 1, f"detserve rtmdet gRPC c1 #{r + 1}", d=d1)
+        h.served("latency", "detserve", "grpc", ds.grpc_address, "rtmdet", 1, f"detserve rtmdet gRPC c1 #{r + 1}", d=d1,
+                 metrics=ds.metrics_url)
 
 
 def _torchserve_round(opts, rec, h: Harness, ds, store, tmp, facts, variant: TsVariant) -> None:
@@ -337,11 +347,18 @@ def _torchserve_round(opts, rec, h: Harness, ds, store, tmp, facts, variant: TsV
 
 
 def _doors(rec, h: Harness, ds) -> None:
-    C = "client"
+    """Each door with a C load client (wrk, h2load) where installed, and with the Python client."""
+    C, m = "client", ds.metrics_url
     h.served(C, "detserve", "rest", ds.url, "null", 16, "detserve null REST c16, Python asyncio client", client="raw")
-    h.served(C, "detserve", "grpc", ds.grpc_address, "null", 16, "detserve null gRPC Detect c16")
-    h.served(C, "detserve", "kserve-grpc", ds.grpc_address, "null", 16, "detserve null KServe gRPC c16")
     h.served(C, "detserve", "kserve-rest", ds.url, "null", 16, "detserve null KServe REST (raw) c16")
+    h.served(C, "detserve", "kserve-rest", ds.url, "null", 16, "detserve null KServe REST (raw) c16, Python asyncio client",
+             client="raw")
+    h.served(C, "detserve", "grpc", ds.grpc_address, "null", 16, "detserve null gRPC Detect c16", metrics=m)
+    h.served(C, "detserve", "grpc", ds.grpc_address, "null", 16, "detserve null gRPC Detect c16, Python asyncio client",
+             client="raw")
+    h.served(C, "detserve", "kserve-grpc", ds.grpc_address, "null", 16, "detserve null KServe gRPC c16", metrics=m)
+    h.served(C, "detserve", "kserve-grpc", ds.grpc_address, "null", 16,
+             "detserve null KServe gRPC c16, Python asyncio client", client="raw")
     h.served(C, "detserve", "rest", ds.url, "null", 64, "detserve null REST c64")
 
 

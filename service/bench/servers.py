@@ -135,6 +135,10 @@ class DetserveServer:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 

@@ -1,5 +1,6 @@
-"""Cross-check with wrk (C, Debian package `wrk`): the same PUT bodies at the same concurrency, so a
-Python client ceiling would show up as a gap between the two."""
+"""Load from wrk (C, Debian package `wrk`): the same bodies at the same concurrency as the Python
+client, without its CPU cost on the cores the server shares. REST doors only (wrk speaks HTTP/1.1);
+gRPC doors get h2load (bench/h2load.py)."""
 from __future__ import annotations
 
 import re
@@ -12,14 +13,14 @@ from urllib.parse import urlsplit
 from .stats import RunResult
 
 LUA = """
-wrk.method = "PUT"
-wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.method = "%(method)s"
+%(headers)s
 local paths = {%(paths)s}
 local requests = {}
 init = function(args)
   for i, p in ipairs(paths) do
     local f = assert(io.open(p, "rb"))
-    requests[i] = wrk.format("PUT", "%(path)s", nil, f:read("*all"))
+    requests[i] = wrk.format("%(method)s", "%(path)s", nil, f:read("*all"))
     f:close()
   end
 end
@@ -68,9 +69,24 @@ def parse_output(text: str, label: str, concurrency: int, duration_s: float) -> 
     )
 
 
+# What each REST door is sent: the image as the whole body, as the Python client's "raw" mode sends it.
+DOORS = {
+    "rest": ("PUT", "/predictions/{model}", {"Content-Type": "application/octet-stream"}),
+    "kserve-rest": ("POST", "/v2/models/{model}/infer",
+                    {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}),
+}
+
+
+def request_line(kind: str, model: str) -> str:
+    method, path, headers = DOORS[kind]
+    return f"{method} {path.format(model=model)}" + "".join(f" ({k}: {v})" for k, v in headers.items()
+                                                          if k != "Content-Type")
+
+
 def run_wrk(url: str, model: str, corpus: list[bytes], *, concurrency: int, duration_s: float, threads: int = 1,
-            label: str = "wrk", cpus: set[int] | None = None, timeout_s: float = 60) -> RunResult:
-    path = f"/predictions/{model}"
+            label: str = "wrk", cpus: set[int] | None = None, timeout_s: float = 60, kind: str = "rest") -> RunResult:
+    method, path, headers = DOORS[kind]
+    path = path.format(model=model)
     with tempfile.TemporaryDirectory(prefix="detserve-wrk-") as tmp:
         files = []
         for i, body in enumerate(corpus):
@@ -78,7 +94,8 @@ def run_wrk(url: str, model: str, corpus: list[bytes], *, concurrency: int, dura
             f.write_bytes(body)
             files.append(f'"{f}"')
         script = Path(tmp) / "put.lua"
-        script.write_text(LUA % {"paths": ", ".join(files), "path": path})
+        script.write_text(LUA % {"paths": ", ".join(files), "path": path, "method": method,
+                                 "headers": "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())})
         parts = urlsplit(url)
         cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{duration_s:g}s", "--latency",
                "--timeout", f"{timeout_s:g}s", "-s", str(script), f"{parts.scheme}://{parts.netloc}"]

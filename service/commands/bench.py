@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     rep.add_argument("--ts-warmup", type=float)
     rep.add_argument("--no-torchserve", action="store_true")
     rep.add_argument("--no-pinned", action="store_true", help="skip the extra pinned front/worker table")
-    rep.add_argument("--no-wrk", action="store_true")
+    rep.add_argument("--no-wrk", action="store_true", help="load every door from the Python client, not wrk / h2load")
     rep.add_argument("--no-two-stage", action="store_true", help="skip the Mask R-CNN R-50 section (~4 min)")
     rep.add_argument("--from-json", help="re-render the markdown from a saved report JSON; measure nothing")
     rep.set_defaults(func=cmd_report)

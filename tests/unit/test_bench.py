@@ -311,3 +311,69 @@ def test_wrk_output_is_parsed():
     assert r.requests == 38812 and r.errors == {"non-2xx": 12} and r.ok == 38800
     assert r.p50_ms == pytest.approx(3.9) and r.p99_ms == pytest.approx(0.85) and r.max_ms == pytest.approx(31.5)
     assert r.throughput == pytest.approx(3881.2 * 38800 / 38812)
+
+
+def test_wrk_sends_each_rest_door_its_own_request(tmp_path, monkeypatch):
+    """The KServe REST door is loaded by wrk as the Python client's raw mode loads it."""
+    import subprocess
+
+    from service.bench import wrk
+
+    scripts = {}
+
+    def fake_run(cmd, **kwargs):
+        scripts[cmd[-1]] = open(cmd[cmd.index("-s") + 1]).read()
+        return subprocess.CompletedProcess(cmd, 0, WRK_OUTPUT, "")
+
+    monkeypatch.setattr(wrk.subprocess, "run", fake_run)
+    wrk.run_wrk("http://127.0.0.1:1", "null", BODIES, concurrency=16, duration_s=1, kind="kserve-rest")
+    lua = scripts["http://127.0.0.1:1"]
+    assert 'wrk.format("POST", "/v2/models/null/infer", nil' in lua
+    assert 'wrk.headers["Inference-Header-Content-Length"] = "0"' in lua
+    wrk.run_wrk("http://127.0.0.1:1", "null", BODIES, concurrency=16, duration_s=1)
+    assert 'wrk.format("PUT", "/predictions/null", nil' in scripts["http://127.0.0.1:1"]
+
+
+def test_h2load_log_and_server_side_grpc_errors_make_one_result():
+    from service.bench import h2load
+
+    log = "".join(f"17962068710{i:05d}\t200\t{1000 * (i + 1)}\n" for i in range(100)) + "1796206871099999\t503\t10\n"
+    latencies, errors = h2load.parse_log(log)
+    assert len(latencies) == 100 and errors == {"http-503": 1}
+    # the server counted 4 of the HTTP 200 streams as RESOURCE_EXHAUSTED (gRPC status in trailers)
+    r = h2load.result("x", 16, 2.0, latencies, {**errors, "RESOURCE_EXHAUSTED": 4})
+    assert (r.requests, r.ok, r.throughput) == (101, 96, 48.0)
+    assert r.p50_ms == pytest.approx(50.5) and r.max_ms == 100.0
+    assert h2load.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    cmd = h2load.command("127.0.0.1:7070", "/detserve.v1.Detector/Detect", "b", "l", concurrency=16,
+                         duration_s=8, warmup_s=2, channels=2)
+    assert cmd[cmd.index("-c") + 1] == "2" and cmd[cmd.index("-m") + 1] == "8"
+    assert cmd[-1] == "http://127.0.0.1:7070/detserve.v1.Detector/Detect" and "--warm-up-time=2" in cmd
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not __import__("shutil").which("h2load"), reason="h2load (Debian nghttp2-client) not installed")
+def test_h2load_against_a_real_grpc_door_counts_server_side_errors(tmp_path):
+    """A real server: an unknown model is NOT_FOUND in gRPC trailers after HTTP 200, which h2load
+    alone would count as success."""
+    from fakes import write_model
+    from serve_process import ServeProcess
+
+    from service.bench import h2load
+
+    write_model(tmp_path / "store", "m", workers=1)
+    proc = ServeProcess(tmp_path / "store", tmp_path, grpc=True)
+    proc.wait_ready()
+    try:
+        address, metrics = f"127.0.0.1:{proc.ports['grpc']}", proc.metrics
+        good, cmd = h2load.run_h2load(address, "grpc", "m", BODIES, concurrency=4, duration_s=1, warmup_s=0,
+                                      metrics_url=metrics)
+        assert good.ok > 0 and good.errors == {} and "h2load -D 1" in cmd
+        kserve, _ = h2load.run_h2load(address, "kserve-grpc", "m", BODIES, concurrency=4, duration_s=1,
+                                      warmup_s=0, metrics_url=metrics)
+        assert kserve.ok > 0 and kserve.errors == {}
+        bad, _ = h2load.run_h2load(address, "grpc", "absent", BODIES, concurrency=4, duration_s=1, warmup_s=0,
+                                   metrics_url=metrics)
+        assert bad.ok == 0 and bad.errors.get("NOT_FOUND", 0) > 0
+    finally:
+        proc.stop()
