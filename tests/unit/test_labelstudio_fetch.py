@@ -41,6 +41,9 @@ PAT_NON_JSON = jwt({"token_type": "refresh", "exp": time.time() + 86400, "kind":
 LOOPBACK = ("127.0.0.1/32",)
 OTHER_PATS = [jwt({"token_type": "refresh", "exp": time.time() + 86400, "n": n}) for n in range(3)]
 ACCESS = jwt({"token_type": "access", "exp": time.time() + 3600})
+# A JWT-shaped access token whose payload nests 5000 deep: json.loads raises RecursionError on it.
+DEEP_ACCESS = f"{b64url({'alg': 'HS256'})}.{base64.urlsafe_b64encode(b'[' * 5000).decode().rstrip('=')}.c2ln"
+PAT_DEEP = jwt({"token_type": "refresh", "exp": time.time() + 86400, "kind": "deep access"})
 
 
 class FakeLabelStudio(BaseHTTPRequestHandler):
@@ -59,13 +62,15 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _authorized(self) -> bool:
-        return self.headers.get("Authorization") in (f"Token {LEGACY}", f"Bearer {ACCESS}")
+        return self.headers.get("Authorization") in (f"Token {LEGACY}", f"Bearer {ACCESS}", f"Bearer {DEEP_ACCESS}")
 
     def do_POST(self):
         type(self).hits += 1
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         if self.path == "/api/token/refresh/" and body.get("refresh") == PAT_NON_JSON:
             return self._send(200, b"<html>login page</html>", "text/html")
+        if self.path == "/api/token/refresh/" and body.get("refresh") == PAT_DEEP:
+            return self._send(200, json.dumps({"access": DEEP_ACCESS}).encode(), "application/json")
         if self.path == "/api/token/refresh/" and body.get("refresh") in [PAT, *OTHER_PATS]:
             type(self).exchanges += 1
             return self._send(200, json.dumps({"access": ACCESS}).encode(), "application/json")
@@ -103,6 +108,17 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
             return self._send(200, IMAGE) if "Authorization" not in self.headers else self._send(400)
         if url.path == "/big.png":
             return self._send(200, b"x" * 5000)
+        if url.path == "/gzip.png":  # compressed although asked for identity; Content-Length is the compressed size
+            import gzip
+
+            type(self).accept_encoding = self.headers.get("Accept-Encoding")
+            body = gzip.compress(b"x" * 3000)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if url.path == "/slow.png":
             time.sleep(1.5)
             return self._send(200, IMAGE)
@@ -203,6 +219,13 @@ def test_size_limit_timeout_404_and_unreachable(ls_url):
         fetch("http://127.0.0.1:9/x.png", FetchConfig(allow=LOOPBACK))
 
 
+def test_an_encoded_body_is_capped_by_its_decoded_size_not_its_content_length(ls_url):
+    assert fetch(f"{ls_url}/gzip.png", FetchConfig(max_bytes=4000, allow=LOOPBACK)) == b"x" * 3000
+    assert FakeLabelStudio.accept_encoding == "identity"
+    with pytest.raises(ImageFetchError, match="over the 2000-byte limit"):
+        fetch(f"{ls_url}/gzip.png", FetchConfig(max_bytes=2000, allow=LOOPBACK))
+
+
 def test_local_files_from_document_root(tmp_path, ls_url):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a b.png").write_bytes(IMAGE)
@@ -214,6 +237,8 @@ def test_local_files_from_document_root(tmp_path, ls_url):
             fetch(f"/data/local-files/?d={urllib.parse.quote(evil)}", config)
     with pytest.raises(ImageFetchError, match="not found"):
         fetch("/data/local-files/?d=sub/none.png", config)
+    with pytest.raises(ImageFetchError, match="cannot be read: File name too long"):  # is_file() raises on it
+        fetch("/data/local-files/?d=" + "a" * 300, config)
     # Not under the root here, but Label Studio may still serve it.
     assert fetch("/data/local-files/?d=sub/none.png", FetchConfig(url=ls_url, api_key=LEGACY, document_root=tmp_path)) == IMAGE
 
@@ -358,6 +383,44 @@ def test_pin_keeps_the_name_for_host_and_sni():
 def test_malformed_urls_are_fetch_errors(url):
     with pytest.raises(ImageFetchError):
         fetch(url, FetchConfig(timeout_s=2))
+
+
+def test_tokens_nested_without_end_are_not_jwts_and_not_errors(ls_url):
+    assert is_jwt(base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=") + ".a.b") is False
+    # An access token whose payload cannot be read has no known expiry, and still works.
+    assert fetch("/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=PAT_DEEP)) == IMAGE
+
+
+def test_a_label_studio_that_never_answers_holds_up_no_other_project(ls_url):
+    """Each project's token exchange waits alone: a cached token is served at once, and another
+    Label Studio is exchanged with, while one exchange hangs."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # accepts, never answers
+    hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+
+    async def go():
+        tokens = TokenCache()
+        policy = FetchConfig(url=ls_url, allow=LOOPBACK).policy()
+        async with pinned_client(verify=True, timeout_s=30) as client:
+            first = await tokens.access_token(client, policy, ls_url, PAT)  # cached from here on
+            stuck = asyncio.create_task(tokens.access_token(client, policy, hung_url, OTHER_PATS[0]))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            again = await asyncio.wait_for(tokens.access_token(client, policy, ls_url, PAT), 2)
+            other = await asyncio.wait_for(tokens.access_token(client, policy, ls_url, OTHER_PATS[1]), 5)
+            waited = time.monotonic() - started
+            assert not stuck.done()
+            stuck.cancel()
+            return first, again, other, waited
+
+    try:
+        first, again, other, waited = asyncio.run(go())
+    finally:
+        hung.close()
+    assert first == again == other == ACCESS and waited < 5
 
 
 def test_token_refresh_answering_non_json_is_a_clean_error(ls_url):

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 
 from .outbound import (
     AddressPolicy,
@@ -80,8 +80,9 @@ def is_jwt(token: str) -> bool:
 
 
 def _b64json(segment: str):
+    # orjson, not json: a token segment of "[[[[..." is a RecursionError (a 500) in json.loads.
     try:
-        return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        return orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (binascii.Error, ValueError):
         return None
 
@@ -93,7 +94,9 @@ class TokenCache:
 
     def __init__(self) -> None:
         self._access: dict[tuple[str, str], tuple[str, float]] = {}
-        self._lock = asyncio.Lock()
+        # One lock per pair, held only while it is exchanged: a Label Studio that never answers (a
+        # /setup hostname may name one) must not hold up the other projects' fetches, cached or not.
+        self._exchanges: dict[tuple[str, str], list] = {}  # pair -> [lock, callers using it]
 
     def __len__(self) -> int:
         return len(self._access)
@@ -101,40 +104,56 @@ class TokenCache:
     def forget(self, base_url: str, refresh: str) -> None:
         self._access.pop((base_url, refresh), None)
 
+    def _cached(self, key: tuple[str, str]) -> str | None:
+        cached = self._access.get(key)
+        return cached[0] if cached and cached[1] > time.time() else None
+
     async def access_token(self, client: httpx.AsyncClient, policy: AddressPolicy, base_url: str, refresh: str) -> str:
-        async with self._lock:  # one exchange for a whole batch of concurrent fetches
-            cached = self._access.get((base_url, refresh))
-            if cached and cached[1] > time.time():
-                return cached[0]
-            where = f"{base_url}/api/token/refresh/"
-            try:
-                resp = await open_hop(client, policy, "POST", where, json={"refresh": refresh})
-                try:
-                    raw = await _read_capped(resp, _MAX_TOKEN_RESPONSE_BYTES) if resp.status_code == 200 else b""
-                finally:
-                    await resp.aclose()
-            except httpx.HTTPError as exc:
-                raise ImageFetchError(f"cannot exchange the personal access token at {base_url}: {exc}") from None
-            if resp.status_code != 200:
-                raise ImageFetchError(
-                    f"{where} answered {resp.status_code}: the personal access token (LABEL_STUDIO_API_KEY) was refused"
-                )
-            access = _access_from(raw)
-            if access is None:
-                raise ImageFetchError(f"{where} answered 200 without a JSON object holding an 'access' token")
-            payload = _b64json(access.split(".")[1]) if access.count(".") == 2 else None
-            exp = payload.get("exp") if isinstance(payload, dict) else None
-            expires = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else 0.0
-            self._access.pop((base_url, refresh), None)
-            while len(self._access) >= self.MAX_ENTRIES:
-                self._access.pop(next(iter(self._access)))  # the oldest exchange
-            self._access[(base_url, refresh)] = (access, (expires or time.time() + 300) - _TOKEN_SLACK_S)
+        key = (base_url, refresh)
+        access = self._cached(key)
+        if access is not None:
             return access
+        entry = self._exchanges.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:  # one exchange for a whole batch of concurrent fetches
+                return self._cached(key) or await self._exchange(client, policy, base_url, refresh)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                self._exchanges.pop(key, None)
+
+    async def _exchange(self, client: httpx.AsyncClient, policy: AddressPolicy, base_url: str, refresh: str) -> str:
+        where = f"{base_url}/api/token/refresh/"
+        try:
+            resp = await open_hop(client, policy, "POST", where, json={"refresh": refresh})
+            try:
+                raw = await _read_capped(resp, _MAX_TOKEN_RESPONSE_BYTES) if resp.status_code == 200 else b""
+            finally:
+                await resp.aclose()
+        except httpx.HTTPError as exc:
+            raise ImageFetchError(f"cannot exchange the personal access token at {base_url}: {exc}") from None
+        if resp.status_code != 200:
+            raise ImageFetchError(
+                f"{where} answered {resp.status_code}: the personal access token (LABEL_STUDIO_API_KEY) was refused"
+            )
+        access = _access_from(raw)
+        if access is None:
+            raise ImageFetchError(f"{where} answered 200 without a JSON object holding an 'access' token")
+        payload = _b64json(access.split(".")[1]) if access.count(".") == 2 else None
+        exp = payload.get("exp") if isinstance(payload, dict) else None
+        expires = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else 0.0
+        key = (base_url, refresh)
+        self._access.pop(key, None)
+        while len(self._access) >= self.MAX_ENTRIES:
+            self._access.pop(next(iter(self._access)))  # the oldest exchange
+        self._access[key] = (access, (expires or time.time() + 300) - _TOKEN_SLACK_S)
+        return access
 
 
 def _access_from(raw: bytes | None) -> str | None:
     try:
-        body = json.loads(raw) if raw else None
+        body = orjson.loads(raw) if raw else None
     except ValueError:
         return None
     access = body.get("access") if isinstance(body, dict) else None
@@ -234,15 +253,20 @@ class ImageFetcher:
             raise ImageFetchError(f"local file {rel[:100]!r} is not a usable path: {exc}") from None
         if not path.is_relative_to(root):
             raise ImageFetchError(f"local file {rel[:100]!r} is outside {setting}")
-        if not path.is_file():
-            if self.config.url:
-                return None
-            raise ImageFetchError(f"local file {rel[:100]!r} not found under {setting}")
-        size = path.stat().st_size
-        if size > self.config.max_bytes:
-            raise ImageFetchError(f"local file {rel[:100]!r} is {size} bytes, over the {self.config.max_bytes}-byte limit")
-        await held.reserve(size)
-        return await asyncio.to_thread(path.read_bytes)
+        try:
+            # is_file() raises, not answers False, for a name too long (ENAMETOOLONG) or unreadable
+            if not path.is_file():
+                if self.config.url:
+                    return None
+                raise ImageFetchError(f"local file {rel[:100]!r} not found under {setting}")
+            size = path.stat().st_size
+            if size > self.config.max_bytes:
+                raise ImageFetchError(
+                    f"local file {rel[:100]!r} is {size} bytes, over the {self.config.max_bytes}-byte limit")
+            await held.reserve(size)
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise ImageFetchError(f"local file {rel[:100]!r} under {setting} cannot be read: {exc.strerror}") from None
 
     async def _data_uri(self, url: str, held: Reservation) -> bytes:
         header, sep, payload = url[5:].partition(",")
@@ -305,7 +329,10 @@ class ImageFetcher:
         """GET `url`, following redirects one hop at a time: each hop is checked and pinned anew, and
         the API key goes only to hops on Label Studio's origin."""
         for _hop in range(self.config.max_redirects + 1):
-            headers = auth_headers if auth_headers and self._same_origin(url) else {}
+            # identity: images gain nothing from gzip, and a compressed body's Content-Length is not
+            # its decoded size (the byte budget reserves what Content-Length says).
+            headers = {**(auth_headers if auth_headers and self._same_origin(url) else {}),
+                       "Accept-Encoding": "identity"}
             try:
                 resp = await open_hop(self.client, self.policy, "GET", url, headers=headers)
             except httpx.TimeoutException:
@@ -333,6 +360,8 @@ class ImageFetcher:
         limit = self.config.max_bytes
         declared = resp.headers.get("content-length", "")
         size_hint = int(declared) if declared.isascii() and declared.isdigit() else None
+        if resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            size_hint = None  # sent encoded anyway: the decoded size is unknown until read (still capped)
         if size_hint is not None and size_hint > limit:
             raise ImageFetchError(f"GET {_redact(url)}: {size_hint} bytes, over the {limit}-byte limit")
         if size_hint is not None:
