@@ -184,6 +184,24 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     return Tensor(name, datatype, shape, array, dict(parameters or {}))
 
 
+def tensor_from_contents(name: str, datatype: str, shape: Sequence[int], values: Sequence, parameters=None) -> Tensor:
+    """A tensor from gRPC typed `contents`: flat, with its length known before a value is copied.
+    A 10 MB message of one-byte elements is millions of Python objects once listed: the count is
+    checked first, and numbers go straight into their array."""
+    datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
+    count = _element_count(shape)
+    _check_image_count(name, datatype, shape, count)
+    if len(values) != count:
+        raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(values)}")
+    if datatype == BYTES:
+        return Tensor(name, datatype, shape, list(values), dict(parameters or {}))
+    try:
+        array = np.fromiter(values, dtype=DTYPES[datatype], count=count).reshape(shape)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"input '{name}': data is not {datatype}: {exc}") from None
+    return Tensor(name, datatype, shape, array, dict(parameters or {}))
+
+
 def tensor_to_raw(tensor: Tensor) -> bytes:
     if tensor.datatype == BYTES:
         return pack_bytes_elements(tensor.data)  # type: ignore[arg-type]
@@ -248,6 +266,8 @@ def images_from_inputs(inputs: Sequence[Tensor]) -> list[ImageInput]:
         names = [t.name for t in inputs]
         raise InvalidRequest(f"expected one input tensor, got {len(inputs)}: {names}")
     tensor = inputs[0]
+    if tensor.name != INPUT_NAME:  # as Triton refuses an input its model does not declare
+        raise InvalidRequest(f"unexpected input '{tensor.name}': this model's input is '{INPUT_NAME}'")
     if tensor.datatype == BYTES:
         images: list[ImageInput] = [EncodedImage(b) for b in tensor.data]  # type: ignore[union-attr]
     elif tensor.datatype == "UINT8":
@@ -363,6 +383,9 @@ async def infer(
     unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
     if unknown:  # refuse before spending compute
         raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
+    twice = sorted({name for name in requested if requested.count(name) > 1})
+    if twice:
+        raise InvalidRequest(f"output(s) {twice} requested more than once")
     results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
     outputs = select_outputs(detection_outputs(results, info.has_masks, options), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)

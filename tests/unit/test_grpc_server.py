@@ -315,6 +315,8 @@ def test_token_auth_metadata(run):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Detect(request, metadata=metadata)
                 assert err.value.code() == code
+                # the trailer every other error carries tells the two UNAUTHENTICATED cases apart from others
+                assert dict(err.value.trailing_metadata())["detserve-error"] in ("unauthenticated", "permission_denied")
             res = await stub.Detect(request, metadata=(("authorization", "Bearer s3cret"),))
             assert len(res.detections) == 1
 
@@ -327,6 +329,83 @@ def test_token_auth_metadata(run):
             assert [r.frame_id for r in ok] == [1]
             health = health_pb2_grpc.HealthStub(channel)  # health stays open by default
             assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_failed_calls_keep_nothing_and_typed_contents_are_counted_before_copying(run):
+    """A refused call's request must be freed when the call ends, not when the cycle collector
+    next runs (context.abort() kept it in a reference cycle); and a `contents` request whose
+    element count cannot match its shape is refused before its elements become Python objects."""
+    import gc
+    import tracemalloc
+
+    tensor = kpb.ModelInferRequest.InferInputTensor
+    bad_image = pb.DetectRequest(image=pb.Image(encoded=b"bad" + bytes(2_000_000)))
+    raw_mismatch = kpb.ModelInferRequest(model_name="toy", inputs=[tensor(name="image", datatype="BYTES", shape=[1])],
+                                         raw_input_contents=[codec.pack_bytes_elements([bytes(2_000_000)] * 2)])
+    many = kpb.ModelInferRequest(model_name="toy", inputs=[tensor(
+        name="image", datatype="BYTES", shape=[1], contents=kpb.InferTensorContents(bytes_contents=[b"x"] * 1_000_000))])
+    big_uint8 = kpb.ModelInferRequest(model_name="toy", inputs=[tensor(
+        name="image", datatype="UINT8", shape=[1, 10], contents=kpb.InferTensorContents(uint_contents=[7] * 1_000_000))])
+
+    async def scenario():
+        server, channel = await _serve(FakeEngine(), max_request_size=64 << 20)
+        try:
+            stub, kstub = pb_grpc.DetectorStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.Detect(pb.DetectRequest(image=pb.Image(encoded=b"warm")))
+            gc.collect()
+            gc.disable()
+            tracemalloc.start()
+            try:
+                for call, request in [(stub.Detect, bad_image)] * 3 + [(kstub.ModelInfer, raw_mismatch)] * 3:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(request)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                kept, _ = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                for request in (many, big_uint8):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await kstub.ModelInfer(request)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "needs 1" in err.value.details() or "needs 10" in err.value.details()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+                gc.enable()
+            return kept, peak
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    kept, peak = run(scenario())
+    assert kept < 2_000_000, f"{kept} bytes still held after 6 failed calls of 2-4 MB each"
+    assert peak < 10_000_000, f"peak {peak} bytes while refusing 1,000,000-element contents"
+
+
+def test_kserve_refuses_an_input_it_does_not_declare_and_an_output_asked_twice(run):
+    async def scenario():
+        server, channel = await _serve(FakeEngine())
+        try:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            tensor = kpb.ModelInferRequest.InferInputTensor
+            output = kpb.ModelInferRequest.InferRequestedOutputTensor
+            good = dict(model_name="toy", raw_input_contents=[codec.pack_bytes_elements([b"abc"])])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ModelInfer(kpb.ModelInferRequest(inputs=[tensor(name="foo", datatype="BYTES", shape=[1])],
+                                                            **good))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "unexpected input 'foo'" in err.value.details() and "'image'" in err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ModelInfer(kpb.ModelInferRequest(inputs=[tensor(name="image", datatype="BYTES", shape=[1])],
+                                                            outputs=[output(name="scores"), output(name="scores")], **good))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than once" in err.value.details()
+            res = await stub.ModelInfer(kpb.ModelInferRequest(inputs=[tensor(name="image", datatype="BYTES", shape=[1])],
+                                                              outputs=[output(name="scores")], **good))
+            assert [o.name for o in res.outputs] == ["scores"]
         finally:
             await channel.close()
             await server.stop(None)

@@ -159,7 +159,7 @@ def input_tensors_from_request(request: kpb.ModelInferRequest) -> list[codec.Ten
             if inp.datatype in codec.DTYPES:  # FP16 has no typed field
                 raise InvalidRequest(f"input '{inp.name}': {inp.datatype} must be sent in raw_input_contents")
             raise InvalidRequest(f"input '{inp.name}': unknown datatype {inp.datatype!r}")
-        tensors.append(codec.tensor_from_values(inp.name, inp.datatype, inp.shape, list(getattr(inp.contents, field)), params))
+        tensors.append(codec.tensor_from_contents(inp.name, inp.datatype, inp.shape, getattr(inp.contents, field), params))
     return tensors
 
 

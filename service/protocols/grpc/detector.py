@@ -8,7 +8,7 @@ from ...errors import InvalidRequest
 from ...types import ModelInfo, Protocol
 from . import convert
 from .common import (
-    Call, abort, as_detserve_error, door, ordered_window, recorded, resolve_model, status_code, timeout_from,
+    Call, as_detserve_error, door, fail, ordered_window, recorded, resolve_model, status_code, timeout_from,
 )
 from .generated import detserve_pb2 as pb
 from .generated import detserve_pb2_grpc as pb_grpc
@@ -66,10 +66,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         try:
             async for result in ordered_window(request_iterator, one_frame):
                 yield result
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the request stream itself broke (e.g. undecodable frame)
-            await abort(context, exc)
+            fail(context, exc)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in self._dp.engine.models()])

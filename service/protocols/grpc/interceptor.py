@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import grpc
 
-from ...errors import DetserveError, InvalidRequest, grpc_status
+from ...errors import DetserveError, InvalidRequest
 from ...settings import ServerSettings
+from .common import fail
 
 # Health and reflection stay open unless auth.protect_health says otherwise, like /ping on REST.
 _HEALTH_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -49,44 +50,52 @@ async def _checked_stream(requests):
 
 
 def _rebuild(handler: grpc.RpcMethodHandler, denied: DetserveError | None) -> grpc.RpcMethodHandler:
-    """The same handler with tolerant deserialization, or one that only answers `denied`."""
-    code = grpc.StatusCode[grpc_status(denied)] if denied else None
+    """The same handler with tolerant deserialization, or one that only answers `denied`.
+    Refusals set the status and return (common.fail), with the detserve-error trailer of every error."""
 
     def unary_in(behavior):
         async def call(request, context):
-            if denied:
-                await context.abort(code, denied.message)
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_message(request).message)
+            refused = denied or (_bad_message(request) if isinstance(request, _Undecodable) else None)
+            if refused is not None:
+                fail(context, refused)
+                return None
             return await behavior(request, context)
         return call
 
     def stream_in(behavior):
         async def call(requests, context):
             if denied:
-                await context.abort(code, denied.message)
+                fail(context, denied)
+                return None
             return await behavior(_checked_stream(requests), context)
         return call
 
     def stream_out(behavior, wrap_requests: bool):
-        async def admit(request_or_requests, context):
-            if denied:
-                await context.abort(code, denied.message)
-            if wrap_requests:
-                return _checked_stream(request_or_requests)
-            if isinstance(request_or_requests, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_message(request_or_requests).message)
-            return request_or_requests
+        def refusal(request_or_requests) -> DetserveError | None:
+            if denied or wrap_requests:
+                return denied
+            return _bad_message(request_or_requests) if isinstance(request_or_requests, _Undecodable) else None
+
+        def admitted(request_or_requests):
+            return _checked_stream(request_or_requests) if wrap_requests else request_or_requests
 
         # grpc picks the streaming style from the handler's kind: keep the wrapped one's.
         if inspect.isasyncgenfunction(behavior):
             async def generator(request_or_requests, context):
-                async for response in behavior(await admit(request_or_requests, context), context):
+                refused = refusal(request_or_requests)
+                if refused is not None:
+                    fail(context, refused)
+                    return
+                async for response in behavior(admitted(request_or_requests), context):
                     yield response
             return generator
 
         async def writer(request_or_requests, context):  # handlers that use context.write
-            return await behavior(await admit(request_or_requests, context), context)
+            refused = refusal(request_or_requests)
+            if refused is not None:
+                fail(context, refused)
+                return None
+            return await behavior(admitted(request_or_requests), context)
         return writer
 
     kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),

@@ -10,7 +10,7 @@ from ...engine.dataplane import DataPlane
 from ...types import Protocol
 from .. import kserve_codec as codec
 from . import convert
-from .common import abort, as_detserve_error, door, ordered_window, recorded, timeout_from
+from .common import as_detserve_error, door, fail, ordered_window, recorded, timeout_from
 from .generated import grpc_service_pb2 as kpb
 from .generated import grpc_service_pb2_grpc as kpb_grpc
 
@@ -70,7 +70,5 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         try:
             async for response in ordered_window(request_iterator, one):
                 yield response
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the request stream itself broke
-            await abort(context, exc)
+            fail(context, exc)
