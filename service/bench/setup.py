@@ -118,6 +118,7 @@ def versions() -> dict:
     out["java"] = (subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines() or ["?"])[0] \
         if _which("java") else "absent"
     out["wrk"] = _run(["sh", "-c", "wrk -v 2>&1 | head -1"]) or "absent"
+    out["h2load"] = _run(["sh", "-c", "h2load --version 2>&1 | head -1"]) or "absent"
     return out
 
 
