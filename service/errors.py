@@ -95,6 +95,13 @@ class ModelNotReady(DetserveError):
     code = "model_not_ready"
 
 
+class Conflict(DetserveError):
+    """The request contradicts the current state: a model already loaded, or unregistered while
+    it was being registered."""
+
+    code = "conflict"
+
+
 class WorkerDied(DetserveError):
     code = "worker_died"
 
@@ -138,6 +145,7 @@ ERROR_TABLE: dict[type[DetserveError], tuple[int, str]] = {
     RequestTimeout: (408, "DEADLINE_EXCEEDED"),
     ClientClosedRequest: (499, "CANCELLED"),
     ModelNotReady: (503, "UNAVAILABLE"),
+    Conflict: (409, "ALREADY_EXISTS"),
     WorkerDied: (503, "UNAVAILABLE"),
     JobNotFound: (404, "NOT_FOUND"),
     UpstreamUnavailable: (502, "UNAVAILABLE"),

@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import math
 import re
+import reprlib
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -307,7 +308,12 @@ def _tile_overlap(value: Any) -> float | None:
     return overlap
 
 
+_SHOW = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, 60, 60
+
+
 def _show(value: Any, limit: int = 80) -> str:
-    """A client value for an error message, cut short: messages must stay bounded too."""
-    text = repr(value)
+    """A client value for an error message, cut short: messages must stay bounded too. reprlib
+    stops two levels in: repr() of a JSON value nested 1,000 deep is a RecursionError."""
+    text = _SHOW.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

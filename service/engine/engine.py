@@ -357,7 +357,7 @@ class Engine:
 
     async def load_model(self, name: str, *, workers: int | None = None) -> ModelInfo:
         if name in self._models:
-            raise errors.InvalidRequest(f"model {name!r} is already loaded")
+            raise errors.Conflict(f"model {name!r} is already loaded")
         folder = discover_models(self.settings.model_store).get(name)
         if folder is None:
             raise errors.ModelNotFound(f"no model {name!r} in model store {str(self.settings.model_store)!r}")
@@ -368,10 +368,16 @@ class Engine:
         self._models[name] = runtime
         try:
             await runtime.start(count)
-        except BaseException:
-            self._models.pop(name, None)
+        except BaseException as exc:
+            unloaded = self._models.get(name) is not runtime
+            if not unloaded:
+                self._models.pop(name, None)
             await runtime.drain_and_stop(0)
+            if unloaded and isinstance(exc, Exception):  # its workers were stopped under it
+                raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded") from None
             raise
+        if self._models.get(name) is not runtime:
+            raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded")
         log.info("model %s loaded with %d worker(s)", name, count)
         return runtime.info()
 

@@ -106,7 +106,7 @@ def pack_bytes_elements(items: Iterable[bytes]) -> bytes:
 
 def _checked_datatype(name: str, datatype: str) -> str:
     if datatype != BYTES and datatype not in DTYPES:
-        raise InvalidRequest(f"input '{name}': unknown datatype {datatype!r}")
+        raise InvalidRequest(f"input '{name[:64]}': unknown datatype {datatype[:40]!r}")
     return datatype
 
 
@@ -287,9 +287,11 @@ def _raw_images(tensor: Tensor) -> list[ImageInput]:
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise InvalidRequest(f"UINT8 input '{tensor.name}' must be [N,H,W,3] or [H,W,3], got {list(tensor.shape)}")
-    order = str(tensor.parameters.get("channel_order", "RGB")).upper()
-    if order not in ("RGB", "BGR"):
-        raise InvalidRequest(f"channel_order must be RGB or BGR, got {order!r}")
+    order = tensor.parameters.get("channel_order", "RGB")
+    if not isinstance(order, str) or order.upper() not in ("RGB", "BGR"):
+        shown = repr(order[:40]) if isinstance(order, str) else f"a {type(order).__name__}"
+        raise InvalidRequest(f"channel_order must be RGB or BGR, got {shown}")
+    order = order.upper()
     _, height, width, _ = pixels.shape
     return [RawImage(np.ascontiguousarray(img).tobytes(), int(height), int(width), order) for img in pixels]
 
@@ -351,6 +353,24 @@ def select_outputs(tensors: list[Tensor], requested: Sequence[str]) -> list[Tens
     return [by_name[name] for name in requested]
 
 
+def check_requested(requested: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse, before any compute, an output the model does not have or one asked for twice; in
+    linear time, since a request may name an output a million times within its size limit."""
+    known = set(names)
+    unknown = list(dict.fromkeys(name for name in requested if name not in known))
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {_first(unknown)}; this model has {list(names)}")
+    if len(set(requested)) != len(requested):
+        seen: set[str] = set()
+        twice = sorted({name for name in requested if name in seen or seen.add(name)})
+        raise InvalidRequest(f"output(s) {twice} requested more than once")
+
+
+def _first(names: list[str], count: int = 10) -> str:
+    shown = [name[:64] for name in names[:count]]
+    return f"{shown}" + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
 # --- the one inference step both KServe doors run -------------------------------------------
 
 @dataclass(slots=True)
@@ -379,13 +399,7 @@ async def infer(
     check_version(info, version)
     images = images_from_inputs(inputs)
     options = dp.options_from(info, parameters)
-    outputs_for = output_specs(info.has_masks, options.mask_format)
-    unknown = [name for name in requested if name not in {s.name for s in outputs_for}]
-    if unknown:  # refuse before spending compute
-        raise InvalidRequest(f"unknown output(s) {unknown}; this model has {[s.name for s in outputs_for]}")
-    twice = sorted({name for name in requested if requested.count(name) > 1})
-    if twice:
-        raise InvalidRequest(f"output(s) {twice} requested more than once")
+    check_requested(requested, [spec.name for spec in output_specs(info.has_masks, options.mask_format)])
     results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
     outputs = select_outputs(detection_outputs(results, info.has_masks, options), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)

@@ -240,7 +240,7 @@ def test_management_describe_load_scale_batch_unload(mgmt, engine):
     assert desc["workers"][0]["status"] == "READY" and desc["classes"] == list(CLASSES)
 
     assert mgmt.post("/models?url=other.mar").status_code == 200
-    assert_error(mgmt.post("/models?model_name=other"), 400, "invalid_request")  # already loaded
+    assert_error(mgmt.post("/models?model_name=other"), 409, "conflict")  # already loaded, as TorchServe answers
     assert_error(mgmt.post("/models?url=http://evil/x.mar"), 400, "invalid_request")
     assert_error(mgmt.post("/models?model_name=missing"), 404, "model_not_found")
 
@@ -252,6 +252,22 @@ def test_management_describe_load_scale_batch_unload(mgmt, engine):
     assert mgmt.put("/models/shapes/batch?max_queue_size=10").json()["model"]["maxQueueSize"] == 10
     assert_error(mgmt.put("/models/shapes/batch", json={"max_batch_size": 0}), 400, "invalid_request")
     assert_error(mgmt.put("/models/shapes/batch", json={"bogus": 1}), 400, "invalid_request")
+    # JSON true is not 1 and null is not a change (pydantic's lax mode took both)
+    for value in (True, None):
+        r = mgmt.put("/models/shapes/batch", json={"max_batch_size": value})
+        assert_error(r, 400, "invalid_request")
+        assert r.json()["message"].startswith("max_batch_size: must be a number")
+
+    # TorchServe's versioned routes: the loaded version (or "all"), else 404 like an unknown model
+    assert mgmt.get("/models/shapes/shapes-abcdef12").json()[0]["modelName"] == "shapes"
+    assert mgmt.get("/models/shapes/all").status_code == 200
+    assert_error(mgmt.get("/models/shapes/9.9"), 404, "model_not_found")
+    r = mgmt.put("/models/shapes/shapes-abcdef12?min_worker=2")
+    assert r.status_code == 200 and len(r.json()["model"]["workers"]) == 2
+    assert_error(mgmt.put("/models/shapes/9.9?min_worker=1"), 404, "model_not_found")
+    assert_error(mgmt.delete("/models/other/9.9"), 404, "model_not_found")
+    assert mgmt.delete("/models/other/other-abcdef12").status_code == 200
+    assert mgmt.post("/models?model_name=other").status_code == 200
 
     assert mgmt.delete("/models/other").status_code == 200
     assert_error(mgmt.delete("/models/other"), 404, "model_not_found")

@@ -135,6 +135,15 @@ def test_headers_over_the_size_or_count_limit_get_431(server):
     long_url.sendall(b"POST /v2/models/m/infer?x=" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     status, body = _status_and_json(_read_all(long_url, 5))
     assert status == 431 and body["error"] == body["message"]
+    # A request llhttp cannot parse gets the JSON error shape too, not uvicorn's text/plain.
+    for bad in (b"PUT /predictions/m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+                b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"):
+        sock = _connect(server)
+        sock.sendall(bad)
+        raw = _read_all(sock, 5)
+        status, body = _status_and_json(raw)
+        assert status == 400 and body["code"] == "invalid_request" and b"application/json" in raw, raw[:300]
+        assert body["message"].startswith("invalid HTTP request") and ("error" in body) == (b"/v2/" in bad)
     # Headers within the limits still work.
     assert httpx.get(f"{server.url}/ping", headers={f"x-{i}": "v" for i in range(20)}, timeout=5).status_code == 200
 

@@ -85,6 +85,30 @@ def test_kserve_rest_bad_parameters_are_400_before_inference(rest, body):
     assert engine.calls == 0
 
 
+_DEEP = "[" * 1000 + "]" * 1000  # repr() or str() of it is a RecursionError
+_UINT8 = '{"name": "image", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 3], '
+
+
+@pytest.mark.parametrize("raw", [
+    '{"inputs": [%s], "parameters": {"class_agnostic": %s}}' % (json.dumps(_infer_body()["inputs"][0]), _DEEP),
+    '{"inputs": [%s], "parameters": {"box_format": %s}}' % (json.dumps(_infer_body()["inputs"][0]), _DEEP),
+    '{"inputs": [%s], "parameters": {"tile": %s}}' % (json.dumps(_infer_body()["inputs"][0]), _DEEP),
+    '{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": %s}}]}' % _DEEP,
+    '{"inputs": [%s"parameters": {"channel_order": %s}}]}' % (_UINT8, _DEEP),
+    '{"inputs": [{"name": "foo", "datatype": "BYTES", "shape": [1], "data": ["b2s="]}]}',
+    # a million names within the size limit: refused in linear time, not after hours of list.count
+    '{"inputs": [%s], "outputs": [%s]}' % (json.dumps(_infer_body()["inputs"][0]), ",".join(['{"name": "boxes"}'] * 200_000)),
+], ids=["deep-bool", "deep-choice", "deep-tile", "deep-binary-size", "deep-channel-order", "undeclared-input",
+        "output-200000-times"])
+def test_kserve_rest_values_nested_without_end_undeclared_inputs_and_repeated_outputs_are_400(rest, raw):
+    client, engine = rest
+    r = client.post("/v2/models/m/infer", content=raw.encode(), headers={"Content-Type": "application/json"},
+                    timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["code"] == "invalid_request" and len(r.json()["message"]) < 400
+    assert engine.calls == 0
+
+
 @pytest.mark.parametrize("value", ["²".encode("latin-1"), "١".encode(), b"-1", b"99999999999999999999999999"])
 def test_kserve_rest_header_length_that_is_not_ascii_digits_is_400(rest, value):
     client, _ = rest

@@ -319,3 +319,24 @@ def test_whole_images_of_a_keep_ratio_model_carry_their_padded_shape_to_the_sche
     run(scenario())
     # 640x480 -> 1067x800 -> padded 800x1088; 480x640 -> 800x1067 -> 1088x800; unreadable: no key
     assert [item.shape_key for item in seen] == [(800, 1088), (1088, 800), None, None]
+
+
+def test_unregistering_a_model_while_it_loads_is_a_conflict_for_the_load(tmp_path):
+    write_model(tmp_path, "inl-unreg", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True, factory_kwargs={"load_delay_s": 0.5}) as engine:
+            await engine.unload_model("inl-unreg")
+            loading = asyncio.create_task(engine.load_model("inl-unreg"))
+            await asyncio.sleep(0.1)  # its worker is loading
+            await engine.unload_model("inl-unreg")
+            with pytest.raises(errors.Conflict, match="unregistered while it was being loaded"):
+                await loading
+            assert [m.name for m in engine.models()] == []
+            info = await engine.load_model("inl-unreg")  # and it can be loaded again
+            assert info.ready
+            with pytest.raises(errors.Conflict, match="already loaded"):
+                await engine.load_model("inl-unreg")
+            assert errors.http_status(errors.Conflict("x")) == 409
+
+    run(scenario())

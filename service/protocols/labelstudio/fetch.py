@@ -199,7 +199,8 @@ class ImageFetcher:
 
     async def _fetch(self, url, task_id, held: Reservation) -> bytes:
         if not isinstance(url, str) or not url.strip():
-            raise ImageFetchError(f"task image reference is not a URL: {str(url)[:100]!r}")
+            shown = repr(url[:100]) if isinstance(url, str) else f"a {type(url).__name__}"  # str() of a nested list recurses
+            raise ImageFetchError(f"task image reference is not a URL: {shown}")
         url = url.strip()
         if url.startswith("data:"):
             return await self._data_uri(url, held)

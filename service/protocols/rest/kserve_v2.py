@@ -166,7 +166,8 @@ def _parse_inputs(entries: list, binary: memoryview) -> list[codec.Tensor]:
         size = parameters.pop("binary_data_size", None)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
-                raise InvalidRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
+                shown = size if isinstance(size, int) and not isinstance(size, bool) else f"of type {type(size).__name__}"
+                raise InvalidRequest(f"input '{name[:64]}': binary_data_size {shown} runs past the end of the body")
             tensors.append(codec.tensor_from_raw(name, datatype, shape, bytes(binary[offset:offset + size]), parameters))
             offset += size
         elif "data" in entry:

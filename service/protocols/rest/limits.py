@@ -87,9 +87,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserError as exc:
+            self.logger.warning("Invalid HTTP request received: %s", exc)
+            self.send_400_response(f"invalid HTTP request: {str(exc)[:200]}")
         except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
@@ -192,8 +192,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
+        # uvicorn's is text/plain; every other answer of ours is the JSON error shape.
         if self.phase != _REFUSED:
-            super().send_400_response(msg)
+            self.refuse(400, "Bad Request", "invalid_request", msg)
 
     def refuse(self, status: int, reason: str, code: str, message: str) -> None:
         """Answer before any request exists (so not through the app) and close."""

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...engine.api import EngineAPI
-from ...errors import InvalidRequest
+from ...errors import Conflict, InvalidRequest, ModelNotFound
 from ...types import ModelInfo
 
 router = APIRouter()
@@ -95,10 +95,16 @@ async def describe_model(request: Request, model: str) -> Response:
 
 @router.get("/models/{model}/{version}")
 async def describe_model_version(request: Request, model: str, version: str) -> Response:
+    return _json([describe(_versioned(request, model, version))])
+
+
+def _versioned(request: Request, model: str, version: str):
+    """The loaded model when `version` names it ("all" names every version); 404 otherwise, as
+    TorchServe and the inference routes answer."""
     info = _engine(request).model_info(model)
     if version not in ("all", info.version):
-        raise InvalidRequest(f"model {model!r} has no version {version!r}; loaded: {info.version!r}")
-    return _json([describe(info)])
+        raise ModelNotFound(f"model {model!r} has no version {version[:100]!r}; loaded: {info.version!r}")
+    return info
 
 
 def _store_name(model_name: str | None, url: str | None) -> str:
@@ -122,7 +128,7 @@ async def register_model(
     name = _store_name(model_name, url)
     engine = _engine(request)
     if any(i.name == name for i in engine.models()):
-        raise InvalidRequest(f"model {name!r} is already loaded; scale it with PUT /models/{name}?min_worker=N")
+        raise Conflict(f"model {name!r} is already loaded; scale it with PUT /models/{name}?min_worker=N")
     info = await engine.load_model(name, workers=initial_workers)
     workers = len(info.workers)
     return _json({"status": f'Model "{name}" Version: {info.version} registered with {workers} initial workers',
@@ -135,6 +141,12 @@ async def unregister_model(request: Request, model: str) -> Response:
     engine.model_info(model)  # 404 for an unknown model
     await engine.unload_model(model)
     return _json({"status": f'Model "{model}" unregistered'})
+
+
+@router.delete("/models/{model}/{version}")
+async def unregister_model_version(request: Request, model: str, version: str) -> Response:
+    _versioned(request, model, version)
+    return await unregister_model(request, model)
 
 
 @router.put("/models/{model}")
@@ -181,6 +193,10 @@ async def set_batch(request: Request, model: str) -> Response:
             raise InvalidRequest(f"body is not JSON: {exc}") from None
         if not isinstance(parsed, dict):
             raise InvalidRequest("body must be a JSON object")
+        for key, value in parsed.items():
+            # pydantic's lax mode reads true as 1; null would pass as "set" and change nothing
+            if value is None or isinstance(value, bool):
+                raise InvalidRequest(f"{str(key)[:64]}: must be a number, got {orjson.dumps(value).decode()}")
         fields.update(parsed)
     try:
         update = BatchUpdate(**fields)
@@ -190,3 +206,16 @@ async def set_batch(request: Request, model: str) -> Response:
         raise InvalidRequest("nothing to change: give max_batch_size, max_batch_delay_ms, max_queue_size or request_timeout_ms")
     info = await _engine(request).set_batch_settings(model, **update.model_dump(exclude_unset=True))
     return _json({"status": f"Batch settings updated for model: {model}", "model": describe(info)})
+
+
+# After /models/{model}/batch, which it would otherwise take.
+@router.put("/models/{model}/{version}")
+async def scale_model_version(
+    request: Request,
+    model: str,
+    version: str,
+    min_worker: int | None = Query(None, ge=0, le=64),
+    max_worker: int | None = Query(None, ge=0, le=64),
+) -> Response:
+    _versioned(request, model, version)
+    return await scale_model(request, model, min_worker, max_worker)
