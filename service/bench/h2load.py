@@ -73,11 +73,12 @@ def parse_log(text: str) -> tuple[list[float], dict[str, int]]:
 
 def result(label: str, concurrency: int, duration_s: float, latencies_ms: list[float], errors: dict[str, int]) -> RunResult:
     ordered = sorted(latencies_ms)
-    bad = sum(errors.values())
-    ok = max(0, len(ordered) - sum(v for k, v in errors.items() if not k.startswith("http-")))
+    # HTTP errors are streams beside the 200s; gRPC errors (counted by the server) are among them.
+    http_errors = sum(v for k, v in errors.items() if k.startswith("http-"))
+    ok = max(0, len(ordered) - (sum(errors.values()) - http_errors))
     return RunResult(
-        label=label, target="h2load", concurrency=concurrency, rate=None, requests=len(ordered) + sum(
-            v for k, v in errors.items() if k.startswith("http-")), ok=ok, errors=errors if bad else {},
+        label=label, target="h2load", concurrency=concurrency, rate=None, requests=len(ordered) + http_errors,
+        ok=ok, errors=errors,
         duration_s=duration_s, throughput=ok / duration_s if duration_s else 0.0,
         p50_ms=percentile(ordered, 50), p90_ms=percentile(ordered, 90), p99_ms=percentile(ordered, 99),
         max_ms=ordered[-1] if ordered else float("nan"),
@@ -105,7 +106,7 @@ def run_h2load(address: str, kind: str, model: str, corpus: list[bytes], *, conc
     before = server_codes(metrics_url, model, protocol) if metrics_url else {}
     with tempfile.TemporaryDirectory(prefix="detserve-h2load-") as tmp:
         body, log = Path(tmp) / "request.bin", Path(tmp) / "log.tsv"
-        body.write_bytes(grpc_frame(target._payloads[0]))
+        body.write_bytes(grpc_frame(target.payloads[0]))
         cmd = command(address, target.method, body, log, concurrency=concurrency, duration_s=duration_s,
                       warmup_s=warmup_s, channels=channels)
         if cpus:

@@ -72,7 +72,7 @@ class _GrpcTarget:
 
     def __init__(self, address: str, method: str, payloads: list[bytes], name: str, channels: int = 1):
         self.name, self.address, self.method = name, address, method
-        self._payloads = payloads
+        self.payloads = payloads  # pre-serialised; bench/h2load.py sends them too
         self._channels_wanted = channels
         self._calls = []
         self._channels = []
@@ -92,7 +92,7 @@ class _GrpcTarget:
 
         call = self._calls[index % len(self._calls)]
         try:
-            await call(self._payloads[index % len(self._payloads)])
+            await call(self.payloads[index % len(self.payloads)])
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
         return "ok"

@@ -20,6 +20,7 @@ import binascii
 import json
 import math
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,11 +118,17 @@ def _check_image_count(name: str, datatype: str, shape: tuple[int, ...], count: 
                               f"at most {MAX_TENSOR_IMAGES} per tensor")
 
 
-def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters=None) -> Tensor:
-    """A tensor from its binary form (HTTP binary extension, gRPC raw_input_contents)."""
+def _checked_frame(name: str, datatype: str, shape: Sequence[int]) -> tuple[str, tuple[int, ...], int]:
+    """Datatype, shape and element count, checked before a byte of the data is touched."""
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     count = _element_count(shape)
     _check_image_count(name, datatype, shape, count)
+    return datatype, shape, count
+
+
+def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, parameters=None) -> Tensor:
+    """A tensor from its binary form (HTTP binary extension, gRPC raw_input_contents)."""
+    datatype, shape, count = _checked_frame(name, datatype, shape)
     if datatype == BYTES:
         items = unpack_bytes_elements(raw)
         if len(items) != count:
@@ -166,7 +173,7 @@ def _element_bytes(value: Any) -> bytes:
 
 
 def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: Any, parameters=None) -> Tensor:
-    """A tensor from typed values (JSON `data`, gRPC `contents`), nested or flat."""
+    """A tensor from JSON `data`, nested or flat (gRPC `contents`: tensor_from_contents)."""
     datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
     if not isinstance(values, (list, tuple)):
         raise InvalidRequest(f"input '{name}': 'data' must be a list, got {type(values).__name__}")
@@ -188,9 +195,7 @@ def tensor_from_contents(name: str, datatype: str, shape: Sequence[int], values:
     """A tensor from gRPC typed `contents`: flat, with its length known before a value is copied.
     A 10 MB message of one-byte elements is millions of Python objects once listed: the count is
     checked first, and numbers go straight into their array."""
-    datatype, shape = _checked_datatype(name, datatype), tuple(int(d) for d in shape)
-    count = _element_count(shape)
-    _check_image_count(name, datatype, shape, count)
+    datatype, shape, count = _checked_frame(name, datatype, shape)
     if len(values) != count:
         raise InvalidRequest(f"input '{name}': shape {list(shape)} needs {count} elements, got {len(values)}")
     if datatype == BYTES:
@@ -360,9 +365,8 @@ def check_requested(requested: Sequence[str], names: Sequence[str]) -> None:
     unknown = list(dict.fromkeys(name for name in requested if name not in known))
     if unknown:
         raise InvalidRequest(f"unknown output(s) {_first(unknown)}; this model has {list(names)}")
-    if len(set(requested)) != len(requested):
-        seen: set[str] = set()
-        twice = sorted({name for name in requested if name in seen or seen.add(name)})
+    twice = sorted(name for name, times in Counter(requested).items() if times > 1)
+    if twice:
         raise InvalidRequest(f"output(s) {twice} requested more than once")
 
 
