@@ -78,6 +78,7 @@ class _ModelRuntime:
         pool_cls = InlinePool if inline else ProcessPool
         self.pool = pool_cls(cfg, settings, self, predictor_factory=predictor_factory, factory_kwargs=factory_kwargs)
         self.accepting = False
+        self.unloading = False  # set by Engine.unload_model, which may run while start() is loading
         self.in_flight: dict[int, tuple[Dispatch, list[QueueItem]]] = {}
         self._wake = asyncio.Event()
         self._batch_ids = itertools.count(1)
@@ -369,20 +370,21 @@ class Engine:
         try:
             await runtime.start(count)
         except BaseException as exc:
-            unloaded = self._models.get(name) is not runtime
-            if not unloaded:
+            # The unload may still be draining (it pops the model last): its flag tells, not the dict.
+            if self._models.get(name) is runtime and not runtime.unloading:
                 self._models.pop(name, None)
             await runtime.drain_and_stop(0)
-            if unloaded and isinstance(exc, Exception):  # its workers were stopped under it
+            if runtime.unloading and isinstance(exc, Exception):  # its workers were stopped under it
                 raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded") from None
             raise
-        if self._models.get(name) is not runtime:
+        if runtime.unloading:
             raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded")
         log.info("model %s loaded with %d worker(s)", name, count)
         return runtime.info()
 
     async def unload_model(self, name: str) -> None:
         runtime = self._runtime(name)
+        runtime.unloading = True
         await runtime.drain_and_stop(self.settings.drain_timeout_s)
         self._models.pop(name, None)
         self._configured.discard(name)
