@@ -334,6 +334,9 @@ class LabelStudioSettings(_Strict):
     max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1)  # ... and by all /predict calls together
     max_concurrent_fetches: int = Field(16, ge=1, le=1024)  # per /predict call
     max_tasks: int = Field(10_000, ge=1)  # tasks in one /predict call
+    # JSON one /predict answer may hold (one task's prediction, for jobs): it is built in memory
+    # before it is sent, and a brush region of a large image is kilobytes.
+    max_answer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_projects: int = Field(256, ge=1)  # /setup configs remembered (least recently used dropped)
     max_label_config_bytes: int = Field(512 * 1024, ge=64)
     jobs: LabelStudioJobSettings = LabelStudioJobSettings()

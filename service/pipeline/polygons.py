@@ -33,6 +33,16 @@ def window_mask(rle: RLEMask, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     return out
 
 
+def box_window(rle: RLEMask, margin: int = 0) -> tuple[np.ndarray, int, int] | None:
+    """(the mask inside its bounding box plus `margin` pixels, clipped to the frame; its x0, y0),
+    or None for an empty mask. The box is read off the RLE, so only the window is ever decoded."""
+    x, y, w, h = (int(v) for v in mask_utils.toBbox({"size": [rle.height, rle.width], "counts": rle.counts.encode()}))
+    if w <= 0 or h <= 0:
+        return None
+    x0, y0 = max(x - margin, 0), max(y - margin, 0)
+    return window_mask(rle, x0, y0, min(x + w + margin, rle.width), min(y + h + margin, rle.height)), x0, y0
+
+
 def mask_polygons(mask: np.ndarray) -> list[list[list[float]]]:
     """Outer contours of a 0/1 mask as pixel polygons [[x, y], ...], biggest first. A contour runs
     through the centres of border pixels, so +0.5 puts it on the pixel grid boxes are measured on."""
@@ -49,15 +59,14 @@ def rle_polygons(rle: RLEMask) -> tuple[tuple[float, ...], ...]:
     """An RLE mask's outer contours as flat (x0, y0, x1, y1, ...) tuples in original pixels, biggest first.
     Contours are traced inside the mask's own bounding box (read off the RLE without decoding):
     tracing a whole 4000x3000 frame per instance costs milliseconds for nothing."""
-    coco = {"size": [rle.height, rle.width], "counts": rle.counts.encode()}
-    x, y, w, h = (int(v) for v in mask_utils.toBbox(coco))
-    if w <= 0 or h <= 0:
-        return ()
-    # One zero pixel of margin keeps contours that touch the crop edge closed, as on the full frame.
-    x0, y0 = max(x - 1, 0), max(y - 1, 0)
-    crop = np.pad(window_mask(rle, x0, y0, min(x + w + 1, rle.width), min(y + h + 1, rle.height)), 1)
-    x0, y0 = x0 - 1, y0 - 1
-    return tuple(
-        tuple(v for px, py in polygon for v in (round(px + x0, 2), round(py + y0, 2)))
-        for polygon in mask_polygons(crop)
-    )
+    return tuple(tuple(v for px, py in polygon for v in (round(px, 2), round(py, 2))) for polygon in outline(rle))
+
+
+def outline(rle: RLEMask) -> list[list[list[float]]]:
+    """`mask_polygons` of an RLE mask in original pixels, traced inside the mask's bounding box."""
+    found = box_window(rle, margin=1)
+    if found is None:
+        return []
+    window, x0, y0 = found
+    # One more zero pixel all round keeps contours that touch the frame edge closed, as on the full frame.
+    return [[[px + x0 - 1, py + y0 - 1] for px, py in polygon] for polygon in mask_polygons(np.pad(window, 1))]

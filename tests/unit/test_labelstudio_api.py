@@ -337,15 +337,31 @@ def test_a_config_of_more_controls_than_anyone_labels_with_is_refused():
     assert engine.calls == 0
 
 
-def test_the_regions_of_one_call_are_bounded(monkeypatch):
-    from service.protocols.labelstudio import backend
-
-    monkeypatch.setattr(backend, "MAX_REGIONS_PER_CALL", 3)
+def test_the_answer_of_one_call_is_bounded_in_bytes():
     tasks = [{"id": i, "data": {"image": png_data_uri(20, 20, (2, 2, 10, 10))}} for i in range(1, 6)]
-    client = client_for(BlobEngine())
+    client = client_for(BlobEngine(), labelstudio=ls_settings(max_answer_bytes=1024))  # ~3 box regions
     resp = client.post("/labelstudio/blobs/predict", json=predict_body(tasks))  # one region per task
-    assert resp.status_code == 413 and "exceed 3 regions" in resp.json()["message"]
-    assert client.post("/labelstudio/blobs/predict", json=predict_body(tasks[:3])).status_code == 200
+    assert resp.status_code == 413 and "labelstudio.max_answer_bytes (1024" in resp.json()["message"]
+    ok = client.post("/labelstudio/blobs/predict", json=predict_body(tasks[:2]))
+    assert ok.status_code == 200 and len(ok.content) < 1024
+
+
+def test_many_brush_controls_over_large_images_are_refused_before_the_answer_grows():
+    # 64 BrushLabels x 40 tasks of a 2000x1500 image: each control repeats every mask, a brush region
+    # is kilobytes, and the whole answer used to be built (159 MB at 4000x3000, past the deadline).
+    brushes = "".join(f'<BrushLabels name="m{i}" toName="image"><Label value="blob"/></BrushLabels>' for i in range(64))
+    config = f'<View><Image name="image" value="$image"/>{brushes}</View>'
+    image = png_data_uri(2000, 1500, (100, 100, 1900, 1400))
+    tasks = [{"id": i, "data": {"image": image}} for i in range(1, 41)]
+    client = client_for(BlobEngine(delay_s=0.0), labelstudio=ls_settings(max_answer_bytes=4 * 1024 * 1024))
+    resp = client.post("/labelstudio/blobs/predict", json=predict_body(tasks, config))
+    assert resp.status_code == 413 and "max_answer_bytes" in resp.json()["message"]
+    one = client.post("/labelstudio/blobs/predict", json=predict_body(tasks[:1], config))
+    assert one.status_code == 200
+    regions = one.json()["results"][0]["result"]
+    assert len(regions) == 64 and len({str(r["value"]["rle"]) for r in regions}) == 1
+    mask = brush_rle_to_mask(regions[0]["value"]["rle"], 1500, 2000)
+    assert (mask > 0).sum() == 1800 * 1300
 
 
 def test_a_call_past_its_deadline_is_a_504_and_starts_no_more_images(monkeypatch):

@@ -233,6 +233,22 @@ def test_unusable_tasks_fail_alone_with_their_reason(tmp_path):
         assert not ls.predictions_of(9) and not ls.predictions_of(10) and not ls.predictions_of(11)
 
 
+def test_a_task_whose_prediction_is_over_the_answer_budget_fails_alone(tmp_path):
+    brush = RECT_CONFIG.replace("RectangleLabels", "BrushLabels")
+    ls = FakeLabelStudio(token=TOKEN, label_config=brush)
+    for i in range(1, 5):
+        ls.add_task(i, png_bytes(60, 40, (5, 5, 30, 30)))
+    ls.add_task(5, png_bytes(600, 400, (5, 5, 595, 395)))  # one region too, but kilobytes of brush RLE
+    with fake_label_studio(ls):
+        settings = settings_for(ls, tmp_path)
+        settings = settings.model_copy(update={"labelstudio": settings.labelstudio.model_copy(
+            update={"max_answer_bytes": 4096})})
+        view = run_job(settings, JobSpec(project=1))
+    assert (view.state, view.done, view.failed) == ("done", 4, 1)
+    assert "max_answer_bytes" in view.failures[0]["reason"] and view.failures[0]["task"] == 5
+    assert not ls.predictions_of(5) and all(len(ls.predictions_of(t, VERSION)) == 1 for t in range(1, 5))
+
+
 def test_an_image_host_hiccup_is_retried_and_a_dead_one_fails_its_task(tmp_path):
     with fake_label_studio(project(4)) as ls:
         ls.image_503s = {"2.png": 1, "3.png": 99}

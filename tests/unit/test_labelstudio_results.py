@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from service.pipeline.polygons import decode_mask, mask_polygons
 from service.protocols.labelstudio.brush import brush_rle_to_mask, decode_rle, encode_rle, mask_to_brush_rle
 from service.protocols.labelstudio.config import bind_controls, parse_label_config
-from service.protocols.labelstudio.results import decode_mask, mask_polygons, task_prediction
+from service.protocols.labelstudio.results import task_prediction
 from service.types import Detection, DetectResult, RLEMask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +160,55 @@ print(json.dumps(data))
     for name, item in json.loads(proc.stdout).items():  # and the SDK's own encoding decodes here
         h, w = item["shape"]
         assert np.array_equal(brush_rle_to_mask(item["sdk_rle"], h, w).ravel(), np.array(item["mask"])), name
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_brush_rle_from_the_box_window_is_the_full_frame_encoding_byte_for_byte(seed):
+    from service.pipeline.polygons import box_window
+    from service.protocols.labelstudio.brush import window_to_brush_rle
+
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+    mask = (rng.random((height, width)) < rng.uniform(0.0, 1.0)).astype(np.uint8)
+    if seed == 0:
+        mask[:] = 1  # one run over every row: rows joined at the frame edge
+    if seed == 1:
+        mask[:] = 0
+    rle = coco_rle(mask)
+    found = box_window(rle)
+    window, x0, y0 = found if found is not None else (np.zeros((0, 0), np.uint8), 0, 0)
+    assert window_to_brush_rle(window, x0, y0, width, height) == mask_to_brush_rle(mask)
+
+
+def test_each_mask_is_encoded_once_however_many_controls_ask_for_it(monkeypatch):
+    from service.protocols.labelstudio import results
+
+    calls = []
+    real = results.window_to_brush_rle
+    monkeypatch.setattr(results, "window_to_brush_rle", lambda *a: calls.append(1) or real(*a))
+    brushes = "".join(f'<BrushLabels name="b{i}" toName="image"><Label value="Circle"/></BrushLabels>' for i in range(5))
+    config = f'<View><Image name="image" value="$image"/>{brushes}</View>'
+    bound = bind_controls(parse_label_config(config), model="m", classes=("circle",), has_masks=True,
+                          default_score_thr=0.3)
+    dets = [Detection(0, "circle", 0.9, (0, 0, 1, 1), mask=coco_rle(disk(100, 200, 40 + 50 * k, 50, 20)))
+            for k in range(3)]
+    regions = task_prediction(result_with(dets), bound, "v")["result"]
+    assert len(regions) == 15 and len(calls) == 3
+    for k, region in enumerate(regions[:3]):
+        assert np.array_equal(brush_rle_to_mask(region["value"]["rle"], 100, 200) > 0, disk(100, 200, 40 + 50 * k, 50, 20) > 0)
+
+
+def test_an_answer_over_its_byte_budget_stops_being_built():
+    from service.errors import PayloadTooLarge
+    from service.protocols.labelstudio.results import AnswerBudget
+
+    dets = [Detection(0, "circle", 0.9, (10, 10, 60, 60), mask=coco_rle(disk(100, 200, 35, 35, 25)))] * 50
+    full = task_prediction(result_with(dets), controls(), "v")["result"]
+    budget = AnswerBudget(len(json.dumps(full)) // 4)
+    with pytest.raises(PayloadTooLarge, match="max_answer_bytes"):
+        task_prediction(result_with(dets), controls(), "v", budget)
+    assert budget.used <= budget.max_bytes + 2 * len(json.dumps(full)) // len(full)  # stopped at the first region over
+    # the estimate is not below the JSON actually sent (so the bound holds)
+    roomy = AnswerBudget(1 << 30)
+    task_prediction(result_with(dets), controls(), "v", roomy)
+    assert roomy.used >= len(json.dumps(full))

@@ -24,7 +24,7 @@ from ...types import Protocol as Door
 from .config import BoundControl, ConfigInvalid, ControlTag, bind_controls, detect_options, parse_label_config
 from .fetch import FetchConfig, ImageFetcher, TokenCache
 from .outbound import ByteBudget, FetchUnavailable, pinned_client, without_userinfo
-from .results import task_prediction
+from .results import AnswerBudget, task_prediction
 
 log = logging.getLogger("detserve.labelstudio")
 
@@ -35,9 +35,6 @@ MAX_SETUP_FIELD_CHARS = 4096  # hostname, access_token
 # Label Studio waits ML_TIMEOUT_PREDICT (100 s) for a whole /predict call. Its tasks queue behind
 # each other, so the per-image default deadline would fail the tail of a large call.
 PREDICT_DEADLINE_S = 95.0
-# Regions one /predict answer may hold (~300 bytes of JSON each, built in memory before it is sent):
-# 10,000 tasks of 100 detections each would be a 300 MB answer.
-MAX_REGIONS_PER_CALL = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +211,7 @@ class LabelStudioBackend:
             call_bytes = ByteBudget(self.settings.max_call_bytes)
             fetcher = ImageFetcher(config, client, self.tokens, budgets=(call_bytes, self.image_bytes))
             run = PredictRun(engine, info, controls, fetcher, request_id, self.settings.max_concurrent_fetches,
-                             max_regions=MAX_REGIONS_PER_CALL)
+                             max_answer_bytes=self.settings.max_answer_bytes)
             predictions = await run.all(tasks)
         log.info(
             "label studio predict %s: model %s, %d tasks, %d without an image, %.2f s, peak %d image bytes held",
@@ -302,7 +299,7 @@ class PredictRun:
     def __init__(self, engine: EngineAPI, info: ModelInfo, controls: list[BoundControl], fetcher: ImageFetcher,
                  request_id: str, max_concurrent_fetches: int, *, max_in_flight: int | None = None,
                  priority: Priority = Priority.NORMAL, image_timeout_s: float | None = None, strict: bool = False,
-                 max_regions: int | None = None):
+                 max_answer_bytes: int):
         self.engine = engine
         self.info = info
         self.controls = controls
@@ -317,8 +314,10 @@ class PredictRun:
         self._priority = {"priority": priority} if priority is not Priority.NORMAL else {}
         self.image_timeout_s = image_timeout_s
         self.strict = strict
-        self.max_regions = max_regions  # for the whole call (jobs write task by task: None)
-        self.regions = 0
+        # A /predict answer is built whole before it is sent: one budget for the call, which must
+        # also end by its deadline. Jobs write task by task: a budget per task (see `one`).
+        self.max_answer_bytes = max_answer_bytes
+        self.answer = AnswerBudget(max_answer_bytes, self.deadline if image_timeout_s is None else None, self.deadline_s)
         self.fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         detect_slots = max(1, info.batch.max_queue_size // 2)  # room for other traffic
         if max_in_flight is not None:
@@ -349,24 +348,27 @@ class PredictRun:
         task_id = task.get("id")
         data = task.get("data") or {}
         regions, scores = [], []
+        budget = AnswerBudget(self.max_answer_bytes) if self.strict else self.answer
         for key, controls in self.by_image.items():
-            item = await self._predict_image(task_id, data.get(key, data.get(UNDEFINED_KEY)), key, controls)
+            ref = data.get(key, data.get(UNDEFINED_KEY))
+            try:
+                item = await self._predict_image(task_id, ref, key, controls, budget)
+            except PayloadTooLarge as exc:
+                if not self.strict:
+                    raise  # the call's answer is full: 413 for the call
+                raise TaskFailed(exc.message) from None  # one task too large for a job: that task fails
             regions.extend(item["result"])
             scores.extend(r["score"] for r in item["result"])
-        self.regions += len(regions)
-        if self.max_regions is not None and self.regions > self.max_regions:
-            raise PayloadTooLarge(f"the predictions of this call exceed {self.max_regions} regions; select fewer tasks "
-                                  "per 'Retrieve Predictions', or pre-annotate the project with a job (POST .../jobs)")
         score = round(sum(scores) / len(scores), 5) if scores else 0.0
         return {"result": regions, "score": score, "model_version": self.info.version}
 
-    async def _predict_image(self, task_id, ref, key: str, controls: list[BoundControl]) -> dict:
+    async def _predict_image(self, task_id, ref, key: str, controls: list[BoundControl], budget: AnswerBudget) -> dict:
         result = await self._detect(task_id, ref, key)
         if result is not None and any(c.tag.kind.needs_masks for c in controls):
             # Mask decoding and contour/RLE encoding cost milliseconds per region: keep them off
             # the event loop that serves every other request.
-            return await asyncio.to_thread(task_prediction, result, controls, self.info.version)
-        return task_prediction(result, controls, self.info.version)
+            return await asyncio.to_thread(task_prediction, result, controls, self.info.version, budget)
+        return task_prediction(result, controls, self.info.version, budget)
 
     async def _detect(self, task_id, ref, key: str) -> DetectResult | None:
         if self.image_timeout_s is None and time.monotonic() >= self.deadline:

@@ -27,6 +27,32 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
     return _encode_runs(values, lengths * 4, total=pixels.size * 4)
 
 
+def window_to_brush_rle(window: np.ndarray, x0: int, y0: int, width: int, height: int) -> list[int]:
+    """`mask_to_brush_rle` of a width x height frame that is empty outside `window` (placed at x0, y0),
+    byte for byte, without building the frame: 4000x3000 is 12 MB per mask for a box of a few
+    hundred pixels."""
+    rows, cols = window.shape
+    if x0 < 0 or y0 < 0 or x0 + cols > width or y0 + rows > height:
+        raise ValueError(f"a {cols}x{rows} window at ({x0}, {y0}) is outside the {width}x{height} frame")
+    padded = np.zeros((rows, cols + 2), np.int8)
+    padded[:, 1:-1] = window != 0
+    steps = np.diff(padded, axis=1)  # +1 at a run's first column, -1 one past its last
+    start_rows, start_cols = np.nonzero(steps == 1)
+    end_rows, end_cols = np.nonzero(steps == -1)
+    starts = (start_rows + y0) * width + start_cols + x0  # row-major offsets in the frame
+    ends = (end_rows + y0) * width + end_cols + x0
+    # A run that reaches the right edge goes on at the next row's left edge: one run, not two.
+    if starts.size:
+        joined = starts[1:] == ends[:-1]
+        starts = starts[np.concatenate(([True], ~joined))]
+        ends = ends[np.concatenate((~joined, [True]))]
+    bounds = np.concatenate(([0], np.stack((starts, ends), axis=1).reshape(-1), [width * height]))
+    lengths = np.diff(bounds)  # zeros, ones, zeros, ..., zeros
+    values = np.where(np.arange(lengths.size) % 2 == 1, 255, 0).astype(np.uint8)
+    present = lengths > 0
+    return _encode_runs(values[present], lengths[present] * 4, total=width * height * 4)
+
+
 def encode_rle(values: np.ndarray) -> list[int]:
     """Flat uint8 values -> LS RLE bytes. Every stretch of equal values becomes run tokens."""
     values = np.asarray(values, dtype=np.uint8).reshape(-1)

@@ -360,6 +360,7 @@ class JobRunner:
                 self.engine, info, controls, fetcher, f"job-{job.id}", self.settings.labelstudio.max_concurrent_fetches,
                 max_in_flight=self.cfg.max_in_flight, priority=Priority.LOW,
                 image_timeout_s=info.batch.request_timeout_ms / 1000, strict=True,
+                max_answer_bytes=self.settings.labelstudio.max_answer_bytes,
             )
             yield _JobContext(api, predictor, info)
 

@@ -1,11 +1,15 @@
 """DetectResult -> one Label Studio prediction: regions in percent of the original image."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
-from ...pipeline.polygons import decode_mask, mask_polygons
-from ...types import Detection, DetectResult
-from .brush import mask_to_brush_rle
+from ...errors import DeadlineExceeded, PayloadTooLarge
+from ...pipeline.polygons import box_window, outline
+from ...types import Detection, DetectResult, RLEMask
+from .brush import window_to_brush_rle
 from .config import BoundControl, ControlKind
 
 
@@ -40,46 +44,97 @@ def rectangle_value(box_xyxy: tuple[float, float, float, float], width: int, hei
     }
 
 
-def detection_regions(det: Detection, label: str, control: BoundControl, width: int, height: int) -> list[dict]:
-    kind = control.tag.kind
+class AnswerBudget:
+    """How large one answer may grow, in bytes of JSON, and when it must be done.
+
+    Regions are built in memory before the answer is sent, and a brush region of a large image is
+    kilobytes: a small request naming many controls over many tasks would otherwise build hundreds
+    of megabytes. Each region is charged as it is made, from worker threads (hence the lock)."""
+
+    def __init__(self, max_bytes: int, deadline: float | None = None, deadline_s: float = 0.0):
+        self.max_bytes = max_bytes
+        self.deadline = deadline  # time.monotonic() value; None: no deadline
+        self.deadline_s = deadline_s
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes: int) -> None:
+        with self._lock:
+            self.used += nbytes
+            over = self.used > self.max_bytes
+        if over:
+            raise PayloadTooLarge(
+                f"the predictions would be over labelstudio.max_answer_bytes ({self.max_bytes} bytes of JSON); "
+                "select fewer tasks per 'Retrieve Predictions', or pre-annotate the project with a job (POST .../jobs)")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded(f"the predictions ran past the call's {self.deadline_s:.0f} s deadline; "
+                                   "select fewer tasks per 'Retrieve Predictions'")
+
+
+REGION_JSON_BYTES = 320  # a region's names, sizes and score, without the shape
+POINT_JSON_BYTES = 44  # [12.345678901234567, 98.76543210987654],
+RLE_BYTE_JSON_BYTES = 4  # 255,
+
+
+class _Shapes:
+    """Each detection's brush RLE and outline, made once however many controls ask for them."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self._brush: dict[int, list[int]] = {}
+        self._outline: dict[int, list[list[float]] | None] = {}
+
+    def brush(self, i: int, rle: RLEMask) -> list[int]:
+        if i not in self._brush:
+            found = box_window(rle)
+            window, x0, y0 = found if found is not None else (np.zeros((0, 0), np.uint8), 0, 0)
+            self._brush[i] = window_to_brush_rle(window, x0, y0, rle.width, rle.height)
+        return self._brush[i]
+
+    def outline(self, i: int, rle: RLEMask) -> list[list[float]] | None:
+        if i not in self._outline:
+            # One region per detection, like boxes and brushes: the outline of the mask's largest
+            # part. Further parts are mostly specks from the upsampled mask logits.
+            polygons = outline(rle)[:1]
+            self._outline[i] = ([[_pct(x, self.width), _pct(y, self.height)] for x, y in polygons[0]]
+                                if polygons else None)
+        return self._outline[i]
+
+
+def detection_regions(i: int, det: Detection, label: str, control: BoundControl, shapes: _Shapes,
+                      budget: AnswerBudget | None) -> list[dict]:
+    kind, width, height = control.tag.kind, shapes.width, shapes.height
     if kind is ControlKind.RECTANGLE:
-        value = rectangle_value(det.box_xyxy, width, height, label)
-        return [_region(control, width, height, det.score, value)]
-    if det.mask is None:
+        value, size = rectangle_value(det.box_xyxy, width, height, label), 0
+    elif det.mask is None or (det.mask.width, det.mask.height) != (width, height):
         return []
-    mask = decode_mask(det.mask)
-    if kind is ControlKind.BRUSH:
-        value = {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}
-        return [_region(control, width, height, det.score, value)]
-    return [
-        _region(
-            control,
-            width,
-            height,
-            det.score,
-            {
-                "points": [[_pct(x, width), _pct(y, height)] for x, y in polygon],
-                "polygonlabels": [label],
-                "closed": True,
-            },
-        )
-        # One region per detection, like boxes and brushes: the outline of the mask's largest
-        # part. Further parts are mostly specks from the upsampled mask logits.
-        for polygon in mask_polygons(mask)[:1]
-    ]
+    elif kind is ControlKind.BRUSH:
+        rle = shapes.brush(i, det.mask)
+        value, size = {"format": "rle", "rle": rle, "brushlabels": [label]}, RLE_BYTE_JSON_BYTES * len(rle)
+    else:
+        points = shapes.outline(i, det.mask)
+        if points is None:
+            return []
+        value, size = {"points": points, "polygonlabels": [label], "closed": True}, POINT_JSON_BYTES * len(points)
+    if budget is not None:
+        budget.charge(REGION_JSON_BYTES + size)
+    return [_region(control, width, height, det.score, value)]
 
 
-def task_prediction(result: DetectResult | None, controls: list[BoundControl], model_version: str) -> dict:
-    """One item of the /predict `results` list. None (the image could not be used) -> no regions."""
+def task_prediction(result: DetectResult | None, controls: list[BoundControl], model_version: str,
+                    budget: AnswerBudget | None = None) -> dict:
+    """One item of the /predict `results` list. None (the image could not be used) -> no regions.
+    `budget` is charged for every region; it raises PayloadTooLarge or DeadlineExceeded."""
     regions: list[dict] = []
     scores: list[float] = []
     if result is not None and result.image_width > 0 and result.image_height > 0:
+        shapes = _Shapes(result.image_width, result.image_height)
         for control in controls:
-            for det in result.detections:
+            for i, det in enumerate(result.detections):
                 label = control.label_map.get(det.class_name)
                 if label is None or det.score < control.score_threshold:
                     continue
-                new = detection_regions(det, label, control, result.image_width, result.image_height)
+                new = detection_regions(i, det, label, control, shapes, budget)
                 regions.extend(new)
                 scores.extend(det.score for _ in new)
     score = round(float(np.mean(scores)), 5) if scores else 0.0
