@@ -41,3 +41,27 @@ def test_encode_png_and_jpeg():
     jpeg = encode_image(image, RenderFormat.JPEG)
     assert jpeg[:3] == b"\xff\xd8\xff"
     assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (30, 40, 3)
+
+
+def test_a_mask_tints_exactly_its_pixels_and_a_full_frame_mask_costs_no_frame_copies():
+    import tracemalloc
+
+    height, width = 3000, 4000
+    image = np.full((height, width, 3), 100, np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    disk = (xx - 2000) ** 2 + (yy - 1500) ** 2 <= 1400 ** 2  # a mask as large as the frame, not its box
+    result = DetectResult(detections=[Detection(label=2, class_name="x", score=0.9, box_xyxy=(0.0, 0.0, 1.0, 1.0),
+                                                mask=_rle(disk))], image_width=width, image_height=height)
+    del yy, xx
+    tracemalloc.start()
+    drawn = draw_detections(image, result)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < image.nbytes + 24 * 2**20, f"{peak / 2**20:.0f} MiB"  # the copy it returns, plus a little
+    import dataclasses
+
+    unmasked = draw_detections(image, dataclasses.replace(result, detections=[
+        dataclasses.replace(result.detections[0], mask=None)]))
+    free = (unmasked == 100).all(axis=2)  # not under the box outline or its label
+    tinted = (drawn != 100).any(axis=2)
+    assert np.array_equal(tinted[free], disk[free]) and disk[free].sum() > 0.9 * disk.sum()
