@@ -90,6 +90,10 @@ class WorkerConfig(_Strict):
     count: int = Field(1, ge=0, le=64)
     devices: list[str] = Field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]; empty: auto
     threads: int = Field(0, ge=0)  # torch/ORT intra-op threads per worker; 0: see threads_per_worker
+    # Before it reports ready, each worker runs one batch of max_batch_size blank images at the input
+    # size: the first client after a start or a restart does not pay for lazy kernel and allocator
+    # set-up, and the process is at its working memory from the start.
+    warmup: bool = True
 
     def threads_per_worker(self, count: int | None = None) -> int:
         """`threads`, else the cores this process may use split between `count` workers (default:
@@ -102,6 +106,10 @@ class WorkerConfig(_Strict):
             2 workers x 1 thread    c16 23.3 img/s   c1 p50 81.9 ms
         Two workers win 9% at c16 and lose 34% at c1, and double the memory; one worker with every
         core is the default, `workers.count` the knob for throughput-only deployments.
+        Again on a faster 2-core VM (2026-12-02, A/B of the two layouts in one server, 3 alternating
+        rounds, medians): 1 x 2 c16 46.8 img/s, c1 p50 28.8 ms; 2 x 1 c16 60.2 img/s (+29%), c1 p50
+        34.2 ms (+19%). The default stays: lower latency and half the memory (a Mask R-CNN worker is
+        gigabytes); throughput-bound deployments set `workers.count = 2` (docs/benchmarks.md).
         """
         if self.threads:
             return self.threads

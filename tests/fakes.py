@@ -43,7 +43,8 @@ class FakePredictor:
     seen: list[bytes] = []  # every command run, in this process (inline engines only)
 
     def __init__(self, cfg, device: str, threads: int | None, oom_above: int | None = None,
-                 load_delay_s: float = 0.0, fail_load: bool = False, load_stages: int = 0):
+                 load_delay_s: float = 0.0, fail_load: bool = False, load_stages: int = 0,
+                 record_to: str | None = None):
         if fail_load:
             raise FileNotFoundError("weights.pth: no such file (fake)")
         if not load_stages:
@@ -63,6 +64,7 @@ class FakePredictor:
         self.backend_name = "fake"
         self.threads = threads
         self.oom_above = oom_above
+        self.record_to = record_to  # a file that gets a line per predict call, from any process
         self.closed = False
 
     @classmethod
@@ -72,6 +74,10 @@ class FakePredictor:
     def predict(self, images, options):
         commands = [bytes(img.data[:16]) if isinstance(img, EncodedImage) else b"ok" for img in images]
         FakePredictor.seen.extend(commands)
+        if self.record_to:
+            with open(self.record_to, "a") as f:
+                f.write(" ".join(f"{type(i).__name__}:{getattr(i, 'width', '-')}x{getattr(i, 'height', '-')}"
+                                 for i in images) + "\n")
         if self.oom_above is not None and len(images) > self.oom_above:
             import torch
 

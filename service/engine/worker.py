@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .. import errors
-from ..types import DetectResult
+from ..types import DetectOptions, DetectResult, RawImage
 from .arena import WorkerArena
 from .messages import (
     LoadProgress,
@@ -66,6 +66,26 @@ def load_predictor(spec: WorkerSpec):
     factory = resolve_factory(spec.predictor_factory)
     device = pick_device(spec.device, spec.slot)
     return factory(spec.model_config, device=device, threads=spec.threads, **spec.extra)
+
+
+def warm_up(predictor, config, progress: Callable[[str], None] | None = None) -> None:
+    """One batch of the model's largest size on blank images (workers.warmup), reported as load
+    progress. A failure is not fatal: the model loaded, and a real batch that fails the same way
+    gets its own typed error."""
+    workers, batch = getattr(config, "workers", None), getattr(config, "batch", None)
+    size = int(getattr(predictor, "input_size", 0) or 0)
+    if not getattr(workers, "warmup", False) or batch is None or size <= 0:
+        return
+    report = progress or (lambda stage: None)
+    image = RawImage(bytes(size * size * 3), size, size)
+    items = [WorkItem(i, image, DetectOptions()) for i in range(batch.max_batch_size)]
+    report(f"warming up: one batch of {len(items)} blank {size}x{size} images")  # restarts the start-up clock
+    started = time.perf_counter()
+    failed = [o for o in _BatchRunner(predictor).run(items) if isinstance(o, errors.DetserveError)]
+    if failed:
+        report(f"warm-up failed, serving anyway: {failed[0].message}")
+    else:
+        report(f"warmed up in {time.perf_counter() - started:.2f} s")
 
 
 def describe(predictor) -> ModelFacts:
@@ -224,6 +244,7 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
         torch = sys.modules.get("torch")  # only when the predictor needed it
         if torch is not None:
             torch.set_num_threads(spec.threads)
+        warm_up(predictor, spec.model_config, progress=auto.progress_hook)
     except Exception as exc:  # noqa: BLE001 - report why, then exit; the pool decides what to do
         sender.send(WorkerError(spec.worker_id, f"model {getattr(spec.model_config, 'name', '?')!r} failed to load: {type(exc).__name__}: {exc}"))
         stop.set()

@@ -284,3 +284,31 @@ def test_payloads_of_every_size_reach_the_worker_intact(tmp_path):
                 assert [r[0].image_width for r in results] == [len(b) for b in bodies]
 
     run(scenario(), timeout_s=120)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_a_worker_warms_up_with_one_full_batch_before_it_is_ready(tmp_path, warmup, caplog):
+    import logging
+
+    write_model(tmp_path, "warm", batch={"max_batch_size": 4})
+    toml = tmp_path / "warm" / "model.toml"
+    toml.write_text(toml.read_text().replace("[workers]\n", f"[workers]\nwarmup = {str(warmup).lower()}\n"))
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+
+    async def scenario():
+        caplog.set_level(logging.INFO, logger="detserve.engine")
+        # oom_above=2: the warm-up batch of 4 runs out of (fake) CUDA memory and is split, as a real batch would be
+        async with running_engine(tmp_path, inline=False,
+                                  factory_kwargs={"record_to": str(calls), "oom_above": 2}) as engine:
+            assert engine.model_info("warm").ready
+            before = calls.read_text().splitlines()
+            await engine.detect("warm", [image(b"ok")])
+            return before
+
+    before = run(scenario())
+    if warmup:
+        assert before == ["RawImage:64x64 " * 3 + "RawImage:64x64"] + ["RawImage:64x64 RawImage:64x64"] * 2
+        assert "warming up: one batch of 4" in caplog.text and "warmed up in" in caplog.text
+    else:
+        assert before == [] and "warming up" not in caplog.text and "warmed up" not in caplog.text
