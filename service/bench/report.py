@@ -293,17 +293,27 @@ def _describe_backend(ds: DetserveServer, model: str) -> dict:
 def _limits_and_shipped(opts, rec, h: Harness, ds, store, threads) -> None:
     h.served("warmup", "detserve", "rest", ds.url, "null", 16, "detserve null warm-up", d=3, w=0)
     h.served("warmup", "detserve", "rest", ds.url, "rtmdet", 16, "detserve rtmdet warm-up", d=3, w=0)
+    # Each pair of runs goes A, B in even rounds and B, A in odd ones, so a drift of the machine's
+    # speed within a round falls on both sides alike.
+    def alternate(r: int, *runs):
+        for run in (runs if r % 2 == 0 else runs[::-1]):
+            run()
+
     with NoopServer() as noop:
         for r in range(opts.rounds):
-            h.served("overhead", "reference", "rest", noop.url, "null", 16, f"bare FastAPI no-op c16 #{r + 1}")
-            h.served("overhead", "detserve", "rest", ds.url, "null", 16, f"detserve null REST c16 #{r + 1}")
+            alternate(r,
+                      lambda: h.served("overhead", "reference", "rest", noop.url, "null", 16, f"bare FastAPI no-op c16 #{r + 1}"),
+                      lambda: h.served("overhead", "detserve", "rest", ds.url, "null", 16, f"detserve null REST c16 #{r + 1}"))
     for r in range(opts.rounds):
-        h.in_process("shipped", store / "rtmdet", threads, 16, f"in-process rtmdet c16 #{r + 1}")
-        h.served("shipped", "detserve", "rest", ds.url, "rtmdet", 16, f"detserve rtmdet REST c16 #{r + 1}")
+        alternate(r,
+                  lambda: h.in_process("shipped", store / "rtmdet", threads, 16, f"in-process rtmdet c16 #{r + 1}"),
+                  lambda: h.served("shipped", "detserve", "rest", ds.url, "rtmdet", 16, f"detserve rtmdet REST c16 #{r + 1}"))
     d1 = max(3.0, opts.model_duration_s * 2 / 3)
     for r in range(opts.rounds):
-        h.in_process("latency", store / "rtmdet", threads, 1, f"in-process rtmdet c1 #{r + 1}", d=d1)
-        h.served("latency", "detserve", "rest", ds.url, "rtmdet", 1, f"detserve rtmdet REST c1 #{r + 1}", d=d1)
+        alternate(r,
+                  lambda: h.in_process("latency", store / "rtmdet", threads, 1, f"in-process rtmdet c1 #{r + 1}", d=d1),
+                  lambda: h.served("latency", "detserve", "rest", ds.url, "rtmdet", 1, f"detserve rtmdet REST c1 #{r + 1}",
+                                   d=d1))
         h.served("latency", "detserve", "grpc", ds.grpc_address, "rtmdet", 1, f"detserve rtmdet gRPC c1 #{r + 1}", d=d1,
                  metrics=ds.metrics_url)
 
