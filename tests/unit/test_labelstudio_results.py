@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +185,8 @@ def test_each_mask_is_encoded_once_however_many_controls_ask_for_it(monkeypatch)
     from service.protocols.labelstudio import results
 
     calls = []
-    real = results.window_to_brush_rle
-    monkeypatch.setattr(results, "window_to_brush_rle", lambda *a: calls.append(1) or real(*a))
+    real = results.encode_runs
+    monkeypatch.setattr(results, "encode_runs", lambda *a: calls.append(1) or real(*a))
     brushes = "".join(f'<BrushLabels name="b{i}" toName="image"><Label value="Circle"/></BrushLabels>' for i in range(5))
     config = f'<View><Image name="image" value="$image"/>{brushes}</View>'
     bound = bind_controls(parse_label_config(config), model="m", classes=("circle",), has_masks=True,
@@ -207,8 +208,56 @@ def test_an_answer_over_its_byte_budget_stops_being_built():
     budget = AnswerBudget(len(json.dumps(full)) // 4)
     with pytest.raises(PayloadTooLarge, match="max_answer_bytes"):
         task_prediction(result_with(dets), controls(), "v", budget)
-    assert budget.used <= budget.max_bytes + 2 * len(json.dumps(full)) // len(full)  # stopped at the first region over
+    assert budget.used <= budget.max_bytes + 2 * max(len(json.dumps(r)) for r in full)  # stopped at the first region over
     # the estimate is not below the JSON actually sent (so the bound holds)
     roomy = AnswerBudget(1 << 30)
     task_prediction(result_with(dets), controls(), "v", roomy)
     assert roomy.used >= len(json.dumps(full))
+
+
+def test_long_names_from_the_labelling_config_are_charged_for_every_region():
+    from service.errors import PayloadTooLarge
+    from service.protocols.labelstudio.results import AnswerBudget
+
+    name = "n" * 50_000
+    config = CONFIG.replace('name="box"', f'name="{name}"')
+    bound = bind_controls(parse_label_config(config), model="m", classes=("circle", "square", "star"),
+                          has_masks=False, default_score_thr=0.3)[:1]
+    dets = [Detection(1, "square", 0.9, (20.0, 10.0, 120.0, 60.0))] * 20
+    sent = len(json.dumps(task_prediction(result_with(dets), bound, "v")["result"]))
+    assert sent > 1_000_000
+    with pytest.raises(PayloadTooLarge):
+        task_prediction(result_with(dets), bound, "v", AnswerBudget(sent // 2))
+    roomy = AnswerBudget(1 << 30)
+    task_prediction(result_with(dets), bound, "v", roomy)
+    assert sent <= roomy.used <= 1.2 * sent
+
+
+def test_a_mask_of_millions_of_runs_is_refused_before_its_brush_is_built(monkeypatch):
+    from service.errors import PayloadTooLarge
+    from service.protocols.labelstudio import results
+    from service.protocols.labelstudio.results import AnswerBudget
+
+    encoded = []
+    real = results.encode_runs
+    monkeypatch.setattr(results, "encode_runs", lambda *a: encoded.append(1) or real(*a))
+    speckle = (np.random.default_rng(0).random((600, 800)) < 0.5).astype(np.uint8)  # ~240k runs
+    det = Detection(0, "circle", 0.9, (0, 0, 800, 600), mask=coco_rle(speckle))
+    brush_only = [c for c in controls() if c.tag.kind.value == "brushlabels"]
+    with pytest.raises(PayloadTooLarge):
+        task_prediction(result_with([det], w=800, h=600), brush_only, "v", AnswerBudget(1 << 20))
+    assert encoded == []  # refused from the run count, before the RLE was encoded
+
+
+def test_the_deadline_is_checked_before_each_masks_work():
+    from service.errors import DeadlineExceeded
+    from service.protocols.labelstudio.results import AnswerBudget
+
+    specks = np.zeros((100, 200), np.uint8)
+    specks[::4, ::4] = 1  # single pixels: an outline with no polygon, so no region is ever charged
+    det = Detection(0, "circle", 0.9, (0, 0, 200, 100), mask=coco_rle(specks))
+    poly_only = [c for c in controls() if c.tag.kind.value == "polygonlabels"]
+    assert task_prediction(result_with([det]), poly_only, "v")["result"] == []
+    late = AnswerBudget(1 << 30, deadline=time.monotonic() - 1, deadline_s=95)
+    with pytest.raises(DeadlineExceeded, match="95 s deadline"):
+        task_prediction(result_with([det]), poly_only, "v", late)

@@ -15,8 +15,13 @@ def rle_of(mask: np.ndarray) -> RLEMask:
     return RLEMask(height=mask.shape[0], width=mask.shape[1], counts=coco["counts"].decode("ascii"))
 
 
+@pytest.mark.parametrize("whole_frame_above", [None, 0])  # read from the runs, and decoded whole in C
 @pytest.mark.parametrize("seed", range(6))
-def test_window_mask_equals_the_dense_decode_cropped(seed):
+def test_window_mask_equals_the_dense_decode_cropped(seed, whole_frame_above, monkeypatch):
+    from service.pipeline import polygons
+
+    if whole_frame_above is not None:
+        monkeypatch.setattr(polygons, "MAX_COUNTS_READ_IN_PYTHON", whole_frame_above)
     rng = np.random.default_rng(seed)
     height, width = int(rng.integers(1, 60)), int(rng.integers(1, 60))
     mask = rng.random((height, width)) < rng.uniform(0.05, 0.9)  # many runs, some across columns

@@ -24,13 +24,20 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
     # Each pixel is four equal channel values, so the RGBA runs are the pixel runs times four;
     # working on pixels avoids materialising the 4x larger array.
     values, lengths = _runs(pixels)
-    return _encode_runs(values, lengths * 4, total=pixels.size * 4)
+    return encode_runs(values, lengths * 4, total=pixels.size * 4)
 
 
 def window_to_brush_rle(window: np.ndarray, x0: int, y0: int, width: int, height: int) -> list[int]:
     """`mask_to_brush_rle` of a width x height frame that is empty outside `window` (placed at x0, y0),
     byte for byte, without building the frame: 4000x3000 is 12 MB per mask for a box of a few
     hundred pixels."""
+    return encode_runs(*window_brush_runs(window, x0, y0, width, height))
+
+
+def window_brush_runs(window: np.ndarray, x0: int, y0: int, width: int,
+                      height: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The RGBA (value, length) runs and value count `window_to_brush_rle` encodes: cheap to count
+    before the encoding, whose cost and size grow with the runs."""
     rows, cols = window.shape
     if x0 < 0 or y0 < 0 or x0 + cols > width or y0 + rows > height:
         raise ValueError(f"a {cols}x{rows} window at ({x0}, {y0}) is outside the {width}x{height} frame")
@@ -50,14 +57,14 @@ def window_to_brush_rle(window: np.ndarray, x0: int, y0: int, width: int, height
     lengths = np.diff(bounds)  # zeros, ones, zeros, ..., zeros
     values = np.where(np.arange(lengths.size) % 2 == 1, 255, 0).astype(np.uint8)
     present = lengths > 0
-    return _encode_runs(values[present], lengths[present] * 4, total=width * height * 4)
+    return values[present], lengths[present] * 4, width * height * 4
 
 
 def encode_rle(values: np.ndarray) -> list[int]:
     """Flat uint8 values -> LS RLE bytes. Every stretch of equal values becomes run tokens."""
     values = np.asarray(values, dtype=np.uint8).reshape(-1)
     run_values, lengths = _runs(values)
-    return _encode_runs(run_values, lengths, total=values.size)
+    return encode_runs(run_values, lengths, total=values.size)
 
 
 def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +76,7 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[starts], lengths
 
 
-def _encode_runs(values: np.ndarray, lengths: np.ndarray, total: int) -> list[int]:
+def encode_runs(values: np.ndarray, lengths: np.ndarray, total: int) -> list[int]:
     header = f"{total:032b}{WORD_BITS - 1:05b}" + "".join(f"{w - 1:04b}" for w in RUN_WIDTHS)
     parts = [header]
     for value, length in zip(values.tolist(), lengths.tolist()):
