@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import errors
-from service.types import DetectResult, EncodedImage
+from service.types import DetectResult, EncodedImage, RawImage
 
 FAKE_FACTORY = "fakes:FakePredictor.from_config"
 
@@ -44,7 +44,7 @@ class FakePredictor:
 
     def __init__(self, cfg, device: str, threads: int | None, oom_above: int | None = None,
                  load_delay_s: float = 0.0, fail_load: bool = False, load_stages: int = 0,
-                 record_to: str | None = None):
+                 record_to: str | None = None, raw_delay_s: float = 0.0):
         if fail_load:
             raise FileNotFoundError("weights.pth: no such file (fake)")
         if not load_stages:
@@ -65,6 +65,7 @@ class FakePredictor:
         self.threads = threads
         self.oom_above = oom_above
         self.record_to = record_to  # a file that gets a line per predict call, from any process
+        self.raw_delay_s = raw_delay_s  # seconds per RawImage (the warm-up's blank images)
         self.closed = False
 
     @classmethod
@@ -74,6 +75,7 @@ class FakePredictor:
     def predict(self, images, options):
         commands = [bytes(img.data[:16]) if isinstance(img, EncodedImage) else b"ok" for img in images]
         FakePredictor.seen.extend(commands)
+        time.sleep(self.raw_delay_s * sum(isinstance(i, RawImage) for i in images))
         if self.record_to:
             with open(self.record_to, "a") as f:
                 f.write(" ".join(f"{type(i).__name__}:{getattr(i, 'width', '-')}x{getattr(i, 'height', '-')}"

@@ -134,6 +134,7 @@ class WorkerSpec:
     predictor_factory: str = DEFAULT_PREDICTOR_FACTORY
     extra: dict = field(default_factory=dict)  # factory keyword arguments (tests' fakes)
     arena: ArenaSpec | None = None  # set by WorkerProcess when shared memory is available
+    start_timeout_s: float = 120.0  # worker_start_timeout_s: what the warm-up must fit in
 
 
 ToWorker = BatchRequest | Shutdown

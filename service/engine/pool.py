@@ -259,7 +259,8 @@ class _PoolBase:
 
     def _spec(self, seat: _Seat, threads: int) -> WorkerSpec:
         return WorkerSpec(seat.worker_id, self.cfg, seat.device, seat.slot, threads,
-                          self.settings.heartbeat_interval_s, self.predictor_factory, self.factory_kwargs)
+                          self.settings.heartbeat_interval_s, self.predictor_factory, self.factory_kwargs,
+                          start_timeout_s=self.settings.worker_start_timeout_s)
 
     # -- implemented per pool kind ---------------------------------------------------------
     def _launch(self, seat: _Seat, threads: int) -> None:

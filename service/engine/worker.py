@@ -68,24 +68,36 @@ def load_predictor(spec: WorkerSpec):
     return factory(spec.model_config, device=device, threads=spec.threads, **spec.extra)
 
 
-def warm_up(predictor, config, progress: Callable[[str], None] | None = None) -> None:
-    """One batch of the model's largest size on blank images (workers.warmup), reported as load
-    progress. A failure is not fatal: the model loaded, and a real batch that fails the same way
+def warm_up(predictor, config, progress: Callable[[str], None] | None = None, budget_s: float = 60.0) -> None:
+    """Blank images through the model before the worker says ready (workers.warmup): one, then a
+    batch of max_batch_size, each announced as load progress (which restarts the pool's start-up
+    clock). The batch is skipped when one image says it would take over `budget_s`, so a slow model
+    still starts. Nothing here is fatal: the model loaded, and a real batch that fails the same way
     gets its own typed error."""
     workers, batch = getattr(config, "workers", None), getattr(config, "batch", None)
-    size = int(getattr(predictor, "input_size", 0) or 0)
-    if not getattr(workers, "warmup", False) or batch is None or size <= 0:
+    if not getattr(workers, "warmup", False) or batch is None:
         return
     report = progress or (lambda stage: None)
-    image = RawImage(bytes(size * size * 3), size, size)
-    items = [WorkItem(i, image, DetectOptions()) for i in range(batch.max_batch_size)]
-    report(f"warming up: one batch of {len(items)} blank {size}x{size} images")  # restarts the start-up clock
-    started = time.perf_counter()
-    failed = [o for o in _BatchRunner(predictor).run(items) if isinstance(o, errors.DetserveError)]
-    if failed:
-        report(f"warm-up failed, serving anyway: {failed[0].message}")
-    else:
+    try:
+        # The working shape: keep-ratio families (resize_scale = long, short edge) are not square.
+        scale = getattr(config, "resize_scale", None)
+        width, height = scale if scale else (int(predictor.input_size),) * 2
+        image = RawImage(bytes(width * height * 3), height, width)
+        size = batch.max_batch_size
+        started = time.perf_counter()
+        for n in dict.fromkeys((1, size)):
+            if n > 1 and (time.perf_counter() - started) * n > budget_s:
+                report(f"warm-up: one image took {time.perf_counter() - started:.2f} s, so no batch of {n}")
+                return
+            report(f"warming up: {n} blank {width}x{height} image(s)")
+            outcomes = _BatchRunner(predictor).run([WorkItem(i, image, DetectOptions()) for i in range(n)])
+            failed = [o for o in outcomes if isinstance(o, errors.DetserveError)]
+            if failed:
+                report(f"warm-up failed, serving anyway: {failed[0].message}")
+                return
         report(f"warmed up in {time.perf_counter() - started:.2f} s")
+    except Exception as exc:  # noqa: BLE001 - a warm-up never stops a model that loaded
+        report(f"warm-up failed, serving anyway: {type(exc).__name__}: {exc}")
 
 
 def describe(predictor) -> ModelFacts:
@@ -244,7 +256,7 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
         torch = sys.modules.get("torch")  # only when the predictor needed it
         if torch is not None:
             torch.set_num_threads(spec.threads)
-        warm_up(predictor, spec.model_config, progress=auto.progress_hook)
+        warm_up(predictor, spec.model_config, progress=auto.progress_hook, budget_s=spec.start_timeout_s / 2)
     except Exception as exc:  # noqa: BLE001 - report why, then exit; the pool decides what to do
         sender.send(WorkerError(spec.worker_id, f"model {getattr(spec.model_config, 'name', '?')!r} failed to load: {type(exc).__name__}: {exc}"))
         stop.set()

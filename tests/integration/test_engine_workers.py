@@ -308,7 +308,29 @@ def test_a_worker_warms_up_with_one_full_batch_before_it_is_ready(tmp_path, warm
 
     before = run(scenario())
     if warmup:
-        assert before == ["RawImage:64x64 " * 3 + "RawImage:64x64"] + ["RawImage:64x64 RawImage:64x64"] * 2
-        assert "warming up: one batch of 4" in caplog.text and "warmed up in" in caplog.text
+        # one image, then the batch of 4, split in two by the out-of-memory
+        assert before == ["RawImage:64x64", "RawImage:64x64 " * 3 + "RawImage:64x64"] + ["RawImage:64x64 RawImage:64x64"] * 2
+        assert "warming up: 4 blank 64x64 image(s)" in caplog.text and "warmed up in" in caplog.text
     else:
         assert before == [] and "warming up" not in caplog.text and "warmed up" not in caplog.text
+
+
+def test_a_slow_warm_up_skips_its_batch_instead_of_failing_the_start(tmp_path, caplog):
+    import logging
+
+    write_model(tmp_path, "slow-warm", batch={"max_batch_size": 16})
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+
+    async def scenario():
+        caplog.set_level(logging.INFO, logger="detserve.engine")
+        # 0.4 s a blank image: a batch of 16 would be 6.4 s, past the 4 s start-up timeout
+        async with running_engine(tmp_path, inline=False, worker_start_timeout_s=4.0,
+                                  factory_kwargs={"record_to": str(calls), "raw_delay_s": 0.4}) as engine:
+            assert engine.model_info("slow-warm").ready
+            (result,) = await engine.detect("slow-warm", [image(b"ok")])
+            return result
+
+    assert run(scenario()).model_version == "slow-warm-fake"
+    assert calls.read_text().splitlines()[0] == "RawImage:64x64"  # the one image; no batch of 16
+    assert "so no batch of 16" in caplog.text
