@@ -227,6 +227,8 @@ class Predictor:
         if pending:
             try:
                 self._run_batch(pending, results, times)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the worker frees the cache and splits the batch (engine/worker.py _BatchRunner)
             except Exception as exc:
                 log.exception("batch of %d failed in model %s", len(pending), self.name)
                 error = exc if isinstance(exc, DetserveError) else InternalError(f"inference failed: {exc}")

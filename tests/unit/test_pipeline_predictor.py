@@ -213,3 +213,25 @@ def test_cuda_fp16_channels_last_matches_cpu(tmp_path):
     finally:
         gpu.close()
         cpu.close()
+
+
+def test_cuda_out_of_memory_reaches_the_worker_which_splits_the_batch(det_predictor, monkeypatch):
+    # The worker's _BatchRunner halves a batch that ran out of CUDA memory; the real predictor used
+    # to turn the error into an InternalError for every image, so it never split.
+    from service.engine.messages import BatchRequest, WorkItem
+    from service.engine.worker import run_batch
+
+    detector = det_predictor._detector
+    real_run = detector.run
+
+    def run_or_oom(backend, inputs, *args, **kwargs):
+        if inputs.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real_run(backend, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(detector, "run", run_or_oom)
+    image = EncodedImage(cv2.imencode(".jpg", np.full((96, 128, 3), 90, np.uint8))[1].tobytes())
+    request = BatchRequest(1, tuple(WorkItem(i, image, DetectOptions()) for i in range(8)))
+    result = run_batch(det_predictor, request, worker_id=0)
+    assert all(isinstance(o, DetectResult) for o in result.outcomes), result.outcomes
+    assert result.oom_splits == 3  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
