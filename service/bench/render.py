@@ -48,6 +48,17 @@ def _mean(data: dict, section: str, prefix: str, attr: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def _paired_median(data: dict, section: str, a_prefix: str, b_prefix: str, attr: str) -> tuple[float, list[float]]:
+    """Median over rounds of (a - b), pairing the runs labelled "... #k": a difference of two
+    latencies a few ms apart, where the machine's own speed drifts by more from round to round."""
+    def by_round(prefix: str) -> dict[str, float]:
+        return {r.label.rsplit("#", 1)[-1]: getattr(r, attr) for r in _rows(data, section)
+                if r.label.startswith(prefix) and "#" in r.label and math.isfinite(getattr(r, attr))}
+    a, b = by_round(a_prefix), by_round(b_prefix)
+    diffs = [a[k] - b[k] for k in sorted(a.keys() & b.keys(), key=lambda k: int(k) if k.isdigit() else 0)]
+    return (statistics.median(diffs) if diffs else math.nan), diffs
+
+
 def _best(data: dict, section: str, prefix: str, attr: str, lowest: bool = False) -> tuple[float, str]:
     """A peer at its best: the fastest of its variants (highest throughput, or lowest latency)."""
     rows = [r for r in _rows(data, section) if r.label.startswith(prefix)
@@ -87,8 +98,9 @@ def targets(data: dict) -> list[dict]:
     add("rtmdet as shipped / in-process pipeline (same backend and threads), throughput c16", ">= 0.95x",
         _ratio(served, inproc), lambda v: v >= 0.95, f"{served:.1f} vs {inproc:.1f} img/s")
     in1 = _mean(data, "latency", "in-process rtmdet c1", "p50_ms")
-    add("rtmdet as shipped: served p50 - in-process p50, c1", "<= +1 ms", ds1 - in1, lambda v: v <= 1.0,
-        f"{ds1:.2f} vs {in1:.2f} ms")
+    gap, diffs = _paired_median(data, "latency", "detserve rtmdet REST c1", "in-process rtmdet c1", "p50_ms")
+    add("rtmdet as shipped: served p50 - in-process p50, c1 (median of alternating rounds)", "<= +1 ms", gap,
+        lambda v: v <= 1.0, f"means {ds1:.2f} vs {in1:.2f} ms; per round " + ", ".join(f"{d:+.2f}" for d in diffs))
     null = _mean(data, "overhead", "detserve null REST c16", "throughput")
     null_p99 = _mean(data, "overhead", "detserve null REST c16", "p99_ms")
     noop, noop_v = _best(data, "overhead", "TorchServe no-op c16", "throughput")

@@ -377,3 +377,21 @@ def test_h2load_against_a_real_grpc_door_counts_server_side_errors(tmp_path):
         assert bad.ok == 0 and bad.errors.get("NOT_FOUND", 0) > 0
     finally:
         proc.stop()
+
+
+def test_the_c1_gap_is_the_median_of_per_round_differences_paired_by_round():
+    from service.bench.render import targets
+
+    def row(label, p50):
+        return {"label": label, "target": "x", "concurrency": 1, "rate": None, "requests": 10, "ok": 10,
+                "errors": {}, "duration_s": 8.0, "throughput": 30.0, "p50_ms": p50, "p90_ms": p50,
+                "p99_ms": p50, "max_ms": p50, "mean_ms": p50}
+
+    # the machine drifts: both sides move together from round to round, the served side ~0.5 ms above
+    inproc = [20.0, 30.0, 25.0, 40.0]
+    served = [20.4, 30.6, 31.0, 40.5]  # one noisy round (+6 ms)
+    latency = ([row(f"in-process rtmdet c1 #{i + 1}", v) for i, v in enumerate(inproc)]
+               + [row(f"detserve rtmdet REST c1 #{i + 1}", v) for i, v in enumerate(served)])
+    (gap,) = [t for t in targets({"sections": {"latency": latency}}) if "served p50 - in-process" in t["name"]]
+    assert gap["measured"] == pytest.approx(0.55) and gap["met"] is True  # the mean difference would be 1.9
+    assert "+6.00" in gap["detail"]
