@@ -306,6 +306,8 @@ def check_model(cfg) -> Finding:
         if cfg.backend.value == "auto" and predictor.backend_reason:  # the load above made (or reused) auto's choice: say which and why
             message += f"; {predictor.backend_reason}"
         return Finding(OK, cfg.name, message)
+    except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory on a GPU the server holds
+        return Finding(ERROR, cfg.name, f"loads but a test image fails ({where}): {type(exc).__name__}: {exc}")
     finally:
         predictor.close()
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -359,12 +360,13 @@ def candidate_verdict(cfg: ModelConfig, device: str, cand: Candidate, entry: Pat
         current = file_sha256(onnx_path)
     start = time.perf_counter()
     _progress(f"checking {cand.label} parity")
-    summary, passed = _parity(cfg, device, cand, entry, onnx_path, threads)
+    summary, passed, lasting = _parity(cfg, device, cand, entry, onnx_path, threads)
     verdict = Verdict(cand.label, passed, summary, current, round(export_s, 2), round(time.perf_counter() - start, 2))
     # info even on FAIL: the fallback to eager is the one warning that says why
     log.info("model %s: backend auto %s parity %s (export %.1f s, parity %.1f s)",
              cfg.name, cand.label, summary, verdict.export_s, verdict.parity_s)
-    write_atomic(path, verdict.to_json())
+    if lasting:
+        write_atomic(path, verdict.to_json())
     return verdict
 
 
@@ -390,7 +392,10 @@ def _export(cfg: ModelConfig, checkpoint, onnx_path: Path) -> None:
             tmp.unlink()
 
 
-def _parity(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, onnx_path: Path, threads) -> tuple[str, bool]:
+def _parity(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, onnx_path: Path,
+            threads) -> tuple[str, bool, bool]:
+    """(summary, passed, lasting): a failure for want of memory (the GPU shared with a running
+    server, say) may pass at the next start, so its verdict is not cached."""
     from ..export.parity import parity_results, compare_results, shape_images
 
     try:
@@ -398,7 +403,10 @@ def _parity(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, onnx_pa
             eager_cfg(cfg), onnx_cfg(cfg, onnx_path, cand, entry), shape_images(PARITY_IMAGES), device=device,
             threads=threads)
     except Exception as exc:  # noqa: BLE001 - a session that cannot load or run is a failed candidate
-        return f"ONNX Runtime {cand.label} failed: {type(exc).__name__}: {exc}", False
+        torch = sys.modules.get("torch")
+        short_of_memory = isinstance(exc, MemoryError) or (
+            torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError))
+        return f"ONNX Runtime {cand.label} failed: {type(exc).__name__}: {exc}", False, not short_of_memory
     report = compare_results(reference, candidate, PARITY_SCORE_THR)
     if report.reference == 0:
         # No detection above the serving threshold on shape images (e.g. a COCO model): compare the
@@ -408,7 +416,7 @@ def _parity(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, onnx_pa
     summary = (f"{'PASS' if passed else 'FAIL'}: {report.matched}/{report.reference} eager detections "
                f"(score >= {report.score_thr:g}) matched, box diff max {report.max_box_diff:.4f} px, "
                f"score diff max {report.max_score_diff:.1e}; bounds {PARITY_MAX_BOX_PX} px, {PARITY_MAX_SCORE:g}")
-    return summary, passed
+    return summary, passed, True
 
 
 # --- reporting without deciding (doctor, export) ---------------------------------------------

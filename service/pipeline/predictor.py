@@ -276,6 +276,8 @@ class Predictor:
                 results[p.index] = result
             except DetserveError as exc:
                 results[p.index] = exc
+            except torch.cuda.OutOfMemoryError:
+                raise  # pasting full-size masks is where a GPU batch runs out: the worker splits it
             except Exception as exc:
                 log.exception("postprocessing image %d failed", p.index)
                 results[p.index] = InternalError(f"postprocessing failed: {exc}")

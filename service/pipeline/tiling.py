@@ -283,7 +283,7 @@ def predict_tiled(predictor, images: Sequence[ImageInput], options: DetectOption
         results = []
         for start in range(0, len(tiles), size):
             chunk = tiles[start:start + size]
-            results.extend(predictor.predict(chunk, [per_tile] * len(chunk)))
+            results.extend(_predict_or_error(predictor, chunk, [per_tile] * len(chunk)))
         failed = next((r for r in results if not isinstance(r, DetectResult)), None)
         if failed is not None:
             out[index] = failed
@@ -293,6 +293,20 @@ def predict_tiled(predictor, images: Sequence[ImageInput], options: DetectOption
             merged.rendered = predictor.render(image, merged, options.render)
         out[index] = merged
     if whole:
-        for index, result in zip(whole, predictor.predict([images[i] for i in whole], [options] * len(whole))):
+        for index, result in zip(whole, _predict_or_error(predictor, [images[i] for i in whole], [options] * len(whole))):
             out[index] = result
     return out
+
+
+def _predict_or_error(predictor, images, options) -> list:
+    """predictor.predict in-process (no worker to split the batch): CUDA out of memory becomes the
+    typed error of each image instead of ending the command."""
+    import torch
+
+    try:
+        return predictor.predict(images, options)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [errors.InternalError(f"CUDA out of memory on a batch of {len(images)}; lower batch.max_batch_size")
+                for _ in images]

@@ -205,6 +205,24 @@ def test_a_failing_parity_check_serves_eager_and_is_not_retried(first_load, stor
 
 
 @pytestmark_real
+def test_a_parity_check_short_of_memory_serves_eager_and_is_tried_again_next_start(first_load, store, cache,
+                                                                                  monkeypatch, caplog):
+    import torch
+
+    from service.export import parity
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(parity, "parity_results", out_of_memory)
+    predictor = load(store, cache, monkeypatch, caplog, test_cfg={"iou_threshold": 0.55})
+    assert predictor.backend_name == "eager" and "OutOfMemoryError" in predictor.backend_reason
+    monkeypatch.undo()
+    again = load(store, cache, monkeypatch, caplog, test_cfg={"iou_threshold": 0.55})
+    assert again.backend_name == "onnxruntime" and "reuses the cached" not in caplog.text
+
+
+@pytestmark_real
 def test_a_corrupted_cached_graph_is_not_used(first_load, store, cache, monkeypatch, caplog):
     onnx = next(cache.iterdir()) / "model.onnx"
     onnx.write_bytes(b"not an onnx graph")

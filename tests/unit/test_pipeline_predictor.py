@@ -235,3 +235,39 @@ def test_cuda_out_of_memory_reaches_the_worker_which_splits_the_batch(det_predic
     result = run_batch(det_predictor, request, worker_id=0)
     assert all(isinstance(o, DetectResult) for o in result.outcomes), result.outcomes
     assert result.oom_splits == 3  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
+
+
+def test_cuda_out_of_memory_while_pasting_masks_splits_the_batch_too(det_predictor, monkeypatch):
+    from service.engine.messages import BatchRequest, WorkItem
+    from service.engine.worker import run_batch
+
+    real_finish = det_predictor._finish_image
+
+    def finish_or_oom(p, dets, meta, outputs, slot):
+        if slot >= 2:  # only batches of more than two images get here
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real_finish(p, dets, meta, outputs, slot)
+
+    monkeypatch.setattr(det_predictor, "_finish_image", finish_or_oom)
+    image = EncodedImage(cv2.imencode(".jpg", np.full((96, 128, 3), 90, np.uint8))[1].tobytes())
+    result = run_batch(det_predictor, BatchRequest(1, tuple(WorkItem(i, image, DetectOptions()) for i in range(4))), 0)
+    assert all(isinstance(o, DetectResult) for o in result.outcomes), result.outcomes
+    assert result.oom_splits == 1
+
+
+def test_out_of_memory_in_process_is_each_images_typed_error_not_a_crash(det_predictor, monkeypatch, tmp_path):
+    from service.doctor import ERROR, check_model
+    from service.errors import InternalError
+    from service.pipeline.tiling import _predict_or_error
+
+    def oom(images, options):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(det_predictor, "predict", oom)
+    out = _predict_or_error(det_predictor, [RawImage(bytes(12), 2, 2)] * 3, [DetectOptions()] * 3)
+    assert len(out) == 3 and all(isinstance(o, InternalError) and "out of memory" in o.message for o in out)
+
+    monkeypatch.setattr(Predictor, "predict", lambda self, images, options: oom(images, options))
+    folder = write_model(tmp_path / "m", "rtmdet-tiny")
+    finding = check_model(load_model_config(folder))
+    assert finding.level == ERROR and "OutOfMemoryError" in finding.message
