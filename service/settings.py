@@ -90,9 +90,10 @@ class WorkerConfig(_Strict):
     count: int = Field(1, ge=0, le=64)
     devices: list[str] = Field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]; empty: auto
     threads: int = Field(0, ge=0)  # torch/ORT intra-op threads per worker; 0: see threads_per_worker
-    # Before it reports ready, each worker runs one batch of max_batch_size blank images at the input
-    # size: the first client after a start or a restart does not pay for lazy kernel and allocator
-    # set-up, and the process is at its working memory from the start.
+    # Before it reports ready, each worker runs blank images at the working shape, one and then a
+    # batch of max_batch_size (skipped when it would not fit in half of worker_start_timeout_s): the
+    # first client after a start or a restart does not pay for lazy kernel and allocator set-up, and
+    # the process is at its working memory from the start (engine/worker.py warm_up).
     warmup: bool = True
 
     def threads_per_worker(self, count: int | None = None) -> int:
