@@ -5,6 +5,8 @@ and `grpc_status` and never invent codes of their own.
 """
 from __future__ import annotations
 
+import sys
+
 
 # Messages quote client values (model names, datatypes, ids), and every door sends them back: a
 # gRPC status message travels in a header, and past the client's 16 KiB metadata limit the call
@@ -169,3 +171,10 @@ def http_status(err: BaseException) -> int:
 def grpc_status(err: BaseException) -> str:
     """The name of a `grpc.StatusCode` member, so this module does not import grpc."""
     return _lookup(err)[1]
+
+
+def is_cuda_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, asked without importing torch: the front process (and the
+    inline pool in it) never loads torch for this."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)

@@ -19,13 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import is_cuda_out_of_memory
 from ..settings import BackendKind, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -403,9 +403,7 @@ def _parity(cfg: ModelConfig, device: str, cand: Candidate, entry: Path, onnx_pa
             eager_cfg(cfg), onnx_cfg(cfg, onnx_path, cand, entry), shape_images(PARITY_IMAGES), device=device,
             threads=threads)
     except Exception as exc:  # noqa: BLE001 - a session that cannot load or run is a failed candidate
-        torch = sys.modules.get("torch")
-        short_of_memory = isinstance(exc, MemoryError) or (
-            torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError))
+        short_of_memory = isinstance(exc, MemoryError) or is_cuda_out_of_memory(exc)
         return f"ONNX Runtime {cand.label} failed: {type(exc).__name__}: {exc}", False, not short_of_memory
     report = compare_results(reference, candidate, PARITY_SCORE_THR)
     if report.reference == 0:

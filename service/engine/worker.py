@@ -118,11 +118,6 @@ def describe(predictor) -> ModelFacts:
     )
 
 
-def _is_cuda_oom(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")  # never import torch here: the inline pool runs in the front process
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
 def _free_cuda_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -152,7 +147,7 @@ class _BatchRunner:
         return list(outcomes)
 
     def _recover(self, items: Sequence[WorkItem], exc: Exception) -> list[Outcome]:
-        if _is_cuda_oom(exc):
+        if errors.is_cuda_out_of_memory(exc):
             if len(items) == 1:
                 _free_cuda_cache()
                 return [errors.InternalError("CUDA out of memory on a single image")]
