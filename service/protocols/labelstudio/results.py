@@ -1,6 +1,7 @@
 """DetectResult -> one Label Studio prediction: regions in percent of the original image."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -53,7 +54,7 @@ class AnswerBudget:
     of megabytes. Each region is charged as it is made, from worker threads (hence the lock), and
     the costly steps before a region (a mask's decode, its outline or RLE) check first."""
 
-    def __init__(self, max_bytes: int, deadline: float | None = None, deadline_s: float = 0.0):
+    def __init__(self, max_bytes: float, deadline: float | None = None, deadline_s: float = 0.0):
         self.max_bytes = max_bytes
         self.deadline = deadline  # time.monotonic() value; None: no deadline
         self.deadline_s = deadline_s
@@ -87,7 +88,7 @@ class _Shapes:
     """Each detection's brush RLE and outline, made once however many controls ask for them, and
     the measured JSON size of a region's names and numbers per control and label."""
 
-    def __init__(self, width: int, height: int, budget: AnswerBudget | None):
+    def __init__(self, width: int, height: int, budget: AnswerBudget):
         self.width, self.height = width, height
         self.budget = budget
         self._brush: dict[int, list[int]] = {}
@@ -105,21 +106,18 @@ class _Shapes:
 
     def brush(self, i: int, rle: RLEMask) -> list[int]:
         if i not in self._brush:
-            if self.budget is not None:
-                self.budget.check()
+            self.budget.check()
             found = box_window(rle)
             window, x0, y0 = found if found is not None else (np.zeros((0, 0), np.uint8), 0, 0)
             values, lengths, total = window_brush_runs(window, x0, y0, rle.width, rle.height)
-            if self.budget is not None:  # refuse before building a brush that could not be sent
-                tokens = len(lengths) + total // (1 << 16) + 1
-                self.budget.check(RLE_BYTE_JSON_BYTES * tokens * RLE_TOKEN_BITS // 8)
+            tokens = len(lengths) + total // (1 << 16) + 1  # refuse before building a brush that could not be sent
+            self.budget.check(RLE_BYTE_JSON_BYTES * tokens * RLE_TOKEN_BITS // 8)
             self._brush[i] = encode_runs(values, lengths, total)
         return self._brush[i]
 
     def outline(self, i: int, rle: RLEMask) -> list[list[float]] | None:
         if i not in self._outline:
-            if self.budget is not None:
-                self.budget.check()
+            self.budget.check()
             # One region per detection, like boxes and brushes: the outline of the mask's largest
             # part. Further parts are mostly specks from the upsampled mask logits.
             polygons = outline(rle)[:1]
@@ -142,19 +140,18 @@ def detection_regions(i: int, det: Detection, label: str, control: BoundControl,
         if points is None:
             return []
         value, size = {"points": points, "polygonlabels": [label], "closed": True}, POINT_JSON_BYTES * len(points)
-    if shapes.budget is not None:
-        shapes.budget.charge(shapes.skeleton_bytes(control, label) + size)
+    shapes.budget.charge(shapes.skeleton_bytes(control, label) + size)
     return [_region(control, width, height, det.score, value)]
 
 
 def task_prediction(result: DetectResult | None, controls: list[BoundControl], model_version: str,
                     budget: AnswerBudget | None = None) -> dict:
     """One item of the /predict `results` list. None (the image could not be used) -> no regions.
-    `budget` is charged for every region; it raises PayloadTooLarge or DeadlineExceeded."""
+    `budget` (none: unbounded) is charged for every region; it raises PayloadTooLarge or DeadlineExceeded."""
     regions: list[dict] = []
     scores: list[float] = []
     if result is not None and result.image_width > 0 and result.image_height > 0:
-        shapes = _Shapes(result.image_width, result.image_height, budget)
+        shapes = _Shapes(result.image_width, result.image_height, budget or AnswerBudget(math.inf))
         for control in controls:
             for i, det in enumerate(result.detections):
                 label = control.label_map.get(det.class_name)
