@@ -166,7 +166,7 @@ print(json.dumps(data))
 @pytest.mark.parametrize("seed", range(8))
 def test_brush_rle_from_the_box_window_is_the_full_frame_encoding_byte_for_byte(seed):
     from service.pipeline.polygons import box_window
-    from service.protocols.labelstudio.brush import window_to_brush_rle
+    from service.protocols.labelstudio.brush import encode_runs, window_brush_runs
 
     rng = np.random.default_rng(seed)
     height, width = int(rng.integers(1, 50)), int(rng.integers(1, 50))
@@ -178,7 +178,7 @@ def test_brush_rle_from_the_box_window_is_the_full_frame_encoding_byte_for_byte(
     rle = coco_rle(mask)
     found = box_window(rle)
     window, x0, y0 = found if found is not None else (np.zeros((0, 0), np.uint8), 0, 0)
-    assert window_to_brush_rle(window, x0, y0, width, height) == mask_to_brush_rle(mask)
+    assert encode_runs(*window_brush_runs(window, x0, y0, width, height)) == mask_to_brush_rle(mask)
 
 
 def test_each_mask_is_encoded_once_however_many_controls_ask_for_it(monkeypatch):

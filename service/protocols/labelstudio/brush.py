@@ -27,17 +27,12 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
     return encode_runs(values, lengths * 4, total=pixels.size * 4)
 
 
-def window_to_brush_rle(window: np.ndarray, x0: int, y0: int, width: int, height: int) -> list[int]:
-    """`mask_to_brush_rle` of a width x height frame that is empty outside `window` (placed at x0, y0),
-    byte for byte, without building the frame: 4000x3000 is 12 MB per mask for a box of a few
-    hundred pixels."""
-    return encode_runs(*window_brush_runs(window, x0, y0, width, height))
-
-
 def window_brush_runs(window: np.ndarray, x0: int, y0: int, width: int,
                       height: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The RGBA (value, length) runs and value count `window_to_brush_rle` encodes: cheap to count
-    before the encoding, whose cost and size grow with the runs."""
+    """The RGBA (value, length) runs and value count of a width x height frame that is empty outside
+    `window` (placed at x0, y0), without building the frame (4000x3000 is 12 MB per mask for a box
+    of a few hundred pixels): `encode_runs` of them is `mask_to_brush_rle` of the frame, byte for
+    byte. Cheap to count before the encoding, whose cost and size grow with the runs."""
     rows, cols = window.shape
     if x0 < 0 or y0 < 0 or x0 + cols > width or y0 + rows > height:
         raise ValueError(f"a {cols}x{rows} window at ({x0}, {y0}) is outside the {width}x{height} frame")
