@@ -374,9 +374,8 @@ class Engine:
             if self._models.get(name) is runtime and not runtime.unloading:
                 self._models.pop(name, None)
             await runtime.drain_and_stop(0)
-            if runtime.unloading and isinstance(exc, Exception):  # its workers were stopped under it
-                raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded") from None
-            raise
+            if not (runtime.unloading and isinstance(exc, Exception)):  # else its workers were stopped under it
+                raise
         if runtime.unloading:
             raise errors.Conflict(f"model {name!r} was unregistered while it was being loaded")
         log.info("model %s loaded with %d worker(s)", name, count)
