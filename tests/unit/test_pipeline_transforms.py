@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from service.pipeline.transforms import (
+    MEAN_BGR,
+    STD_BGR,
     ImageMeta,
     keep_ratio_size,
+    normalize,
     preprocess_batch,
     rescale_boxes,
     resize_and_pad,
@@ -40,6 +43,19 @@ def test_2x4_image_resize_pad_normalize_values():
         assert torch.allclose(batch[0, c, :320, :], torch.tensor(expected_inside[c]), atol=1e-5)
         assert torch.allclose(batch[0, c, 320:, :], torch.tensor(PAD_NORMALIZED[c]), atol=1e-5)
     assert expected_inside[0] == pytest.approx(-1.63016, abs=1e-5)
+
+
+def test_normalize_is_bit_identical_to_the_per_element_float32_formula():
+    # The ONNX parity gate and the mmdet parity tests compare against this exact arithmetic:
+    # float32(x) - float32(mean), then a true float32 division, per channel, planar output.
+    canvases = np.random.default_rng(3).integers(0, 256, (3, 17, 23, 3), dtype=np.uint8)
+    got = normalize(torch.from_numpy(canvases))
+    planar = canvases.transpose(0, 3, 1, 2).astype(np.float32)
+    mean = np.array(MEAN_BGR, np.float32).reshape(1, 3, 1, 1)
+    std = np.array(STD_BGR, np.float32).reshape(1, 3, 1, 1)
+    expected = (planar - mean) / std
+    assert got.shape == (3, 3, 17, 23) and got.dtype == torch.float32 and got.is_contiguous()
+    assert np.array_equal(got.numpy(), expected)
 
 
 def test_bilinear_upscale_matches_hand_computation():
