@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import warnings
 import zlib
 
@@ -23,6 +24,7 @@ from ..types import RawImage
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _PIL_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
+_PILLOW_LOCK = threading.Lock()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -124,6 +126,14 @@ def _decode_jpeg_fast(data: bytes, max_pixels: int) -> np.ndarray | None:
 
 
 def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+    # warnings.catch_warnings swaps the process-wide filter list: two threads inside it at once (a
+    # worker decodes a batch's images in parallel) could restore each other's list. JPEG, the usual
+    # input, takes the fast path above and does not wait here.
+    with _PILLOW_LOCK:
+        return _decode_with_pillow_locked(data, max_pixels)
+
+
+def _decode_with_pillow_locked(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,7 @@ class Predictor:
         # (when the config grows that field) keeps them.
         self.clip_to_image = bool(getattr(cfg.test_cfg, "clip_to_image", True))
         self._decoded = DecodedImages()  # full images whose tiles are still arriving (pipeline/tiling.py)
+        self._decoders: ThreadPoolExecutor | None = None  # from_config: the images of a batch decode at once
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, device: str | None = None, threads: int | None = None) -> "Predictor":
@@ -191,9 +193,15 @@ class Predictor:
             cfg, backend=backend, detector=detector, classes=classes, device=device, version=model_version(cfg),
         )
         predictor.backend_reason = reason
+        decode_threads = threads or torch.get_num_threads()
+        if decode_threads > 1:  # its threads start on first use: a model that never sees a batch has none
+            predictor._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix=f"decode-{cfg.name}")
         return predictor
 
     def close(self) -> None:
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=False)
+            self._decoders = None
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -211,19 +219,7 @@ class Predictor:
 
         results: list[DetectResult | DetserveError | None] = [None] * len(images)
         times = [StageTimes() for _ in images]
-        pending: list[_Pending] = []
-        for i, (image, opts) in enumerate(zip(images, options)):
-            start = time.perf_counter()
-            try:
-                request = self._request_filter(opts)
-                pending.append(_Pending(i, self._decode(image), request))
-            except DetserveError as exc:
-                results[i] = exc
-            except Exception as exc:  # a decoder bug must not take the batch down
-                log.exception("decoding image %d failed", i)
-                results[i] = InternalError(f"decoding failed: {exc}")
-            times[i].decode = time.perf_counter() - start
-
+        pending = self._decode_batch(images, options, results, times)
         if pending:
             try:
                 self._run_batch(pending, results, times)
@@ -238,6 +234,52 @@ class Predictor:
             if isinstance(image, TileImage) and isinstance(results[i], DetectResult):
                 results[i] = tile_result_to_image(results[i], image)
         return results  # type: ignore[return-value]
+
+    def _decode_batch(self, images: Sequence[ImageInput], options: Sequence[DetectOptions], results: list,
+                      times: list[StageTimes]) -> list[_Pending]:
+        """Each image decoded, or its typed error in `results`. Whole images decode on the worker's
+        threads at once (libjpeg-turbo and cv2 release the GIL): decoding is serial work beside a
+        network that uses every thread, 8% of a CPU batch of 8, and two threads halve it (29 -> 18.5
+        ms for 8 bench images). Tiles decode here in order, since they share one decoded image."""
+        pending: list[_Pending] = []
+        whole: list[tuple[int, ImageInput, _RequestFilter]] = []
+        tiles: list[tuple[int, ImageInput, _RequestFilter]] = []
+        for i, (image, opts) in enumerate(zip(images, options)):
+            try:
+                request = self._request_filter(opts)
+            except DetserveError as exc:
+                results[i] = exc
+                continue
+            except Exception as exc:  # a bug in one request's options must not take the batch down
+                log.exception("the options of image %d failed", i)
+                results[i] = InternalError(f"options failed: {exc}")
+                continue
+            (tiles if isinstance(image, TileImage) else whole).append((i, image, request))
+        if self._decoders is not None and len(whole) > 1:
+            futures = [self._decoders.submit(self._timed_decode, image) for _, image, _ in whole]
+            tiles_decoded = [self._timed_decode(image) for _, image, _ in tiles]  # meanwhile
+            decoded = [f.result() for f in futures] + tiles_decoded
+        else:
+            decoded = [self._timed_decode(image) for _, image, _ in whole + tiles]
+        for (i, _, request), (bgr, seconds) in zip(whole + tiles, decoded):
+            times[i].decode = seconds
+            if isinstance(bgr, DetserveError):
+                results[i] = bgr
+            else:
+                pending.append(_Pending(i, bgr, request))
+        pending.sort(key=lambda p: p.index)
+        return pending
+
+    def _timed_decode(self, image: ImageInput) -> tuple[np.ndarray | DetserveError, float]:
+        start = time.perf_counter()
+        try:
+            bgr = self._decode(image)
+        except DetserveError as exc:
+            bgr = exc
+        except Exception as exc:  # a decoder bug must not take the batch down
+            log.exception("decoding an image failed")
+            bgr = InternalError(f"decoding failed: {exc}")
+        return bgr, time.perf_counter() - start
 
     def _run_batch(self, pending: list[_Pending], results: list, times: list[StageTimes]) -> None:
         start = time.perf_counter()

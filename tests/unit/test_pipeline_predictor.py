@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import cv2
 import numpy as np
@@ -271,3 +272,43 @@ def test_out_of_memory_in_process_is_each_images_typed_error_not_a_crash(det_pre
     folder = write_model(tmp_path / "m", "rtmdet-tiny")
     finding = check_model(load_model_config(folder))
     assert finding.level == ERROR and "OutOfMemoryError" in finding.message
+
+
+def test_a_batch_decodes_its_whole_images_on_the_worker_threads_with_unchanged_results(det_predictor, monkeypatch):
+    from service.pipeline import predictor as predictor_module
+    from service.pipeline.tiling import TileImage, TileWindow
+
+    big = EncodedImage(jpeg(150, 300, seed=5))
+    images = [EncodedImage(jpeg(120, 90, seed=4)), EncodedImage(b"not an image at all"), EncodedImage(png(64, 40)),
+              TileImage(big, "big", TileWindow(0, 0, 150, 150), 300, 150),
+              TileImage(big, "big", TileWindow(150, 0, 300, 150), 300, 150), EncodedImage(jpeg(100, 100)[:200])]
+    expected = det_predictor.predict(images, [DetectOptions()] * len(images))  # threads=1: one after another
+    threads_before = torch.get_num_threads()
+    parallel = Predictor.from_config(det_predictor.cfg, threads=2)
+    seen: list[str] = []
+    real_decode = predictor_module.decode_image
+
+    def recording_decode(data, **kwargs):
+        seen.append(threading.current_thread().name)
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "decode_image", recording_decode)
+    try:
+        got = parallel.predict(images, [DetectOptions()] * len(images))
+    finally:
+        parallel.close()
+        torch.set_num_threads(threads_before)
+        cv2.setNumThreads(threads_before)
+    assert [type(r) for r in got] == [type(r) for r in expected]
+    assert isinstance(got[1], UnsupportedMediaType) and isinstance(got[5], InvalidImage)
+    for mine, theirs in zip(got, expected):
+        if isinstance(theirs, DetectResult):
+            # Equal up to float reduction order: the network itself runs on 2 threads here, not 1.
+            assert [d.label for d in mine.detections] == [d.label for d in theirs.detections]
+            np.testing.assert_allclose([d.box_xyxy for d in mine.detections],
+                                       [d.box_xyxy for d in theirs.detections], atol=1e-3)
+            np.testing.assert_allclose([d.score for d in mine.detections], [d.score for d in theirs.detections],
+                                       atol=1e-5)
+            assert (mine.image_width, mine.image_height) == (theirs.image_width, theirs.image_height)
+    # The four whole images on the pool; the tiles' source once, in the calling thread (its cache is not shared).
+    assert sorted(name.startswith("decode-tiny") for name in seen) == [False] + [True] * 4
