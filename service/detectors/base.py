@@ -97,6 +97,11 @@ class Detector(ABC):
     def preprocess(self, images_bgr: Sequence[np.ndarray], cfg: "ModelConfig") -> tuple[Any, list[ImageMetaLike]]:
         """HxWx3 uint8 BGR images -> (network input for `run`, one meta per image)."""
 
+    def working_size(self, cfg: "ModelConfig") -> tuple[int, int]:
+        """(width, height) of an image the transform feeds to the network unchanged in shape: what a
+        worker's warm-up sends, so its first real batch finds kernels tuned for that shape."""
+        return cfg.input_size, cfg.input_size
+
     @abstractmethod
     def boxes_to_input(self, boxes_xyxy: torch.Tensor, meta: ImageMetaLike) -> torch.Tensor:
         """Original-image pixels -> network-input pixels: the forward half of the transform's box map."""

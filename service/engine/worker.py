@@ -79,9 +79,9 @@ def warm_up(predictor, config, progress: Callable[[str], None] | None = None, bu
         return
     report = progress or (lambda stage: None)
     try:
-        # The working shape: keep-ratio families (resize_scale = long, short edge) are not square.
-        scale = getattr(config, "resize_scale", None)
-        width, height = scale if scale else (int(predictor.input_size),) * 2
+        # The working shape, which the family knows: keep-ratio ones (two-stage) are not square.
+        sized = getattr(predictor, "working_size", None)
+        width, height = sized() if sized else (int(predictor.input_size),) * 2
         image = RawImage(bytes(width * height * 3), height, width)
         size = batch.max_batch_size
         started = time.perf_counter()

@@ -399,6 +399,12 @@ class Predictor:
             return raw_image_to_bgr(image, max_pixels=self.cfg.max_image_pixels)
         raise InvalidRequest(f"unsupported image input type {type(image).__name__}")
 
+    def working_size(self) -> tuple[int, int]:
+        """(width, height) of an image the family's transform takes without reshaping (warm-up)."""
+        if self._detector is None:
+            return self.input_size, self.input_size
+        return self._detector.working_size(self.cfg)
+
     def render(self, image: ImageInput, result: DetectResult, fmt) -> bytes:
         """`result` drawn on `image` (a merged tiled result: the tiles themselves are never drawn)."""
         return encode_image(draw_detections(self._decode(image), result), fmt)

@@ -80,6 +80,20 @@ def test_transform_round_trip_maps_boxes_back_to_original_pixels(arch):
         torch.testing.assert_close(detector.boxes_to_original(in_input, meta), boxes, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("arch", list_archs())
+@pytest.mark.parametrize("scale", [SMALL_SCALE, None])
+def test_the_working_size_goes_through_the_transform_unresized(arch, scale):
+    # What a worker warms up with (engine/worker.py warm_up): the shape real images end up at.
+    detector = get_detector(arch)
+    cfg = _cfg(arch).model_copy(update={"resize_scale": scale})
+    width, height = detector.working_size(cfg)
+    _, (meta,) = detector.preprocess([np.zeros((height, width, 3), np.uint8)], cfg)
+    assert detector.boxes_to_input(torch.tensor([[0.0, 0.0, width, height]]), meta).tolist() == [
+        [0.0, 0.0, width, height]]
+    if detector.family == "two-stage":
+        assert (width, height) == ((max(scale), min(scale)) if scale else (1333, 800))  # mmdet's default
+
+
 # --- every arch x backend through the Predictor ------------------------------------------------------
 
 

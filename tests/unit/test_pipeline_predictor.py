@@ -65,6 +65,7 @@ def test_attributes(det_predictor):
     )
     assert re.fullmatch(r"tiny-[0-9a-f]{8}", p.version)
     assert p.version == model_version(p.cfg)
+    assert p.working_size() == (128, 128)  # RTMDet letterboxes into its square input
 
 
 def test_batch_with_a_bad_image_returns_per_image_results(det_predictor):

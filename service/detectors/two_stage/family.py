@@ -95,6 +95,10 @@ class RCNNDetector(Detector):
         tensors, metas = resize_and_normalize(images_bgr, scale)
         return TwoStageInputs(tensors), metas
 
+    def working_size(self, cfg) -> tuple[int, int]:
+        long_edge, short_edge = tuple(cfg.resize_scale) if cfg.resize_scale else SCALE
+        return max(long_edge, short_edge), min(long_edge, short_edge)  # landscape: the usual photo
+
     def boxes_to_input(self, boxes_xyxy, meta):
         return boxes_to_resized(boxes_xyxy, meta)
 
