@@ -186,7 +186,7 @@ class ModelConfig(_Strict):
     classes_file: str | None = None  # one class per line, alternative to `classes`
     input_size: int = Field(640, ge=32, le=4096)
     # Keep-ratio resize bound (long edge, short edge) for families that resize that way (two-stage R-CNN);
-    # None: the family's default (1333, 800). Square-input families (RTMDet) use input_size instead.
+    # None: the family's default (1333, 800). Square-input families (RTMDet) use input_size and ignore it.
     resize_scale: tuple[int, int] | None = None
     backend: BackendKind = BackendKind.AUTO
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -39,6 +39,18 @@ class FakeClock:
         return self.now
 
 
+def _resolved(cfg):
+    """The cfg a real Predictor keeps: the family's keep-ratio scale filled in (None for square inputs)."""
+    from service.detectors.base import get_detector
+    from service.errors import ConfigError
+
+    try:
+        scale = get_detector(cfg.arch).keep_ratio_scale(cfg)
+    except ConfigError:  # "null" and made-up archs
+        return cfg
+    return cfg.model_copy(update={"resize_scale": scale})
+
+
 class FakePredictor:
     seen: list[bytes] = []  # every command run, in this process (inline engines only)
 
@@ -54,6 +66,7 @@ class FakePredictor:
 
             auto._progress(f"fake stage {stage + 1}")
             time.sleep(load_delay_s)
+        self.cfg = _resolved(cfg)
         self.name = cfg.name
         self.version = f"{cfg.name}-fake"
         self.arch = cfg.arch

@@ -174,8 +174,11 @@ def cache_key(cfg: ModelConfig, num_classes: int, *, weights_sha256: str | None 
 
 
 def settings_tag(cfg: ModelConfig) -> str:
-    """The postprocessing settings a verdict was measured under (same graph, different NMS: re-check)."""
-    return hashlib.sha256(cfg.test_cfg.model_dump_json().encode()).hexdigest()[:12]
+    """The settings a verdict was measured under (same graph, different NMS or keep-ratio scale: re-check)."""
+    text = cfg.test_cfg.model_dump_json()
+    if cfg.resize_scale:  # a two-stage graph takes any padded shape; its parity depends on which one
+        text += json.dumps(list(cfg.resize_scale))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def entry_dir(cfg: ModelConfig, key: str, root: Path | None = None) -> Path:

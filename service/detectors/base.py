@@ -97,6 +97,12 @@ class Detector(ABC):
     def preprocess(self, images_bgr: Sequence[np.ndarray], cfg: "ModelConfig") -> tuple[Any, list[ImageMetaLike]]:
         """HxWx3 uint8 BGR images -> (network input for `run`, one meta per image)."""
 
+    def keep_ratio_scale(self, cfg: "ModelConfig") -> tuple[int, int] | None:
+        """(long, short) edge bound of this family's keep-ratio resize, with the family's default filled in;
+        None for a square-input family. The front groups images by the padded shape this gives and the
+        TensorRT profile spans it, so both must see the scale the transform really uses."""
+        return None
+
     def working_size(self, cfg: "ModelConfig") -> tuple[int, int]:
         """(width, height) of an image the transform feeds to the network unchanged in shape: what a
         worker's warm-up sends, so its first real batch finds kernels tuned for that shape."""

@@ -93,6 +93,13 @@ class _ModelRuntime:
         facts = self.pool.facts
         return facts.input_size if facts else self.cfg.input_size
 
+    @property
+    def resize_scale(self) -> tuple[int, int] | None:
+        """The keep-ratio bound the workers' transform uses; the file's value until a worker reports the
+        family's default (a two-stage model without resize_scale resizes to 1333x800 all the same)."""
+        facts = self.pool.facts
+        return facts.resize_scale if facts else self.cfg.resize_scale
+
     async def start(self, workers: int) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"dispatch-{self.name}")
         try:
@@ -316,7 +323,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = []
-        resize_scale = runtime.cfg.resize_scale
+        resize_scale = runtime.resize_scale
         for image_work in work:
             # A whole image of a keep-ratio model batches with others of its padded shape (scheduler
             # "Shape groups"); the tiles of one image are consecutive and equal-sized already.

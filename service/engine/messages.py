@@ -73,6 +73,8 @@ class ModelFacts:
     device: str
     backend: str
     backend_reason: str = ""  # why this backend runs, e.g. backend = "auto" falling back to eager
+    # The keep-ratio bound the family's transform uses (its default filled in); None for square inputs.
+    resize_scale: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,6 +173,12 @@ class Predictor:
             detector = get_detector(cfg.arch)
         except ConfigError as exc:
             raise ConfigError(f"model {cfg.name!r}: field 'arch': {exc}") from None
+        scale = detector.keep_ratio_scale(cfg)
+        if scale != cfg.resize_scale:
+            # From here on cfg carries the scale the transform really uses: the family's default where the
+            # file gave none, None for a square-input family; the TensorRT profile and the front's shape
+            # groups (via ModelFacts) read it.
+            cfg = cfg.model_copy(update={"resize_scale": scale})
         device = resolve_device(device or cfg.device)
         options: dict = {}
         checkpoint = None

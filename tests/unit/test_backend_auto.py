@@ -55,6 +55,18 @@ def test_cache_key_changes_with_weights_size_settings_and_versions():
                              weights_sha256="a" * 64, versions=VERSIONS)
 
 
+def test_a_verdict_is_measured_again_under_other_nms_or_another_keep_ratio_scale():
+    from service.backends.auto import settings_tag
+
+    two_stage = dict(arch="faster-rcnn-r50-fpn", resize_scale=(1333, 800))
+    tags = {settings_tag(cfg()), settings_tag(cfg(test_cfg={"iou_threshold": 0.5})), settings_tag(cfg(**two_stage)),
+            settings_tag(cfg(**{**two_stage, "resize_scale": (640, 384)}))}
+    assert len(tags) == 4
+    # one graph takes every padded shape, so the scale changes the check, not the export
+    assert cache_key(cfg(**two_stage), 5, weights_sha256="a" * 64, versions=VERSIONS) == cache_key(
+        cfg(arch="faster-rcnn-r50-fpn", resize_scale=(640, 384)), 5, weights_sha256="a" * 64, versions=VERSIONS)
+
+
 def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("DETSERVE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

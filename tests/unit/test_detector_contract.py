@@ -94,6 +94,30 @@ def test_the_working_size_goes_through_the_transform_unresized(arch, scale):
         assert (width, height) == ((max(scale), min(scale)) if scale else (1333, 800))  # mmdet's default
 
 
+@pytest.mark.parametrize("arch", sorted(FAST))
+def test_a_loaded_predictor_carries_the_scale_its_transform_uses(arch, tmp_path):
+    """The front's shape groups (ModelFacts) and the TensorRT profile read the predictor's cfg: a
+    two-stage file without resize_scale means mmdet's 1333x800; a square-input family has no scale."""
+    from service.backends.onnxrt import trt_profile_options
+    from service.engine.worker import describe
+
+    cfg = load_model_config(_model_folder(arch, tmp_path))
+    two_stage = get_detector(arch).family == "two-stage"
+    cfg = cfg.model_copy(update={"resize_scale": None if two_stage else (1333, 800)})
+    predictor = Predictor.from_config(cfg, threads=1)
+    try:
+        facts, resolved = describe(predictor), predictor.cfg
+    finally:
+        predictor.close()
+    if two_stage:
+        assert resolved.resize_scale == facts.resize_scale == (1333, 800)
+        assert trt_profile_options(resolved, "input")["trt_profile_max_shapes"] == "input:4x3x1344x1344"
+    else:
+        assert resolved.resize_scale is None and facts.resize_scale is None
+        assert trt_profile_options(resolved, "input")["trt_profile_max_shapes"].endswith(
+            f"3x{RTMDET_SIZE}x{RTMDET_SIZE}")
+
+
 # --- every arch x backend through the Predictor ------------------------------------------------------
 
 

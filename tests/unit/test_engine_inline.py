@@ -306,6 +306,9 @@ def test_whole_images_of_a_keep_ratio_model_carry_their_padded_shape_to_the_sche
 
     write_model(tmp_path, "inl-keep-ratio", extra="resize_scale = [1333, 800]")
     write_model(tmp_path, "inl-square")
+    # The family's default scale, as the worker reports it: the file names none.
+    write_model(tmp_path, "inl-two-stage", arch="faster-rcnn-r50-fpn", extra='weights = "w.pth"')
+    write_model(tmp_path, "inl-rtmdet", arch="rtmdet-tiny", extra='weights = "w.pth"\nresize_scale = [1333, 800]')
     seen = []
     real_add_all = Scheduler.add_all
     monkeypatch.setattr(Scheduler, "add_all", lambda self, items: (seen.extend(items), real_add_all(self, items))[1])
@@ -315,10 +318,13 @@ def test_whole_images_of_a_keep_ratio_model_carry_their_padded_shape_to_the_sche
         async with running_engine(tmp_path, inline=True) as engine:
             await engine.detect("inl-keep-ratio", [landscape, portrait, EncodedImage(b"not an image")])
             await engine.detect("inl-square", [landscape])
+            await engine.detect("inl-two-stage", [landscape, portrait])
+            await engine.detect("inl-rtmdet", [landscape])  # square input: its resize_scale means nothing
 
     run(scenario())
     # 640x480 -> 1067x800 -> padded 800x1088; 480x640 -> 800x1067 -> 1088x800; unreadable: no key
-    assert [item.shape_key for item in seen] == [(800, 1088), (1088, 800), None, None]
+    assert [item.shape_key for item in seen] == [(800, 1088), (1088, 800), None, None, (800, 1088), (1088, 800),
+                                                 None]
 
 
 def test_unregistering_a_model_while_it_loads_is_a_conflict_for_the_load(tmp_path):

@@ -90,13 +90,15 @@ class RCNNDetector(Detector):
 
     # --- transform, network run, decode ----------------------------------------------------
 
+    def keep_ratio_scale(self, cfg) -> tuple[int, int]:
+        return tuple(cfg.resize_scale) if cfg.resize_scale else SCALE
+
     def preprocess(self, images_bgr: Sequence[np.ndarray], cfg) -> tuple[TwoStageInputs, list[TwoStageMeta]]:
-        scale = tuple(cfg.resize_scale) if cfg.resize_scale else SCALE
-        tensors, metas = resize_and_normalize(images_bgr, scale)
+        tensors, metas = resize_and_normalize(images_bgr, self.keep_ratio_scale(cfg))
         return TwoStageInputs(tensors), metas
 
     def working_size(self, cfg) -> tuple[int, int]:
-        long_edge, short_edge = tuple(cfg.resize_scale) if cfg.resize_scale else SCALE
+        long_edge, short_edge = self.keep_ratio_scale(cfg)
         return max(long_edge, short_edge), min(long_edge, short_edge)  # landscape: the usual photo
 
     def boxes_to_input(self, boxes_xyxy, meta):
