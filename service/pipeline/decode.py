@@ -24,7 +24,7 @@ from ..types import RawImage
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _PIL_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
-_PILLOW_LOCK = threading.Lock()
+PILLOW_LOCK = threading.Lock()
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -129,7 +129,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     # warnings.catch_warnings swaps the process-wide filter list: two threads inside it at once (a
     # worker decodes a batch's images in parallel) could restore each other's list. JPEG, the usual
     # input, takes the fast path above and does not wait here.
-    with _PILLOW_LOCK:
+    with PILLOW_LOCK:
         return _decode_with_pillow_locked(data, max_pixels)
 
 
@@ -267,7 +267,7 @@ def _pillow_orientation(data: bytes) -> int:
     decoded size against the declared one has the last word). Image.getexif, not a subclass's:
     PngImageFile's decodes the pixels first."""
     try:
-        with warnings.catch_warnings():
+        with PILLOW_LOCK, warnings.catch_warnings():  # the lock: see _decode_with_pillow
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as opened:
                 value = Image.Image.getexif(opened).get(_ORIENTATION_TAG, 1)

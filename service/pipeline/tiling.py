@@ -156,8 +156,11 @@ def _pillow_size(data: bytes) -> tuple[int, int]:
     """The stored size (before any EXIF turn) of an image whose header the fast readers could not parse."""
     from PIL import Image
 
+    from .decode import PILLOW_LOCK
+
     try:
-        with warnings.catch_warnings():
+        # The lock: catch_warnings swaps the process-wide filter list (see decode._decode_with_pillow).
+        with PILLOW_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:  # lazy: reads the header only
                 width, height = opened.size
