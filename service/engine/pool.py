@@ -435,6 +435,8 @@ class InlinePool(_PoolBase):
 
     def _finish(self, seat: _Seat, handle: _InlineHandle, reason: str) -> None:
         if seat.handle is handle:
+            # A crashed batch leaves the predictor loaded; a process worker's exit frees it, a thread's does not.
+            handle.executor.submit(_close_quietly, handle)
             handle.executor.shutdown(wait=False)
             self._on_gone(seat, reason)
 
@@ -454,7 +456,7 @@ class InlinePool(_PoolBase):
 
 
 def _close_quietly(handle: _InlineHandle) -> None:
-    predictor = handle.predictor
+    predictor, handle.predictor = handle.predictor, None  # once: a Shutdown closes, then _finish runs
     if predictor is None:
         return
     try:

@@ -346,3 +346,31 @@ def test_unregistering_a_model_while_it_loads_is_a_conflict_for_the_load(tmp_pat
             assert errors.http_status(errors.Conflict("x")) == 409
 
     run(scenario())
+
+
+def test_a_crashed_inline_batch_closes_its_predictor_and_the_seat_reloads(tmp_path, monkeypatch):
+    """A thread worker has no process exit to free its model: the pool closes the predictor itself,
+    and the request runs again on the reseated worker (as after a process crash)."""
+    from service.engine import pool
+
+    write_model(tmp_path, "inl-crash", workers=1)
+    closed = []
+    monkeypatch.setattr(FakePredictor, "close", lambda self: closed.append(self))
+    real_run_batch = pool.run_batch
+    crash = [True]
+
+    def crashing(predictor, request, worker_id):
+        if crash:
+            crash.pop()
+            raise SystemError("batch runner bug (test)")
+        return real_run_batch(predictor, request, worker_id)
+
+    monkeypatch.setattr(pool, "run_batch", crashing)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=True) as engine:
+            (result,) = await engine.detect("inl-crash", [image(b"ok")])
+            assert result.model_name == "inl-crash" and not crash
+            assert len(closed) == 1 and closed[0].name == "inl-crash"  # the crashed seat's, closed once
+
+    run(scenario())
