@@ -41,6 +41,8 @@ class FakeClock:
 
 def _resolved(cfg):
     """The cfg a real Predictor keeps: the family's keep-ratio scale filled in (None for square inputs)."""
+    if cfg.arch == "null":  # the registry imports torch: seconds a fake worker's start must not pay
+        return cfg
     from service.detectors.base import get_detector
     from service.errors import ConfigError
 
