@@ -115,12 +115,8 @@ def describe(predictor) -> ModelFacts:
         device=str(predictor.device),
         backend=predictor.backend_name,
         backend_reason=str(getattr(predictor, "backend_reason", "")),
-        resize_scale=_scale(getattr(getattr(predictor, "cfg", None), "resize_scale", None)),
+        resize_scale=getattr(getattr(predictor, "cfg", None), "resize_scale", None),  # pydantic-typed already
     )
-
-
-def _scale(value) -> tuple[int, int] | None:
-    return None if value is None else (int(value[0]), int(value[1]))
 
 
 def _free_cuda_cache() -> None:
