@@ -26,7 +26,8 @@ from .corpus import describe, generated_corpus
 from .inprocess import run_in_process
 from .runner import LoadSpec, run_sweep
 from .servers import ROOT, DetserveServer, NoopServer, set_affinity, write_model
-from .setup import busy_processes, machine_facts, model_variant, placement, toml_dumps, versions, wait_for_quiet
+from .setup import (busy_processes, cpu_times, machine_facts, model_variant, placement, steal_share, toml_dumps, versions,
+                    wait_for_quiet)
 from .stats import RunResult
 from .targets import make_target
 
@@ -86,12 +87,21 @@ class Recorder:
     def __init__(self):
         self.start = time.monotonic()
         self.sections: dict[str, list[dict]] = {}
+        self._cpu_mark = _cpu_times_or_none()
+
+    def begin(self) -> None:
+        """Mark the start of a run (its warm-up included): `add` reports the CPU time stolen since."""
+        self._cpu_mark = _cpu_times_or_none()
 
     def log(self, message: str) -> None:
         print(f"[bench {time.monotonic() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     def add(self, section: str, result: RunResult, command: str, system: str, **extra) -> RunResult:
-        result.extra = {**result.extra, "command": command, "system": system, **extra}
+        # On a shared VM one run can lose a quarter of its CPU to other guests while its neighbours
+        # lose none: recorded per run, so a reader can tell a slow run from a slow server.
+        steal = steal_share(self._cpu_mark, _cpu_times_or_none())
+        result.extra = {**result.extra, "command": command, "system": system, **extra,
+                        **({"steal": round(steal, 4)} if steal is not None else {})}
         self.sections.setdefault(section, []).append(result.to_json())
         self.log(f"{section}: {result.label}: {result.throughput:.1f} req/s p50 {result.p50_ms:.2f} "
                  f"p99 {result.p99_ms:.2f} ms errors {result.errors or 0}")
@@ -122,6 +132,7 @@ class Harness:
         wrk's rate on the same null server), and a C client is what the issue's figures were taken with."""
         d = self.duration(model) if d is None else d
         w = self.opts.warmup_s if w is None else w
+        self.rec.begin()
         if client == "auto":
             from . import h2load, wrk
 
@@ -171,6 +182,7 @@ class Harness:
         if key not in self._predictors:
             self._predictors[key] = load_predictor(model_dir, threads)
         pred = self._predictors[key]
+        self.rec.begin()
         mb = pred.cfg.batch.max_batch_size
         d = self.opts.model_duration_s if d is None else d
         result = run_in_process(pred, self.corpus, concurrency=c, max_batch_size=mb, duration_s=d,
@@ -196,6 +208,7 @@ def served_threads(model_dir: Path) -> int:
 
 def run_report(opts: ReportOptions) -> dict:
     rec = Recorder()
+    cpu_before = _cpu_times_or_none()
     facts = {"machine": machine_facts(), "versions": versions(), "busy_before": busy_processes(),
              "load_before": os.getloadavg(), "options": {k: str(v) for k, v in dataclasses.asdict(opts).items()}}
     corpus = generated_corpus(16, seed=0)
@@ -223,10 +236,18 @@ def run_report(opts: ReportOptions) -> dict:
             os.environ[CACHE_ENV] = old_cache
         shutil.rmtree(tmp, ignore_errors=True)
     facts["load_after"] = os.getloadavg()
+    facts["steal_share"] = steal_share(cpu_before, _cpu_times_or_none())
     facts["busy_after"] = busy_processes()
     facts["elapsed_s"] = round(time.monotonic() - rec.start, 1)
     facts["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # the doc's date, whenever rendered
     return {"facts": facts, "sections": rec.sections}
+
+
+def _cpu_times_or_none() -> list[int] | None:
+    try:
+        return cpu_times()
+    except (OSError, ValueError):  # no /proc (not Linux): the report says nothing of steal
+        return None
 
 
 def _start_timed(store: Path, models: list[str], **kwargs) -> tuple[DetserveServer, float]:

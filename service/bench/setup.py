@@ -128,14 +128,31 @@ def _which(name: str) -> bool:
     return which(name) is not None
 
 
+def cpu_times() -> list[int]:
+    """The machine's aggregate CPU counters from /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests between two `cpu_times()` readings.
+    On a shared VM it is what makes one run's absolute figures lower than another's on the same
+    machine type: the report states it so a reader can tell a slow run from a slow server."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])  # guest time (fields 9-10) is already counted in user
+    return (after[7] - before[7]) / total if total > 0 else None
+
+
 def wait_for_quiet(idle_share: float = 0.9, max_s: float = 60.0, sample_s: float = 1.0) -> float:
     """Wait until the machine's CPUs were at least `idle_share` idle over one sample (or `max_s` passed);
     returns the seconds waited. A section that starts while the last one's servers are still
-    shutting down (TorchServe's JVM takes seconds) measures their teardown too."""
+    shutting down (TorchServe's JVM takes seconds) measures their teardown too. Stolen time counts as
+    idle here: it is other guests' load, which waiting cannot end."""
     def times() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+        fields = cpu_times()
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0) + (fields[7] if len(fields) > 7 else 0)
+        return sum(fields[:8]), idle  # total, idle + iowait + steal
 
     started = time.monotonic()
     try:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -395,3 +396,70 @@ def test_the_c1_gap_is_the_median_of_per_round_differences_paired_by_round():
     (gap,) = [t for t in targets({"sections": {"latency": latency}}) if "served p50 - in-process" in t["name"]]
     assert gap["measured"] == pytest.approx(0.55) and gap["met"] is True  # the mean difference would be 1.9
     assert "+6.00" in gap["detail"]
+
+
+def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings():
+    from service.bench.setup import cpu_times, steal_share
+
+    before = [100, 0, 20, 800, 10, 0, 0, 70, 40, 0]  # guest time (40) is already inside user
+    after = [200, 0, 40, 900, 10, 0, 0, 150, 90, 0]
+    assert steal_share(before, after) == pytest.approx(80 / 300)
+    assert steal_share(before, before) is None and steal_share(None, after) is None
+    now = cpu_times()
+    assert len(now) >= 8 and 0.0 <= (steal_share(now, cpu_times()) or 0.0) <= 1.0
+
+
+def test_the_report_says_when_other_guests_stole_cpu_time():
+    from service.bench.render import render_markdown
+    from service.bench.report import ReportOptions
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    data["facts"]["steal_share"] = 0.35
+    assert "stolen by the hypervisor during the run: 35% - **other guests shared these cores**" \
+        in render_markdown(data, ReportOptions())
+    data["facts"]["steal_share"] = 0.01
+    assert "during the run: 1% (a quiet VM shows about 0%)." in render_markdown(data, ReportOptions())
+
+
+def test_each_recorded_run_carries_the_cpu_share_stolen_while_it_ran():
+    from service.bench.report import Recorder
+    from service.bench.stats import RunResult
+
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat: the report states no steal there")
+    rec = Recorder()
+    rec.begin()
+    sum(i * i for i in range(2_000_000))  # some CPU time, so the interval is not empty
+    result = RunResult(label="x", target="rest", concurrency=1, rate=None, requests=1, ok=1, errors={}, duration_s=1.0,
+                       throughput=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, max_ms=1.0, mean_ms=1.0)
+    rec.add("overhead", result, "cmd", "detserve")
+    (raw,) = rec.sections["overhead"]
+    assert raw["extra"]["system"] == "detserve" and 0.0 <= raw["extra"]["steal"] <= 1.0
+
+
+def test_a_section_names_the_runs_that_lost_cpu_time_to_other_guests():
+    from service.bench.render import render_markdown
+    from service.bench.report import ReportOptions
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    runs = data["sections"]["overhead"]
+    for raw in runs:
+        raw["extra"]["steal"] = 0.02
+    runs[1]["extra"]["steal"] = 0.27
+    text = render_markdown(data, ReportOptions())
+    assert f"the system measured): {runs[1]['label']} 27%." in text
+    assert text.count("Runs that lost at least 10% of the CPU time") == 1
+
+
+def test_the_torchserve_ratio_also_shows_the_pairing_with_the_run_beside_its_best_variant():
+    from service.bench.render import targets
+    from service.bench.servers import ROOT
+
+    data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    rows = data["sections"]["torchserve"]
+    best = max((r for r in rows if r["label"].startswith("TorchServe mmdet-style c16")), key=lambda r: r["throughput"])
+    (ours,) = [r for r in rows if r["label"] == f"detserve rtmdet REST c16 (before {best['extra']['ts_variant']})"]
+    (t,) = [t for t in targets(data) if t["name"].startswith("rtmdet as shipped / TorchServe mmdet-style at its best, thr")]
+    assert f"just before that variant: {ours['throughput'] / best['throughput']:.2f}x" in t["detail"]
