@@ -90,7 +90,8 @@ class Recorder:
         self._cpu_mark = _cpu_times_or_none()
 
     def begin(self) -> None:
-        """Mark the start of a run (its warm-up included): `add` reports the CPU time stolen since."""
+        """Mark the start of a run (its warm-up included): `add` reports the CPU time stolen since, so a
+        server start or a drain between two runs is not charged to the second."""
         self._cpu_mark = _cpu_times_or_none()
 
     def log(self, message: str) -> None:
@@ -99,7 +100,9 @@ class Recorder:
     def add(self, section: str, result: RunResult, command: str, system: str, **extra) -> RunResult:
         # On a shared VM one run can lose a quarter of its CPU to other guests while its neighbours
         # lose none: recorded per run, so a reader can tell a slow run from a slow server.
-        steal = steal_share(self._cpu_mark, _cpu_times_or_none())
+        now = _cpu_times_or_none()
+        steal = steal_share(self._cpu_mark, now)
+        self._cpu_mark = now  # a run without `begin` (two_stage.py's) counts from the last one recorded
         result.extra = {**result.extra, "command": command, "system": system, **extra,
                         **({"steal": round(steal, 4)} if steal is not None else {})}
         self.sections.setdefault(section, []).append(result.to_json())

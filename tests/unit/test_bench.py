@@ -463,3 +463,18 @@ def test_the_torchserve_ratio_also_shows_the_pairing_with_the_run_beside_its_bes
     (ours,) = [r for r in rows if r["label"] == f"detserve rtmdet REST c16 (before {best['extra']['ts_variant']})"]
     (t,) = [t for t in targets(data) if t["name"].startswith("rtmdet as shipped / TorchServe mmdet-style at its best, thr")]
     assert f"just before that variant: {ours['throughput'] / best['throughput']:.2f}x" in t["detail"]
+
+
+def test_a_run_recorded_without_begin_counts_its_steal_from_the_last_run_recorded(monkeypatch):
+    from service.bench import report
+    from service.bench.report import Recorder
+    from service.bench.stats import RunResult
+
+    readings = iter([[0, 0, 0, 100, 0, 0, 0, 0], [0, 0, 0, 200, 0, 0, 0, 100], [0, 0, 0, 300, 0, 0, 0, 100]])
+    monkeypatch.setattr(report, "_cpu_times_or_none", lambda: next(readings))
+    rec = Recorder()
+    for label in ("robbed", "after it"):
+        rec.add("two-stage", RunResult(label=label, target="rest", concurrency=1, rate=None, requests=1, ok=1, errors={},
+                                       duration_s=1.0, throughput=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, max_ms=1.0,
+                                       mean_ms=1.0), "cmd", "detserve")
+    assert [raw["extra"]["steal"] for raw in rec.sections["two-stage"]] == [0.5, 0.0]
