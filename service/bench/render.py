@@ -60,27 +60,27 @@ def _paired_median(data: dict, section: str, a_prefix: str, b_prefix: str, attr:
     return (statistics.median(diffs) if diffs else math.nan), diffs
 
 
-def _best(data: dict, section: str, prefix: str, attr: str, lowest: bool = False) -> tuple[float, str]:
-    """A peer at its best: the fastest of its variants (highest throughput, or lowest latency)."""
+def _fastest(data: dict, section: str, prefix: str, attr: str, lowest: bool = False) -> RunResult | None:
     rows = [r for r in _rows(data, section) if r.label.startswith(prefix)
             and isinstance(getattr(r, attr), (int, float)) and math.isfinite(getattr(r, attr))]
-    if not rows:
+    return (min if lowest else max)(rows, key=lambda r: getattr(r, attr)) if rows else None
+
+
+def _best(data: dict, section: str, prefix: str, attr: str, lowest: bool = False) -> tuple[float, str]:
+    """A peer at its best: the fastest of its variants (highest throughput, or lowest latency)."""
+    pick = _fastest(data, section, prefix, attr, lowest)
+    if pick is None:
         return math.nan, "-"
-    pick = (min if lowest else max)(rows, key=lambda r: getattr(r, attr))
     return getattr(pick, attr), pick.label[len(prefix):].lstrip(", ")
 
 
-def _beside_best(data: dict, peer_prefix: str, ours_prefix: str) -> float | None:
+def _beside_best(data: dict, section: str, peer_prefix: str, ours_prefix: str) -> float:
     """Our throughput in the run measured right before the peer's fastest variant: the headline takes
     the mean of our runs beside every variant (the stricter figure), this one the closest pairing."""
-    peers = [raw for raw in data["sections"].get("torchserve", []) if raw["label"].startswith(peer_prefix)
-             and isinstance(raw.get("throughput"), (int, float))]
-    if not peers:
-        return None
-    key = max(peers, key=lambda raw: raw["throughput"])["extra"].get("ts_variant")
-    ours = [raw["throughput"] for raw in data["sections"]["torchserve"]
-            if raw["label"] == f"{ours_prefix} (before {key})" and isinstance(raw.get("throughput"), (int, float))]
-    return ours[0] if ours else None
+    pick = _fastest(data, section, peer_prefix, "throughput")
+    if pick is None:
+        return math.nan
+    return _mean(data, section, f"{ours_prefix} (before {pick.extra.get('ts_variant')})", "throughput")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -98,10 +98,10 @@ def targets(data: dict) -> list[dict]:
 
     ds16 = _mean(data, "torchserve", "detserve rtmdet REST c16", "throughput")
     ts16, ts16_v = _best(data, "torchserve", "TorchServe mmdet-style c16", "throughput")
-    paired = _beside_best(data, "TorchServe mmdet-style c16", "detserve rtmdet REST c16")
+    paired = _beside_best(data, "torchserve", "TorchServe mmdet-style c16", "detserve rtmdet REST c16")
     add("rtmdet as shipped / TorchServe mmdet-style at its best, throughput c16", ">= 2.5x", _ratio(ds16, ts16),
         lambda v: v >= 2.5, f"{ds16:.1f} vs {ts16:.1f} img/s (TorchServe: {ts16_v})"
-        + (f"; against the detserve run just before that variant: {_ratio(paired, ts16):.2f}x" if paired else ""))
+        + (f"; against the detserve run just before that variant: {_ratio(paired, ts16):.2f}x" if math.isfinite(paired) else ""))
     tsb, tsb_v = _best(data, "torchserve", "TorchServe batched (8, 50 ms) c16", "throughput")
     add("rtmdet as shipped / TorchServe batched handler at its best, throughput c16", "(for reference)",
         _ratio(ds16, tsb), None, f"{ds16:.1f} vs {tsb:.1f} img/s (TorchServe: {tsb_v})")

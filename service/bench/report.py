@@ -87,7 +87,7 @@ class Recorder:
     def __init__(self):
         self.start = time.monotonic()
         self.sections: dict[str, list[dict]] = {}
-        self._cpu_mark = _cpu_times_or_none()
+        self.cpu_start = self._cpu_mark = _cpu_times_or_none()
 
     def begin(self) -> None:
         """Mark the start of a run (its warm-up included): `add` reports the CPU time stolen since, so a
@@ -211,7 +211,6 @@ def served_threads(model_dir: Path) -> int:
 
 def run_report(opts: ReportOptions) -> dict:
     rec = Recorder()
-    cpu_before = _cpu_times_or_none()
     facts = {"machine": machine_facts(), "versions": versions(), "busy_before": busy_processes(),
              "load_before": os.getloadavg(), "options": {k: str(v) for k, v in dataclasses.asdict(opts).items()}}
     corpus = generated_corpus(16, seed=0)
@@ -239,7 +238,7 @@ def run_report(opts: ReportOptions) -> dict:
             os.environ[CACHE_ENV] = old_cache
         shutil.rmtree(tmp, ignore_errors=True)
     facts["load_after"] = os.getloadavg()
-    facts["steal_share"] = steal_share(cpu_before, _cpu_times_or_none())
+    facts["steal_share"] = steal_share(rec.cpu_start, _cpu_times_or_none())
     facts["busy_after"] = busy_processes()
     facts["elapsed_s"] = round(time.monotonic() - rec.start, 1)
     facts["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # the doc's date, whenever rendered
