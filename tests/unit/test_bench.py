@@ -424,16 +424,13 @@ def test_the_report_says_when_other_guests_stole_cpu_time():
 
 def test_each_recorded_run_carries_the_cpu_share_stolen_while_it_ran():
     from service.bench.report import Recorder
-    from service.bench.stats import RunResult
 
     if not Path("/proc/stat").is_file():
         pytest.skip("no /proc/stat: the report states no steal there")
     rec = Recorder()
     rec.begin()
     sum(i * i for i in range(2_000_000))  # some CPU time, so the interval is not empty
-    result = RunResult(label="x", target="rest", concurrency=1, rate=None, requests=1, ok=1, errors={}, duration_s=1.0,
-                       throughput=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, max_ms=1.0, mean_ms=1.0)
-    rec.add("overhead", result, "cmd", "detserve")
+    rec.add("overhead", summarize("x", "rest", [0.001], ["ok"], 1.0), "cmd", "detserve")
     (raw,) = rec.sections["overhead"]
     assert raw["extra"]["system"] == "detserve" and 0.0 <= raw["extra"]["steal"] <= 1.0
 
@@ -468,13 +465,10 @@ def test_the_torchserve_ratio_also_shows_the_pairing_with_the_run_beside_its_bes
 def test_a_run_recorded_without_begin_counts_its_steal_from_the_last_run_recorded(monkeypatch):
     from service.bench import report
     from service.bench.report import Recorder
-    from service.bench.stats import RunResult
 
     readings = iter([[0, 0, 0, 100, 0, 0, 0, 0], [0, 0, 0, 200, 0, 0, 0, 100], [0, 0, 0, 300, 0, 0, 0, 100]])
     monkeypatch.setattr(report, "_cpu_times_or_none", lambda: next(readings))
     rec = Recorder()
     for label in ("robbed", "after it"):
-        rec.add("two-stage", RunResult(label=label, target="rest", concurrency=1, rate=None, requests=1, ok=1, errors={},
-                                       duration_s=1.0, throughput=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, max_ms=1.0,
-                                       mean_ms=1.0), "cmd", "detserve")
+        rec.add("two-stage", summarize(label, "rest", [0.001], ["ok"], 1.0), "cmd", "detserve")
     assert [raw["extra"]["steal"] for raw in rec.sections["two-stage"]] == [0.5, 0.0]
