@@ -90,6 +90,10 @@ class WorkerConfig(_Strict):
     count: int = Field(1, ge=0, le=64)
     devices: list[str] = Field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]; empty: auto
     threads: int = Field(0, ge=0)  # torch/ORT intra-op threads per worker; 0: see threads_per_worker
+    # With `threads` unset and two or more CPU workers: a batch that starts while no other worker of the
+    # model is busy runs on every core, one that starts beside a busy worker on the worker's share
+    # (see wide_threads). Costs a second ONNX Runtime session per worker; off: always the share.
+    elastic: bool = True
     # Before it reports ready, each worker runs blank images at the working shape, one and then a
     # batch of max_batch_size (skipped when it would not fit in half of worker_start_timeout_s): the
     # first client after a start or a restart does not pay for lazy kernel and allocator set-up, and
@@ -109,13 +113,29 @@ class WorkerConfig(_Strict):
         core is the default, `workers.count` the knob for throughput-only deployments.
         Again on a faster 2-core VM (2026-12-02, A/B of the two layouts in one server, 3 alternating
         rounds, medians): 1 x 2 c16 46.8 img/s, c1 p50 28.8 ms; 2 x 1 c16 60.2 img/s (+29%), c1 p50
-        34.2 ms (+19%). The default stays: lower latency and half the memory (a Mask R-CNN worker is
-        gigabytes); throughput-bound deployments set `workers.count = 2` (docs/benchmarks.md).
+        34.2 ms (+19%). The default count stays 1: half the memory (a Mask R-CNN worker is gigabytes).
+        Two workers no longer cost the c1 latency, though: an elastic worker (wide_threads) takes every
+        core while the other is idle, so the small bundled rtmdet ships two (models/rtmdet/model.toml).
         """
         if self.threads:
             return self.threads
         workers = self.count if count is None else count
         return max(1, available_cores() // max(1, workers))
+
+    def wide_threads(self, share: int) -> int:
+        """Threads for a batch that starts while no other worker of the model is busy, for a worker whose
+        share is `share`: every core this process may use when `elastic` and `threads` unset, else 0
+        (the share always).
+
+        Why: on CPU, two workers of one thread each out-run one worker of two threads at high load (ONNX
+        Runtime's second thread buys ~1.7x, a second stream 2x), while a lone request is fastest on every
+        core. A worker that takes a batch while the other is idle gets both cores; at load both run on
+        their share. Measured in `make bench` (section "Thread placement", the `elastic` rows).
+        """
+        if self.threads or not self.elastic:
+            return 0
+        cores = available_cores()
+        return cores if cores > share else 0
 
 
 def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -8,6 +8,7 @@ FakePredictor reads each EncodedImage's bytes as a command, so a test can steer 
   b"HANG"           -> the batch never returns
   b"RAISE"          -> predict() raises RuntimeError for the whole batch
   b"DIGEST..."      -> model_version = sha256 of all the image's bytes (checks payload transport)
+  b"THREADS..."     -> model_version = "threads=<n>": the width the worker last set (set_threads)
 With `oom_above=N`, a batch larger than N raises torch.cuda.OutOfMemoryError.
 Each result reports `image_width` = size of the batch it ran in and `image_height` = worker pid.
 """
@@ -82,6 +83,10 @@ class FakePredictor:
         self.record_to = record_to  # a file that gets a line per predict call, from any process
         self.raw_delay_s = raw_delay_s  # seconds per RawImage (the warm-up's blank images)
         self.closed = False
+        self.threads_now = threads  # what the worker's set_threads last asked for
+
+    def set_threads(self, threads: int) -> None:
+        self.threads_now = threads
 
     @classmethod
     def from_config(cls, cfg, *, device: str | None = None, threads: int | None = None, **kwargs):
@@ -112,6 +117,9 @@ class FakePredictor:
         for command, img in zip(commands, images):
             if command.startswith(b"BAD"):
                 out.append(errors.InvalidImage("not an image (fake)"))
+            elif command.startswith(b"THREADS"):
+                out.append(DetectResult([], image_width=len(images), image_height=os.getpid(),
+                                        model_name=self.name, model_version=f"threads={self.threads_now}"))
             elif command.startswith(b"DIGEST"):
                 out.append(DetectResult([], image_width=len(img.data), image_height=os.getpid(),
                                         model_name=self.name, model_version=hashlib.sha256(img.data).hexdigest()))

@@ -94,6 +94,7 @@ class OnnxRuntimeBackend:
         self._session = None
         self._options = None  # kept for `open_graph`
         self._graphs: dict = {}  # path -> session, opened once per worker
+        self._widths: dict = {}  # threads -> (session, options, graphs) of the widths not in use (set_threads)
         self._input_name = ""
         self._output_names: list[str] = []
         self._fixed_batch: int | None = None  # static-batch graphs (e.g. MMDeploy static exports)
@@ -108,15 +109,7 @@ class OnnxRuntimeBackend:
                 f"model {self.cfg.name!r}: field 'onnxruntime.model': {self.path} does not exist; "
                 f"create it with `detserve export {self.cfg.name} --format onnx`"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1  # workers are processes; nested parallelism only oversubscribes
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning threads burn the cores other workers need while this one waits for a batch.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-
+        options = _session_options(self.threads)
         requested = self._usable_providers(ort.get_available_providers())
         try:
             session = ort.InferenceSession(str(self.path), sess_options=options, providers=requested)
@@ -136,6 +129,24 @@ class OnnxRuntimeBackend:
         self._session = session
         self._options = options
         self._inspect_graph(session)
+
+    def set_threads(self, threads: int) -> None:
+        """Run from now on with `threads` intra-op threads: ONNX Runtime fixes a session's pool when it
+        is built, so an elastic worker keeps one session per width (the first switch builds the
+        second). CPU sessions only: a GPU batch does not hang on them, and a second TensorRT session
+        would build its engine again."""
+        import onnxruntime as ort
+
+        if self._session is None or threads == self.threads or self.providers[:1] != ["CPUExecutionProvider"]:
+            return
+        self._widths[self.threads] = (self._session, self._options, self._graphs)
+        if threads in self._widths:
+            self._session, self._options, self._graphs = self._widths.pop(threads)
+        else:
+            options = _session_options(threads)
+            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
+            self._options, self._graphs = options, {}
+        self.threads = threads
 
     def _usable_providers(self, available: list[str]) -> list[tuple[str, dict]]:
         chosen: list[tuple[str, dict]] = []
@@ -248,6 +259,21 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         self._session = None
         self._graphs.clear()
+        self._widths.clear()
+
+
+def _session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # workers are processes; nested parallelism only oversubscribes
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the cores other workers need while this one waits for a batch.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
 
 
 def trt_profile_options(cfg: ModelConfig, input_name: str) -> dict[str, str]:

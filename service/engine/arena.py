@@ -83,7 +83,7 @@ class FrontArena:
         if not moved:
             return request
         self.batch_id = request.batch_id
-        return BatchRequest(request.batch_id, tuple(items))
+        return dataclasses.replace(request, items=tuple(items))
 
     def release(self, batch_id: int) -> None:
         if self.batch_id == batch_id:
@@ -126,7 +126,7 @@ class WorkerArena:
                     payload = copies[data] = self._map[data.offset:data.offset + data.length]
                 item = WorkItem(item.item_id, _with_payload(item.image, payload), item.options)
             items.append(item)
-        return BatchRequest(request.batch_id, tuple(items))
+        return dataclasses.replace(request, items=tuple(items))
 
 
 def _payload(image):

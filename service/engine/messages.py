@@ -46,6 +46,7 @@ class WorkItem:
 class BatchRequest:
     batch_id: int
     items: tuple[WorkItem, ...]
+    threads: int = 0  # intra-op threads for this batch (elastic workers); 0: the worker's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ class WorkerSpec:
     extra: dict = field(default_factory=dict)  # factory keyword arguments (tests' fakes)
     arena: ArenaSpec | None = None  # set by WorkerProcess when shared memory is available
     start_timeout_s: float = 120.0  # worker_start_timeout_s: what the warm-up must fit in
+    wide_threads: int = 0  # elastic: the threads a batch may ask for besides `threads` (0: none)
 
 
 ToWorker = BatchRequest | Shutdown

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .. import errors
@@ -79,6 +79,7 @@ class _Seat:
     load_error: str | None = None
     ever_ready: bool = False  # a worker that never came up is reported, not restarted forever
     progress_at: float = field(default_factory=time.monotonic)  # launch or last LoadProgress: the start clock
+    wide_threads: int = 0  # elastic: threads for a batch that starts while no other seat is busy (0: fixed)
 
     def status(self) -> WorkerStatus:
         in_flight = self.batch[1] if self.batch else 0
@@ -181,6 +182,8 @@ class _PoolBase:
         seat = self._seat(worker_id)
         if seat is None or seat.state != "ready" or seat.batch is not None:
             raise RuntimeError(f"worker {worker_id} cannot take a batch now")
+        if seat.wide_threads and not any(s.batch for s in self._seats if s is not seat):
+            request = replace(request, threads=seat.wide_threads)
         now = time.monotonic()
         seat.batch = (request.batch_id, len(request.items), now)
         seat.batch_deadline = deadline
@@ -260,7 +263,7 @@ class _PoolBase:
     def _spec(self, seat: _Seat, threads: int) -> WorkerSpec:
         return WorkerSpec(seat.worker_id, self.cfg, seat.device, seat.slot, threads,
                           self.settings.heartbeat_interval_s, self.predictor_factory, self.factory_kwargs,
-                          start_timeout_s=self.settings.worker_start_timeout_s)
+                          start_timeout_s=self.settings.worker_start_timeout_s, wide_threads=seat.wide_threads)
 
     # -- implemented per pool kind ---------------------------------------------------------
     def _launch(self, seat: _Seat, threads: int) -> None:
@@ -286,6 +289,9 @@ class ProcessPool(_PoolBase):
 
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()
+        # Only processes switch width (threads of the front would change its torch settings), and only on
+        # CPU: a GPU batch's speed does not hang on intra-op threads.
+        seat.wide_threads = 0 if seat.device.startswith("cuda") else self.cfg.workers.wide_threads(threads)
         seat.handle = handle = WorkerProcess(
             self._spec(seat, threads), loop, name=f"detserve-{self.cfg.name}-{seat.worker_id}",
             on_message=lambda h, m: self._on_message(seat, h, m), on_exit=lambda h, r: self._on_exit(seat, h, r))
@@ -397,6 +403,9 @@ class InlinePool(_PoolBase):
 
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()
+        # Only processes switch width (threads of the front would change its torch settings), and only on
+        # CPU: a GPU batch's speed does not hang on intra-op threads.
+        seat.wide_threads = 0 if seat.device.startswith("cuda") else self.cfg.workers.wide_threads(threads)
         seat.handle = handle = _InlineHandle()
         seat.pid = os.getpid()
         spec = self._spec(seat, threads)

@@ -219,6 +219,27 @@ def _send_result(sender: _Sender, result: BatchResult) -> None:
         sender.send(BatchResult(result.batch_id, result.worker_id, failed, result.batch_size, result.worker_seconds))
 
 
+class _Width:
+    """The intra-op threads the worker runs its next batch on: torch's pool, and the backend's own
+    where it has one (ONNX Runtime keeps a session per width). Elastic workers switch per batch."""
+
+    def __init__(self, predictor, threads: int):
+        self.predictor = predictor
+        self.threads = 0
+        self.use(threads)
+
+    def use(self, threads: int) -> None:
+        if threads == self.threads:
+            return
+        torch = sys.modules.get("torch")  # only when the predictor needed it
+        if torch is not None:
+            torch.set_num_threads(threads)
+        set_threads = getattr(self.predictor, "set_threads", None)
+        if set_threads is not None:
+            set_threads(threads)
+        self.threads = threads
+
+
 def set_thread_env(threads: int) -> None:
     """The OpenMP environment of a worker process, before torch is imported (the in-process bench sets
     the same, so its baseline runs under the worker's conditions)."""
@@ -253,10 +274,12 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
     try:
         predictor = load_predictor(spec)
         facts = describe(predictor)
-        torch = sys.modules.get("torch")  # only when the predictor needed it
-        if torch is not None:
-            torch.set_num_threads(spec.threads)
-        warm_up(predictor, spec.model_config, progress=auto.progress_hook, budget_s=spec.start_timeout_s / 2)
+        width = _Width(predictor, spec.threads)
+        widths = (spec.threads, spec.wide_threads) if spec.wide_threads else (spec.threads,)
+        for threads in widths:  # an elastic worker warms both: its first batch at either width is no slower
+            width.use(threads)
+            warm_up(predictor, spec.model_config, progress=auto.progress_hook,
+                    budget_s=spec.start_timeout_s / 2 / len(widths))
     except Exception as exc:  # noqa: BLE001 - report why, then exit; the pool decides what to do
         sender.send(WorkerError(spec.worker_id, f"model {getattr(spec.model_config, 'name', '?')!r} failed to load: {type(exc).__name__}: {exc}"))
         stop.set()
@@ -275,6 +298,7 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
             if isinstance(message, BatchRequest):
                 if arena is not None:
                     message = arena.resolve(message)
+                width.use(message.threads or spec.threads)
                 _send_result(sender, run_batch(predictor, message, spec.worker_id))
     finally:
         stop.set()

@@ -156,6 +156,7 @@ class Predictor:
         self.clip_to_image = bool(getattr(cfg.test_cfg, "clip_to_image", True))
         self._decoded = DecodedImages()  # full images whose tiles are still arriving (pipeline/tiling.py)
         self._decoders: ThreadPoolExecutor | None = None  # from_config: the images of a batch decode at once
+        self._decode_parallel = False  # whether the next batch decodes on _decoders
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, device: str | None = None, threads: int | None = None) -> "Predictor":
@@ -199,15 +200,27 @@ class Predictor:
             cfg, backend=backend, detector=detector, classes=classes, device=device, version=model_version(cfg),
         )
         predictor.backend_reason = reason
-        decode_threads = threads or torch.get_num_threads()
-        if decode_threads > 1:  # its threads start on first use: a model that never sees a batch has none
-            predictor._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix=f"decode-{cfg.name}")
+        predictor._decode_threads(threads or torch.get_num_threads())
         return predictor
+
+    def _decode_threads(self, threads: int) -> None:
+        self._decode_parallel = threads > 1
+        if self._decode_parallel and self._decoders is None:  # its threads start on first use
+            self._decoders = ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{self.name}")
+
+    def set_threads(self, threads: int) -> None:
+        """Run the next batches on `threads` threads: the backend's intra-op pool and the decoding of a
+        batch's images (an elastic worker switches per batch, engine/worker.py)."""
+        setter = getattr(self._backend, "set_threads", None)
+        if setter is not None:
+            setter(threads)
+        self._decode_threads(threads)
 
     def close(self) -> None:
         if self._decoders is not None:
             self._decoders.shutdown(wait=False)
             self._decoders = None
+            self._decode_parallel = False
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -261,7 +274,7 @@ class Predictor:
                 results[i] = InternalError(f"options failed: {exc}")
                 continue
             (tiles if isinstance(image, TileImage) else whole).append((i, image, request))
-        if self._decoders is not None and len(whole) > 1:
+        if self._decode_parallel and len(whole) > 1:
             futures = [self._decoders.submit(self._timed_decode, image) for _, image, _ in whole]
             tiles_decoded = [self._timed_decode(image) for _, image, _ in tiles]  # meanwhile
             decoded = [f.result() for f in futures] + tiles_decoded

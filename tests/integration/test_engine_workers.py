@@ -45,6 +45,30 @@ def test_concurrent_load_is_batched_across_two_worker_processes(tmp_path):
     run(scenario())
 
 
+@pytest.mark.parametrize("elastic", [True, False])
+def test_an_elastic_worker_takes_every_core_only_while_the_other_is_idle(tmp_path, monkeypatch, elastic):
+    # Two workers on a (pretended) 4-core machine: a share of 2 threads each, 4 for a batch that starts
+    # while the other worker is idle. The fake answers THREADS with the width its worker last set; the
+    # padding sends the image through the shared-memory arena, which rebuilds the request.
+    monkeypatch.setattr("service.settings.available_cores", lambda *a: 4)
+    toml = write_model(tmp_path, "elastic", workers=2, batch={"max_batch_size": 1}) / "model.toml"
+    toml.write_text(toml.read_text().replace("count = 2", f"count = 2\nelastic = {str(elastic).lower()}"))
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            threads = image(b"THREADS" + bytes(64 << 10))
+            alone = await engine.detect("elastic", [threads])
+            busy = asyncio.ensure_future(engine.detect("elastic", [image(b"SLEEP:1.5")]))
+            await wait_until(lambda: any(w.in_flight for w in engine.model_info("elastic").workers))
+            beside = await engine.detect("elastic", [threads])
+            await busy
+            again = await engine.detect("elastic", [threads])
+            return alone[0].model_version, beside[0].model_version, again[0].model_version
+
+    wide = "threads=4" if elastic else "threads=2"
+    assert run(scenario()) == (wide, "threads=2", wide)
+
+
 def test_sigkill_under_load_recovers_and_no_request_hangs(tmp_path):
     write_model(tmp_path, "proc-kill", workers=2, batch={"max_batch_size": 4})
 

@@ -215,6 +215,41 @@ def test_one_thread_rule_for_the_engine_and_a_backend_built_alone(monkeypatch, c
     assert default_threads(cfg) == expected
 
 
+@pytest.mark.parametrize("cores, workers, configured, elastic, expected", [
+    (2, 2, 0, True, 2), (8, 2, 0, True, 8), (16, 4, 0, True, 16),
+    (2, 1, 0, True, 0),  # one worker already has every core
+    (2, 2, 1, True, 0),  # threads set: fixed
+    (2, 2, 0, False, 0), (1, 2, 0, True, 0),
+])
+def test_elastic_width_is_every_core_unless_fixed(monkeypatch, cores, workers, configured, elastic, expected):
+    from service.settings import WorkerConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("service.settings._cgroup_quota", lambda root: None)
+    cfg = WorkerConfig(count=workers, threads=configured, elastic=elastic)
+    assert cfg.wide_threads(cfg.threads_per_worker()) == expected
+
+
+def test_set_threads_switches_sessions_and_keeps_the_answers(tmp_path):
+    end2end_graph(tmp_path / "end2end.onnx")
+    backend = create_backend(config(tmp_path), "cpu", threads=1)
+    backend.load()
+    batch = torch.rand(2, 3, SIZE, SIZE)
+    narrow_session = backend.session
+    expected = backend.infer(batch)
+    backend.set_threads(2)
+    wide_session = backend.session
+    assert backend.threads == 2 and wide_session is not narrow_session
+    assert wide_session.get_session_options().intra_op_num_threads == 2
+    got = backend.infer(batch)
+    assert torch.equal(got.dets, expected.dets) and torch.equal(got.labels, expected.labels)
+    backend.set_threads(1)  # back: the first session again, not a third
+    assert backend.session is narrow_session and backend.threads == 1
+    backend.set_threads(2)
+    assert backend.session is wide_session
+    backend.close()
+
+
 @pytest.mark.parametrize("files, cores, expected", [
     ({"cpu.max": "200000 100000\n"}, 64, 2),  # a pod with limits.cpu = 2 on a 64-core node
     ({"cpu.max": "150000 100000\n"}, 64, 2),  # 1.5 cores: rounded up
