@@ -161,8 +161,11 @@ def render_markdown(data: dict, opts) -> str:
     lines.append(f"- CPU: {m['cpu']}, {m['cores']} cores usable, {m['memory_gib']} GiB RAM; {m['os']}, kernel {m['kernel']}; no GPU.")
     lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     lines.append(f"- detserve as shipped: the bundled `model.toml` unchanged, nothing pinned, default log level "
-                 f"(an access-log line per request); served workers get {facts.get('served_threads', '?')} intra-op "
-                 f"thread(s); backend {facts.get('shipped_backend', '?')}.")
+                 f"(an access-log line per request); "
+                 + (f"{facts['served_layout']}" if facts.get("served_layout") else
+                    f"served workers get {facts.get('served_threads', '?')} intra-op thread(s)")
+                 + f"; the in-process limit runs on {facts.get('served_threads', '?')} thread(s); "
+                 f"backend {facts.get('shipped_backend', '?')}.")
     lines.append(f"- Start-up of `detserve serve` (null + rtmdet) until ready: first start with a cold export cache "
                  f"{facts.get('start_first_s', '?')} s, second start {facts.get('start_second_s', '?')} s.")
     lines.append("- TorchServe 0.12 at its best: its defaults (a worker per logical CPU, no thread setting) and "

@@ -201,12 +201,26 @@ class Harness:
 
 
 def served_threads(model_dir: Path) -> int:
-    """The intra-op threads the engine gives this model's workers (the same function the pool calls)."""
+    """The intra-op threads a lone batch of this model runs on when served (the pool's functions): the
+    in-process limit gets the same. For elastic workers that is every core, their share only under load."""
     from ..engine.pool import threads_per_worker
     from ..settings import load_model_config
 
     cfg = load_model_config(model_dir)
-    return threads_per_worker(cfg, cfg.workers.count)
+    share = threads_per_worker(cfg, cfg.workers.count)
+    return cfg.workers.wide_threads(share) or share
+
+
+def served_layout(model_dir: Path) -> str:
+    """The model's workers in words, for the report's facts."""
+    from ..engine.pool import threads_per_worker
+    from ..settings import load_model_config
+
+    cfg = load_model_config(model_dir)
+    share = threads_per_worker(cfg, cfg.workers.count)
+    wide = cfg.workers.wide_threads(share) if cfg.workers.count > 1 else 0
+    layout = f"{cfg.workers.count} worker(s) of {share} intra-op thread(s)"
+    return f"{layout}, {wide} for a batch that starts while the other workers are idle (elastic)" if wide else layout
 
 
 def run_report(opts: ReportOptions) -> dict:
@@ -226,6 +240,7 @@ def run_report(opts: ReportOptions) -> dict:
         shipped = model_variant(opts.model_dir, store, "rtmdet")  # the bundled model.toml, unchanged
         facts["model_toml"] = (opts.model_dir / "model.toml").read_text()
         facts["served_threads"] = served_threads(shipped)
+        facts["served_layout"] = served_layout(shipped)
         _measure_all(opts, rec, harness, corpus, store, tmp, facts)
         if opts.two_stage:
             harness.close()  # the rtmdet predictors' memory and threads, before a model 10x their size
@@ -400,25 +415,33 @@ def _doors(rec, h: Harness, ds) -> None:
 
 
 def _placement(opts, rec, h: Harness, store, cores: int) -> None:
-    """The measurement behind the default thread placement (pool.threads_per_worker)."""
+    """The measurement behind the default thread placement (WorkerConfig.threads_per_worker and
+    wide_threads, and the bundled rtmdet's two workers): fixed layouts beside two elastic workers, in
+    two alternating rounds (one round of a layout swings by a quarter on a shared VM)."""
     if cores < 2:
         return
-    layouts = [(1, 1), (1, cores), (2, 1)] + ([(2, cores // 2)] if cores >= 4 else [])
+    # (workers, fixed threads or 0 for elastic)
+    layouts = [(1, 1), (1, cores), (2, 1)] + ([(2, cores // 2)] if cores >= 4 else []) + [(2, 0)]
     names = []
     for workers, threads in dict.fromkeys(layouts):
-        name = f"rtmdet-{workers}w{threads}t"
-        model_variant(store / "rtmdet", store, name, workers={"count": workers, "threads": threads})
-        names.append((name, workers, threads))
-    with DetserveServer(store, [n for n, _, _ in names], log_level=None) as ds:
-        for name, workers, threads in names:
+        if threads:
+            name, title = f"rtmdet-{workers}w{threads}t", f"{workers} worker(s) x {threads} thread(s)"
+        else:
+            name = f"rtmdet-{workers}w-elastic"
+            title = f"{workers} workers x {cores // workers} thread(s), {cores} while alone (elastic)"
+        model_variant(store / "rtmdet", store, name, workers={"count": workers, "threads": threads, "elastic": not threads})
+        names.append((name, title, workers, threads or cores // workers))
+    with DetserveServer(store, [n for n, *_ in names], log_level=None) as ds:
+        for name, *_ in names:
             h.served("warmup", "detserve", "rest", ds.url, name, 16, f"{name} warm-up", d=2, w=0)
-        d = max(3.0, opts.model_duration_s * 2 / 3)
-        for name, workers, threads in names:
-            tag = {"workers": workers, "threads": threads}
-            h.served("placement", "detserve", "rest", ds.url, name, 16,
-                     f"rtmdet, {workers} worker(s) x {threads} thread(s), c16", d=d, **tag)
-            h.served("placement", "detserve", "rest", ds.url, name, 1,
-                     f"rtmdet, {workers} worker(s) x {threads} thread(s), c1", d=d, **tag)
+        d = max(3.0, opts.model_duration_s / 2)
+        for round_ in (1, 2):
+            for name, title, workers, threads in names:
+                tag = {"workers": workers, "threads": threads, "elastic": name.endswith("elastic")}
+                h.served("placement", "detserve", "rest", ds.url, name, 16, f"rtmdet, {title}, c16 #{round_}",
+                         d=d, **tag)
+                h.served("placement", "detserve", "rest", ds.url, name, 1, f"rtmdet, {title}, c1 #{round_}",
+                         d=d, **tag)
 
 
 def _eager(opts, rec, h: Harness, store, threads) -> None:
