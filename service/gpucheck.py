@@ -311,7 +311,11 @@ def run_served_bench(budget: Budget, rows: list[Row], cache: Path, workdir: Path
     store = workdir / "store"
     store.mkdir(exist_ok=True)
     if not (store / "rtmdet").exists():
-        (store / "rtmdet").symlink_to(folder)
+        from .bench.setup import model_variant
+
+        # One worker: the comparison is one served pipeline against one in-process (the two the bundled
+        # model ships are for CPUs, where an idle one lends its cores; on a GPU they would share it).
+        model_variant(folder, store, "rtmdet", workers={"count": 1})
     ports = {k: free_port() for k in ("inference", "management", "metrics")}
     # `python -m service`, not the console script: a machine running from carried wheels has none.
     cmd = [sys.executable, "-m", "service", "serve", "--model-store", str(store), "--models", "rtmdet",

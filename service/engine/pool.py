@@ -202,6 +202,8 @@ class _PoolBase:
     def _on_ready(self, seat: _Seat, message: WorkerReady) -> None:
         seat.pid = message.pid
         seat.device = message.facts.device  # "auto" resolved by the worker
+        if seat.device.startswith("cuda"):
+            seat.wide_threads = 0  # the worker ignores widths on a GPU (worker_main); stop asking
         seat.state = "ready"
         seat.load_error = None
         seat.ever_ready = True
@@ -403,9 +405,6 @@ class InlinePool(_PoolBase):
 
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()
-        # Only processes switch width (threads of the front would change its torch settings), and only on
-        # CPU: a GPU batch's speed does not hang on intra-op threads.
-        seat.wide_threads = 0 if seat.device.startswith("cuda") else self.cfg.workers.wide_threads(threads)
         seat.handle = handle = _InlineHandle()
         seat.pid = os.getpid()
         spec = self._spec(seat, threads)

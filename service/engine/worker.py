@@ -275,11 +275,13 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
         predictor = load_predictor(spec)
         facts = describe(predictor)
         width = _Width(predictor, spec.threads)
-        widths = (spec.threads, spec.wide_threads) if spec.wide_threads else (spec.threads,)
-        for threads in widths:  # an elastic worker warms both: its first batch at either width is no slower
+        # A GPU batch does not hang on intra-op threads (and "auto" may have resolved to one).
+        wide = spec.wide_threads if not str(facts.device).startswith("cuda") else 0
+        for threads in (spec.threads, wide) if wide else (spec.threads,):
+            if threads != spec.threads:  # an elastic worker warms both widths: either may take the first batch
+                auto.progress_hook(f"elastic: the {threads}-thread width")
             width.use(threads)
-            warm_up(predictor, spec.model_config, progress=auto.progress_hook,
-                    budget_s=spec.start_timeout_s / 2 / len(widths))
+            warm_up(predictor, spec.model_config, progress=auto.progress_hook, budget_s=spec.start_timeout_s / 2)
     except Exception as exc:  # noqa: BLE001 - report why, then exit; the pool decides what to do
         sender.send(WorkerError(spec.worker_id, f"model {getattr(spec.model_config, 'name', '?')!r} failed to load: {type(exc).__name__}: {exc}"))
         stop.set()
@@ -298,7 +300,7 @@ def worker_main(requests, results, spec: WorkerSpec) -> None:
             if isinstance(message, BatchRequest):
                 if arena is not None:
                     message = arena.resolve(message)
-                width.use(message.threads or spec.threads)
+                width.use(message.threads if wide and message.threads else spec.threads)
                 _send_result(sender, run_batch(predictor, message, spec.worker_id))
     finally:
         stop.set()

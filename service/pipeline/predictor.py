@@ -157,6 +157,7 @@ class Predictor:
         self._decoded = DecodedImages()  # full images whose tiles are still arriving (pipeline/tiling.py)
         self._decoders: ThreadPoolExecutor | None = None  # from_config: the images of a batch decode at once
         self._decode_parallel = False  # whether the next batch decodes on _decoders
+        self._decoder_threads = 0  # _decoders' size
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, device: str | None = None, threads: int | None = None) -> "Predictor":
@@ -205,15 +206,20 @@ class Predictor:
 
     def _decode_threads(self, threads: int) -> None:
         self._decode_parallel = threads > 1
-        if self._decode_parallel and self._decoders is None:  # its threads start on first use
+        if self._decode_parallel and threads > self._decoder_threads:
+            if self._decoders is not None:
+                self._decoders.shutdown(wait=False)
+            # Its threads start on first use: a model that never sees a batch has none.
             self._decoders = ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{self.name}")
+            self._decoder_threads = threads
 
     def set_threads(self, threads: int) -> None:
-        """Run the next batches on `threads` threads: the backend's intra-op pool and the decoding of a
-        batch's images (an elastic worker switches per batch, engine/worker.py)."""
+        """Run the next batches on `threads` threads: the backend's intra-op pool, OpenCV's (resizes) and
+        the decoding of a batch's images (an elastic worker switches per batch, engine/worker.py)."""
         setter = getattr(self._backend, "set_threads", None)
         if setter is not None:
             setter(threads)
+        cv2.setNumThreads(threads)
         self._decode_threads(threads)
 
     def close(self) -> None:
@@ -221,6 +227,7 @@ class Predictor:
             self._decoders.shutdown(wait=False)
             self._decoders = None
             self._decode_parallel = False
+            self._decoder_threads = 0
         if self._backend is not None:
             self._backend.close()
             self._backend = None

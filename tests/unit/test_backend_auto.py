@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from fakes import running_engine
 from service.backends import auto
+from service.bench.setup import toml_dumps
 from service.backends.auto import CPU, Candidate, Verdict, cache_key, candidates_for, choose
 from service.pipeline.predictor import Predictor
 from service.settings import BackendKind, ModelConfig, ServerSettings, load_model_config
@@ -316,8 +318,9 @@ def test_two_workers_of_one_model_export_once(store, tmp_path, monkeypatch, capf
     shutil.copytree(store / "rtmdet", tmp_path / "store" / "rtmdet")
     (tmp_path / "store" / "rtmdet").chmod(0o755)
     (tmp_path / "store" / "rtmdet" / "model.toml").chmod(0o644)
-    with open(tmp_path / "store" / "rtmdet" / "model.toml", "a") as f:
-        f.write("\n[workers]\ncount = 2\nthreads = 1\n")
+    toml = tmp_path / "store" / "rtmdet" / "model.toml"
+    data = tomllib.loads(toml.read_text())
+    toml.write_text(toml_dumps({**data, "workers": {**data.get("workers", {}), "count": 2, "threads": 1}}))
 
     async def scenario():
         async with running_engine(tmp_path / "store", inline=False, factory=None, worker_start_timeout_s=240) as engine:

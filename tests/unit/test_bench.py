@@ -441,9 +441,10 @@ def test_a_section_names_the_runs_that_lost_cpu_time_to_other_guests():
     from service.bench.servers import ROOT
 
     data = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    for section in data["sections"].values():  # whatever the committed run lost, only one run here
+        for raw in section:
+            raw["extra"]["steal"] = 0.02
     runs = data["sections"]["overhead"]
-    for raw in runs:
-        raw["extra"]["steal"] = 0.02
     runs[1]["extra"]["steal"] = 0.27
     text = render_markdown(data, ReportOptions())
     assert f"the system measured): {runs[1]['label']} 27%." in text
