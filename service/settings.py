@@ -132,7 +132,9 @@ class WorkerConfig(_Strict):
         Why: on CPU, two workers of one thread each out-run one worker of two threads at high load (ONNX
         Runtime's second thread buys ~1.7x, a second stream 2x), while a lone request is fastest on every
         core. A worker that takes a batch while the other is idle gets both cores; at load both run on
-        their share. Measured in `make bench` (section "Thread placement", the `elastic` rows).
+        their share. Measured on one server in alternating rounds (bench/analysis.md, 2026-12-03: c16
+        27.9 vs 24.0 img/s against one worker of two threads, c1 p50 51.7 vs 51.1 ms); `make bench`'s
+        "Thread placement" rows (`elastic`) did not separate the two in their run (26.8 vs 26.7).
         """
         if self.threads or not self.elastic:
             return 0

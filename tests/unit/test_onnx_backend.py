@@ -241,6 +241,9 @@ def test_set_threads_switches_sessions_and_keeps_the_answers(tmp_path):
     wide_session = backend.session
     assert backend.threads == 2 and wide_session is not narrow_session
     assert wide_session.get_session_options().intra_op_num_threads == 2
+    # both widths draw on the process's one CPU arena instead of growing one each
+    for session in (narrow_session, wide_session):
+        assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
     got = backend.infer(batch)
     assert torch.equal(got.dets, expected.dets) and torch.equal(got.labels, expected.labels)
     backend.set_threads(1)  # back: the first session again, not a third
