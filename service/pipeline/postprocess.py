@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torchvision.ops import batched_nms, nms as class_agnostic_nms
 
 from ..backends.base import InputDetections
 from ..detectors.base import ImageNms, nms_per_image
 from ..detectors.rtmdet.outputs import HeadOutputs
 from ..detectors.rtmdet.priors import STRIDES, single_level_grid_priors
 from ..settings import TestConfig
+from .torchvision_ops import batched_nms, nms as class_agnostic_nms
 from .transforms import ImageMeta, rescale_boxes
 
 

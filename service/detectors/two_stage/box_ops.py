@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
+
+from service.pipeline.torchvision_ops import nms
 
 # |ln(16/1000)|: dw/dh are clamped on both sides to this
 MAX_RATIO = abs(math.log(16 / 1000))
@@ -53,7 +54,7 @@ def nms_mmcv(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     """Indices kept by mmcv's `nms`, in its candidate order (its unstable descending sort, then a tie-free rank)."""
     order = scores.sort(0, descending=True)[1]
     rank = torch.arange(order.numel(), 0, -1, device=boxes.device).to(boxes.dtype)
-    return order[torchvision.ops.nms(boxes[order], rank, iou_threshold)]
+    return order[nms(boxes[order], rank, iou_threshold)]
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 
 from service.errors import ConfigError
 
@@ -35,6 +34,10 @@ ROI_FEATURE_NAMES = FEATURE_NAMES[: len(ROI_STRIDES)]
 
 def roi_features_all_levels(feats: tuple[torch.Tensor, ...], rois: torch.Tensor, output_size: int) -> torch.Tensor:
     """Same values as `roi_head.roi_features`, computed without data-dependent indexing."""
+    # The package, not service.pipeline.torchvision_ops: importing it registers RoiAlign's ONNX symbolic,
+    # and only export traces this function (serving ONNX Runtime workers never import torchvision).
+    from torchvision.ops import roi_align
+
     levels = map_roi_levels(rois, len(ROI_STRIDES)).view(-1, 1, 1, 1)
     out = None
     for level, stride in enumerate(ROI_STRIDES):

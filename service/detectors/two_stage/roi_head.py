@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
+from service.pipeline.torchvision_ops import roi_align
 
 from .fpn import ConvModule
 
