@@ -1,16 +1,17 @@
 """torchvision's compiled NMS and RoIAlign kernels, without importing the torchvision package on CPU.
 
-Why: `import torchvision` cost each CPU worker ~87 MB of private memory and ~1.4 s of start-up,
-because `torchvision.ops` imports `torch._dynamo` (and with it sympy, torch.onnx and torch._inductor);
-a worker needs three kernels from it (measured 2026-12-04, bench/analysis.md "Worker memory").
-The kernels live in torchvision's C++ extension, which registers `torch.ops.torchvision.*` when
-loaded, so on CPU this module loads that one library. On CUDA it imports the package as before,
-for its check that torch and torchvision were built for the same CUDA (a mismatch then fails at
-start-up with torchvision's message, not inside a kernel). Where the library is not found (another
-layout, a source build) it imports the package too: slower to start, same answers.
+Why: `import torchvision` runs `torchvision.ops`, which imports `torch._dynamo` (and with it sympy,
+torch.onnx and torch._inductor), for the three kernels a worker needs: served, that cost each worker
+~83 MB of private memory and ~2 s of start-up (2026-12-04, bench/analysis.md "Worker memory"). The
+kernels live in torchvision's C++ extension, which registers `torch.ops.torchvision.*` when loaded,
+so this module loads that one library. It imports the package as before where the first call is on a
+CUDA tensor (for its check that torch and torchvision were built for the same CUDA), where the
+library is not found (another layout, a source build), and for a call under autocast or on tensors
+that need gradients: those registrations are Python code in the package, not in the library.
 
-`batched_nms` keeps torchvision's split rule and tie order, so results are the package's exactly
-(tests/unit/test_torchvision_ops.py compares them).
+Plain inference calls only: `batched_nms` keeps torchvision's split rule and tie order, so results are
+the package's exactly (tests/unit/test_torchvision_ops.py compares them), but it is not scripted for
+tracing as torchvision's is. Code that is traced or exported calls `torchvision.ops` itself.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 _LIBRARIES = ("_C_stable", "_C")  # torchvision 0.29 ships _C_stable; older builds name it _C
 _lock = threading.Lock()
 _library_loaded = False
+_package_imported = False
 
 
 def _find_library() -> str | None:
@@ -38,14 +40,18 @@ def _find_library() -> str | None:
     return None
 
 
-def _ensure(device: torch.device) -> None:
-    global _library_loaded
+def _ensure(tensor: torch.Tensor) -> None:
+    global _library_loaded, _package_imported
+    if not _package_imported and (tensor.requires_grad or torch.is_autocast_enabled(tensor.device.type)):
+        import torchvision  # noqa: F401  (its autograd and autocast registrations)
+
+        _package_imported = _library_loaded = True
     if _library_loaded:
         return
     with _lock:
         if _library_loaded:
             return
-        path = _find_library() if device.type == "cpu" else None
+        path = _find_library() if tensor.device.type == "cpu" else None
         if path is not None:
             try:
                 torch.ops.load_library(path)  # a no-op when torchvision itself loaded it already
@@ -53,12 +59,17 @@ def _ensure(device: torch.device) -> None:
                 path = None
         if path is None:
             import torchvision  # noqa: F401  (loads the library and checks its CUDA build)
+
+            _package_imported = True
+        if not hasattr(torch.ops.torchvision, "nms"):
+            raise RuntimeError(f"torchvision's C++ operators did not load (from {path or 'the package'}): install "
+                               f"the torchvision built for torch {torch.__version__}; `detserve doctor` checks the pair")
         _library_loaded = True
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """`torchvision.ops.nms`: indices kept, by decreasing score."""
-    _ensure(boxes.device)
+    _ensure(boxes)
     return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
 
 
@@ -88,6 +99,6 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int
         from torchvision.ops import roi_align as deterministic  # its Python kernel: the CUDA one is not
 
         return deterministic(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    _ensure(features.device)
+    _ensure(features)
     return torch.ops.torchvision.roi_align(features, rois, spatial_scale, output_size[0], output_size[1],
                                            sampling_ratio, aligned)

@@ -1,5 +1,6 @@
 """service.pipeline.torchvision_ops gives torchvision's answers exactly, and a worker's whole path
-(bundled rtmdet, ONNX Runtime and eager) runs without importing the torchvision package."""
+(bundled rtmdet, ONNX Runtime and eager) runs without importing the torchvision package; what needs
+the package (gradients, autocast, two-stage ONNX export) still gets it in a process that lacked it."""
 from __future__ import annotations
 
 import json
@@ -104,3 +105,38 @@ def test_a_worker_serves_without_importing_torchvision(tmp_path):
     assert eager["heavy"] == []
     assert [[d[0] for d in image] for image in eager["detections"]] == [[d[0] for d in image]
                                                                          for image in first["detections"]]
+
+
+_WITHOUT_PACKAGE = textwrap.dedent("""
+    import sys, tempfile
+    import torch
+    from service.pipeline import torchvision_ops
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert torchvision_ops.nms(boxes, scores, 0.5).tolist() == [0, 2]
+    assert "torchvision" not in sys.modules
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the package's autocast rule upcasts
+        assert torchvision_ops.nms(boxes.bfloat16(), scores.bfloat16(), 0.5).tolist() == [0, 2]
+    features = torch.rand(1, 4, 16, 16, requires_grad=True)
+    rois = torch.tensor([[0.0, 1, 1, 9, 9]])
+    torchvision_ops.roi_align(features, rois, (2, 2), 1.0, 0, True).sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+    del sys.modules["torchvision"]  # as if never imported: export must import it before its trace
+    for name in [m for m in sys.modules if m.startswith("torchvision.")]:
+        del sys.modules[name]
+    from service.detectors.registry import build_detector
+    from service.detectors.two_stage.onnx_export import export_two_stage
+    with tempfile.TemporaryDirectory() as folder:
+        files = export_two_stage(build_detector("faster-rcnn-r50-fpn", 3), folder)
+        assert files.features.stat().st_size > 0 and files.bbox.stat().st_size > 0
+    print("ok")
+""")
+
+
+def test_gradients_autocast_and_two_stage_export_get_the_package_in_a_fresh_process():
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_PACKAGE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"

@@ -34,8 +34,8 @@ ROI_FEATURE_NAMES = FEATURE_NAMES[: len(ROI_STRIDES)]
 
 def roi_features_all_levels(feats: tuple[torch.Tensor, ...], rois: torch.Tensor, output_size: int) -> torch.Tensor:
     """Same values as `roi_head.roi_features`, computed without data-dependent indexing."""
-    # The package, not service.pipeline.torchvision_ops: importing it registers RoiAlign's ONNX symbolic,
-    # and only export traces this function (serving ONNX Runtime workers never import torchvision).
+    # The package, not service.pipeline.torchvision_ops: it registers RoiAlign's ONNX symbolic. Only
+    # export traces this function, and export_two_stage has imported the package before the trace.
     from torchvision.ops import roi_align
 
     levels = map_roi_levels(rois, len(ROI_STRIDES)).view(-1, 1, 1, 1)
@@ -90,6 +90,9 @@ def export_two_stage(model: TwoStageDetector, out_dir: str | Path, *, opset: int
         raise ConfigError(f"opset must be >= {MIN_OPSET} (RoiAlign half_pixel), got {opset}")
     if example_hw[0] % 32 or example_hw[1] % 32:
         raise ConfigError(f"example_hw must be multiples of 32, got {example_hw}")
+    # Before tracing: a first import inside the trace fails (torchvision's CUDA-build check calls an op
+    # the tracer cannot record). Serving workers do not import it (service/pipeline/torchvision_ops.py).
+    import torchvision.ops  # noqa: F401
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
