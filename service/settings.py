@@ -454,6 +454,10 @@ class ServerSettings(BaseSettings):
     # counting as live (readiness, dispatch) after HEARTBEAT_MISSES_UNTIL_SUSPECT missed beats already.
     heartbeat_timeout_s: float = Field(4.0, gt=0)
     worker_start_timeout_s: float = Field(120.0, gt=0)
+    # "forkserver": workers fork from one process that imported torch once, and share those pages
+    # (bundled rtmdet, 2 workers: 1151 against 1400 MB PSS, bench/analysis.md); "spawn": each worker
+    # starts a fresh interpreter and imports torch itself.
+    worker_start_method: Literal["forkserver", "spawn"] = "forkserver"
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     # Where backend = "auto" keeps exported graphs and parity verdicts (never the model folder, which

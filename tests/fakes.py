@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,11 @@ class FakePredictor:
             elif command.startswith(b"THREADS"):
                 out.append(DetectResult([], image_width=len(images), image_height=os.getpid(),
                                         model_name=self.name, model_version=f"threads={self.threads_now}"))
+            elif command.startswith(b"ENV:"):  # an environment variable and the parent, as the worker sees them
+                name = command[4:].decode()
+                time.sleep(0.05)  # long enough for concurrent requests to reach every worker
+                out.append(DetectResult([], image_width=os.getppid(), image_height=os.getpid(), model_name=self.name,
+                                        model_version=f"{os.environ.get(name)} torch={'torch' in sys.modules}"))
             elif command.startswith(b"DIGEST"):
                 out.append(DetectResult([], image_width=len(img.data), image_height=os.getpid(),
                                         model_name=self.name, model_version=hashlib.sha256(img.data).hexdigest()))

@@ -1,6 +1,6 @@
 """The engine every door calls: per model, one Scheduler queue, one worker pool, one dispatcher task.
 
-`Engine(settings)` runs spawned worker processes; `Engine(settings, inline=True)` runs the same
+`Engine(settings)` runs worker processes; `Engine(settings, inline=True)` runs the same
 scheduler and batch code with predictors in threads of this process (tests, in-process bench).
 The front process never imports torch: workers report the model facts when they are ready.
 """

@@ -126,7 +126,7 @@ DEFAULT_PREDICTOR_FACTORY = "service.pipeline.predictor:Predictor.from_config"
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """Everything a spawned worker needs to build its predictor; pickled into the child once."""
+    """Everything a worker process needs to build its predictor; pickled into the child once."""
 
     worker_id: int
     model_config: object  # service.settings.ModelConfig (kept loose: pydantic pickles fine)
@@ -139,6 +139,7 @@ class WorkerSpec:
     arena: ArenaSpec | None = None  # set by WorkerProcess when shared memory is available
     start_timeout_s: float = 120.0  # worker_start_timeout_s: what the warm-up must fit in
     wide_threads: int = 0  # elastic: the threads a batch may ask for besides `threads` (0: none)
+    environ: dict[str, str] | None = None  # the front's environment, applied first thing (None: keep)
 
 
 ToWorker = BatchRequest | Shutdown

@@ -1,6 +1,6 @@
 """Worker pools: N model instances for one model, each taking one batch at a time.
 
-`ProcessPool` spawns supervised worker processes (production). `InlinePool` runs the same
+`ProcessPool` starts supervised worker processes (production). `InlinePool` runs the same
 Predictor + `run_batch` in threads of the front process (tests, in-process bench). Both report to
 the engine through `PoolEvents` on the event loop thread, never from their own threads.
 
@@ -27,7 +27,7 @@ from ..settings import ModelConfig, ServerSettings
 from ..types import WorkerStatus
 from .messages import (DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, LoadProgress, ModelFacts,
                        Shutdown, WorkerError, WorkerReady, WorkerSpec)
-from .process import WorkerProcess
+from .process import WorkerProcess, worker_context
 from .scheduler import WorkerLoad
 from .worker import describe, load_predictor, run_batch
 
@@ -130,7 +130,11 @@ class _PoolBase:
         """Grow (waiting until the new workers are ready) or shrink (idle workers first; busy ones
         finish their batch first). Concurrent calls run one after the other, in order."""
         async with self._scaling:
+            await self._prepare()
             await self._scale(count)
+
+    async def _prepare(self) -> None:
+        """What launching needs first, made off the event loop (ProcessPool: the forkserver)."""
 
     async def _scale(self, count: int) -> None:
         active = [s for s in self._seats if not s.retiring]
@@ -289,6 +293,10 @@ class ProcessPool(_PoolBase):
         super().__init__(*args, **kwargs)
         self._supervisor: asyncio.Task | None = None
 
+    async def _prepare(self) -> None:
+        # The first forkserver start waits for it to import torch: in a thread, so the doors keep answering.
+        await asyncio.get_running_loop().run_in_executor(None, worker_context, self.settings.worker_start_method)
+
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()
         # Only processes switch width (threads of the front would change its torch settings), and only on
@@ -296,7 +304,8 @@ class ProcessPool(_PoolBase):
         seat.wide_threads = 0 if seat.device.startswith("cuda") else self.cfg.workers.wide_threads(threads)
         seat.handle = handle = WorkerProcess(
             self._spec(seat, threads), loop, name=f"detserve-{self.cfg.name}-{seat.worker_id}",
-            on_message=lambda h, m: self._on_message(seat, h, m), on_exit=lambda h, r: self._on_exit(seat, h, r))
+            on_message=lambda h, m: self._on_message(seat, h, m), on_exit=lambda h, r: self._on_exit(seat, h, r),
+            start_method=self.settings.worker_start_method)
         seat.pid = handle.process.pid
         if self._supervisor is None:
             self._supervisor = loop.create_task(self._supervise(), name=f"supervise-{self.cfg.name}")

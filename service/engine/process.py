@@ -1,4 +1,4 @@
-"""The front process's end of one worker process: spawn it, write requests, read results.
+"""The front process's end of one worker process: start it, write requests, read results.
 
 Everything runs on the event loop: requests go down a socketpair written without blocking, results
 come up a separate one-way pipe read without blocking (add_reader and multiprocessing's own
@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import socket
 import struct
+import threading
 import time
 from typing import Callable
 
@@ -24,14 +25,47 @@ from .worker import worker_main
 log = logging.getLogger("detserve.engine")
 
 
+PRELOAD = "service.engine.forkserver_preload"
+_contexts: dict[str, mp.context.BaseContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def worker_context(method: str) -> mp.context.BaseContext:
+    """The multiprocessing context workers start from: "forkserver" (torch imported once, in the
+    forkserver, and shared by every worker forked from it) or "spawn" (every worker imports it).
+
+    The first call for "forkserver" blocks until the forkserver has imported torch (~1.5 s): the pool
+    makes it from a thread (`ProcessPool._prepare`), not on the event loop. A forkserver that cannot
+    start (no writable temporary folder for its socket) falls back to spawn."""
+    with _contexts_lock:
+        if method in _contexts:
+            return _contexts[method]
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload([PRELOAD])
+            try:
+                probe = ctx.Process(target=os.getpid, daemon=True)  # returns once the preload is done
+                probe.start()
+                probe.join()
+            except (OSError, EOFError) as exc:  # EOFError: the forkserver died while importing
+                log.warning("cannot start the worker forkserver (%s); workers start by spawn, each importing "
+                            "torch", exc)
+                ctx = mp.get_context("spawn")
+        _contexts[method] = ctx
+        return ctx
+
+
 class WorkerProcess:
-    """One spawned worker. No helper threads fight the loop for the GIL (measured: they cost
+    """One worker process. No helper threads fight the loop for the GIL (measured: they cost
     milliseconds per batch on a loaded box), and a frozen worker can never stall the loop."""
 
     def __init__(self, spec: WorkerSpec, loop: asyncio.AbstractEventLoop, *, name: str,
                  on_message: Callable[["WorkerProcess", object], None],
-                 on_exit: Callable[["WorkerProcess", str], None]):
-        ctx = mp.get_context("spawn")
+                 on_exit: Callable[["WorkerProcess", str], None], start_method: str = "forkserver"):
+        ctx = worker_context(start_method)
+        # A forked worker inherits the forkserver's environment, captured when it started: send the
+        # front's as it is now (spawn passes it implicitly).
+        spec = dataclasses.replace(spec, environ=dict(os.environ))
         self.arena = FrontArena.create()
         self.arena_mapped = False  # until the worker says it mapped the arena, payloads go inline
         if self.arena is not None:

@@ -1,8 +1,8 @@
 """The worker process: one Predictor on one device, fed batches over a Pipe.
 
-`worker_main` runs in a child started with the spawn context. `run_batch` is the part shared with
-the inline (in-process) pool: predictor call, CUDA out-of-memory splitting, and the rule that any
-exception becomes a typed per-item error instead of a dead worker.
+`worker_main` runs in a child forked from the forkserver (process.py `worker_context`), or spawned.
+`run_batch` is the part shared with the inline (in-process) pool: predictor call, CUDA out-of-memory
+splitting, and the rule that any exception becomes a typed per-item error instead of a dead worker.
 """
 from __future__ import annotations
 
@@ -242,7 +242,8 @@ class _Width:
 
 def set_thread_env(threads: int) -> None:
     """The OpenMP environment of a worker process, before torch is imported (the in-process bench sets
-    the same, so its baseline runs under the worker's conditions)."""
+    the same, so its baseline runs under the worker's conditions). A worker forked from the forkserver
+    has torch imported already, under forkserver_preload's settings; torch.set_num_threads sizes it."""
     # Before torch is imported, so OpenMP pools are sized for our share of the cores.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -252,8 +253,11 @@ def set_thread_env(threads: int) -> None:
 
 
 def worker_main(requests, results, spec: WorkerSpec) -> None:
-    """Entry point of a spawned worker process: `requests` carries BatchRequest/Shutdown in,
-    `results` (one-way) carries everything out."""
+    """Entry point of a worker process (forked from the forkserver, or spawned): `requests` carries
+    BatchRequest/Shutdown in, `results` (one-way) carries everything out."""
+    if spec.environ is not None:
+        os.environ.clear()
+        os.environ.update(spec.environ)
     set_thread_env(spec.threads)
     # A terminal Ctrl+C reaches the whole process group; the front process drains and then stops
     # us with a Shutdown message, so the worker must not die mid-batch on its own.

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,75 @@ def test_concurrent_load_is_batched_across_two_worker_processes(tmp_path):
             assert {r[0].image_height for r in results} <= pids  # ran in the worker processes
             assert sample("detserve_batch_size_count", {"model": "proc-batch"}) < 64
             assert sample("detserve_live_workers", {"model": "proc-batch"}) == 2
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_start_from_the_forkserver_with_the_fronts_environment(tmp_path, monkeypatch, method):
+    # The forkserver may have started in an earlier test, with an older environment: a variable set now
+    # must still reach a worker forked from it. Its workers share one parent and arrive with torch
+    # imported (the fake predictor never imports it); spawned ones are the front's children, without.
+    from service.engine.process import worker_context
+
+    worker_context(method)
+    monkeypatch.setenv("DSMARK", f"set-after-{method}")
+    write_model(tmp_path, "proc-env", workers=2, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method=method) as engine:
+            replies = await asyncio.gather(*(engine.detect("proc-env", [image(b"ENV:DSMARK")])
+                                             for _ in range(8)))
+            answers = {(r[0].image_width, r[0].image_height, r[0].model_version) for r in replies}
+            parents = {parent for parent, _, _ in answers}
+            assert {version for _, _, version in answers} == {
+                f"set-after-{method} torch={method == 'forkserver'}"}
+            assert len({pid for _, pid, _ in answers}) == 2  # both workers answered
+            assert len(parents) == 1
+            assert (parents == {os.getpid()}) == (method == "spawn")
+
+    run(scenario())
+
+
+def test_workers_are_spawned_when_the_forkserver_cannot_start(tmp_path, monkeypatch, caplog):
+    from multiprocessing import forkserver
+
+    from service.engine import process
+
+    def no_socket():
+        raise OSError("no writable temporary folder (test)")
+
+    monkeypatch.setattr(process, "_contexts", {})
+    monkeypatch.setattr(forkserver._forkserver, "ensure_running", no_socket)
+    write_model(tmp_path, "proc-fallback", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method="forkserver") as engine:
+            reply = await engine.detect("proc-fallback", [image(b"ENV:HOME")])
+            assert reply[0].image_width == os.getpid()  # the front's own child: spawned
+            assert reply[0].model_version.endswith("torch=False")
+
+    run(scenario())
+    assert "cannot start the worker forkserver (no writable temporary folder (test))" in caplog.text
+
+
+def test_a_sigterm_to_the_forkserver_neither_ends_it_nor_looks_like_dead_workers(tmp_path):
+    # systemd and `kill -- -PGID` signal the whole group while the front drains: the workers' exit
+    # status comes through the forkserver, so its death would read as every worker dying at once.
+    write_model(tmp_path, "proc-term", workers=2, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method="forkserver") as engine:
+            reply = await engine.detect("proc-term", [image(b"ENV:HOME")])
+            forkserver = reply[0].image_width
+            assert forkserver != os.getpid()
+            os.kill(forkserver, signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            state = Path(f"/proc/{forkserver}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert state != "Z"  # alive, not a zombie the front has yet to reap
+            info = engine.model_info("proc-term")
+            assert info.ready and [w.restarts for w in info.workers] == [0, 0]
+            assert len(await engine.detect("proc-term", [image(b"ok")])) == 1
 
     run(scenario())
 
