@@ -41,8 +41,8 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
     fi
 COPY pyproject.toml README.md ./
 COPY service ./service
-# pip's compiled bytecode stays: the venv is read-only to the server user, and every spawned
-# worker imports torch, so it saves start-up time rather than wasting space.
+# pip's compiled bytecode stays: the venv is read-only to the server user, and the forkserver (or,
+# with worker_start_method = "spawn", every worker) imports torch, so it saves start-up time.
 RUN /opt/venv/bin/pip install .
 
 # --- final image ---------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import tempfile
 
 import pytest
 
-# Tests share 2 cores with each other and with spawned workers: keep torch from oversubscribing.
+# Tests share 2 cores with each other and with worker processes: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # backend = "auto" exports each model to ONNX on its first load. One cache for the whole session,
-# set in the environment so spawned servers and workers share it: the bundled models export once
+# set in the environment so the servers and workers tests start share it: the bundled models export once
 # per session, and never into the developer's ~/.cache.
 _SESSION_CACHE = None
 if not os.environ.get("DETSERVE_CACHE_DIR"):

@@ -215,10 +215,13 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _cpu_groups(ls: RunningLabelStudio, ds: Detserve) -> dict[str, list[int]]:
-    """Label Studio (its process tree), detserve's front process, its model workers (spawned)."""
+    """Label Studio (its process tree), detserve's front process, its model workers: forked ones share
+    the forkserver's command line (the forkserver, idle but for forks, counts with them), spawned ones
+    run spawn_main."""
     below = children_of(ds.proc.pid)
+    workers = [p for p in below if any(mark in _cmdline(p) for mark in (b"multiprocessing.forkserver", b"spawn_main"))]
     return {"label_studio": [ls.pid, *children_of(ls.pid)], "detserve_front": [ds.proc.pid],
-            "detserve_workers": [p for p in below if b"spawn_main" in _cmdline(p)]}
+            "detserve_workers": workers}
 
 
 def measure(work: Path, tasks: int, clients: int, think_s: float = 0.5) -> dict:

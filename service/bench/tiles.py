@@ -1,5 +1,5 @@
 """`detserve bench tiles`: one tiled request (tiles batched by the engine) against the same tiles sent one
-by one, through the same Engine with spawned workers.
+by one, through the same Engine with worker processes.
 
 "One by one" is what a client-side slicer (SAHI's loop, a workflow block) does against a server: crop
 each tile, send it, wait, send the next. The tiles go as raw pixels, so the one-by-one side pays no

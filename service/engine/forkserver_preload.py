@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 # A group-wide SIGTERM (systemd, `kill -- -PGID`) must not end the forkserver while the front drains:
-# each worker's exit status comes through it, and without it the pool would count live workers as dead.
-# It still exits when the front process does (its end of the alive pipe closes).
+# workers' exit statuses come through it, and a restart without it first waits for a new one to import
+# torch. It exits once the front and every worker are gone (each holds its end of the alive pipe).
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 import cv2  # noqa: E402,F401

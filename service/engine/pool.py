@@ -147,7 +147,7 @@ class _PoolBase:
             self._next_id += 1
             self._seats.append(seat)
             new.append(seat)
-            self._launch(seat, threads_per_worker(self.cfg, count))
+            self._start(seat, threads_per_worker(self.cfg, count))
         if new:
             await self._await_ready(new)
         if count < len(active):
@@ -249,15 +249,29 @@ class _PoolBase:
             metrics.WORKER_RESTARTS.labels(self.cfg.name).inc()
             delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (seat.failures_in_a_row - 1))
             log.warning("worker %d of %s gone (%s); restarting in %.1f s", seat.worker_id, self.cfg.name, reason, delay)
-            asyncio.get_running_loop().call_later(delay, self._restart, seat)
+            loop = asyncio.get_running_loop()
+            loop.call_later(delay, lambda: loop.create_task(self._restart(seat), name=f"restart-{self.cfg.name}"))
         self._publish()
 
-    def _restart(self, seat: _Seat) -> None:
+    async def _restart(self, seat: _Seat) -> None:
+        if seat.retiring or self._stopping or seat not in self._seats:
+            return
+        await self._prepare()
         if seat.retiring or self._stopping or seat not in self._seats:
             return
         seat.state = "starting"
         seat.ready_event = asyncio.Event()
-        self._launch(seat, threads_per_worker(self.cfg, max(1, self.size)))
+        self._start(seat, threads_per_worker(self.cfg, max(1, self.size)))
+
+    def _start(self, seat: _Seat, threads: int) -> None:
+        """Launch, and a launch that raises is a worker gone at once (a restart with backoff, or a
+        failed start), never a seat left "starting" with no process behind it."""
+        try:
+            self._launch(seat, threads)
+        except Exception as exc:  # noqa: BLE001 - reported through the seat like any other failure
+            log.exception("worker %d of %s could not be started", seat.worker_id, self.cfg.name)
+            seat.load_error = seat.load_error or f"worker could not be started: {type(exc).__name__}: {exc}"
+            self._on_gone(seat, seat.load_error)
 
     def _publish(self) -> None:
         metrics.LIVE_WORKERS.labels(self.cfg.name).set(self.live_count())
@@ -286,7 +300,7 @@ class _PoolBase:
 
 
 class ProcessPool(_PoolBase):
-    """Spawned, supervised workers: a crash (EOF), a missed heartbeat, a batch stuck longer than the
+    """Supervised worker processes: a crash (EOF), a missed heartbeat, a batch stuck longer than the
     heartbeat timeout, or a start past `worker_start_timeout_s` kills and restarts with backoff."""
 
     def __init__(self, *args, **kwargs):
@@ -294,7 +308,7 @@ class ProcessPool(_PoolBase):
         self._supervisor: asyncio.Task | None = None
 
     async def _prepare(self) -> None:
-        # The first forkserver start waits for it to import torch: in a thread, so the doors keep answering.
+        # The forkserver's (re)start waits for it to import torch: in a thread, so the doors keep answering.
         await asyncio.get_running_loop().run_in_executor(None, worker_context, self.settings.worker_start_method)
 
     def _launch(self, seat: _Seat, threads: int) -> None:

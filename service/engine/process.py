@@ -34,19 +34,26 @@ def worker_context(method: str) -> mp.context.BaseContext:
     """The multiprocessing context workers start from: "forkserver" (torch imported once, in the
     forkserver, and shared by every worker forked from it) or "spawn" (every worker imports it).
 
-    The first call for "forkserver" blocks until the forkserver has imported torch (~1.5 s): the pool
-    makes it from a thread (`ProcessPool._prepare`), not on the event loop. A forkserver that cannot
-    start (no writable temporary folder for its socket) falls back to spawn."""
+    Call it from a thread before launching (`ProcessPool._prepare`): for "forkserver" it forks a probe
+    process each time, which (re)starts a forkserver that is not running and returns once the
+    forkserver has imported torch (~1.5 s the first time, ~30 ms after). On the event loop that wait
+    would stall every door; a forkserver that died (an OOM kill) is restarted here, not in a launch.
+    A forkserver that cannot start (no writable temporary folder for its socket) falls back to spawn."""
     with _contexts_lock:
-        if method in _contexts:
-            return _contexts[method]
-        ctx = mp.get_context(method)
-        if method == "forkserver":
-            ctx.set_forkserver_preload([PRELOAD])
+        ctx = _contexts.get(method)
+        if ctx is None:
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload([PRELOAD])
+        if ctx.get_start_method() == "forkserver":
             try:
-                probe = ctx.Process(target=os.getpid, daemon=True)  # returns once the preload is done
+                probe = ctx.Process(target=os.getpid, daemon=True)
                 probe.start()
-                probe.join()
+                probe.join(60)
+                if probe.exitcode != 0:
+                    if probe.exitcode is None:
+                        probe.kill()
+                    raise OSError(f"its probe process ended with {probe.exitcode}")
             except (OSError, EOFError) as exc:  # EOFError: the forkserver died while importing
                 log.warning("cannot start the worker forkserver (%s); workers start by spawn, each importing "
                             "torch", exc)

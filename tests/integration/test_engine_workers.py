@@ -72,6 +72,54 @@ def test_workers_start_from_the_forkserver_with_the_fronts_environment(tmp_path,
     run(scenario())
 
 
+def test_a_worker_restarts_after_the_forkserver_itself_was_killed(tmp_path):
+    # An OOM kill takes the forkserver (it holds torch's pages): the next restart starts a new one.
+    write_model(tmp_path, "proc-fsdead", workers=2, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method="forkserver") as engine:
+            reply = await engine.detect("proc-fsdead", [image(b"ENV:HOME")])
+            old_forkserver, victim = reply[0].image_width, reply[0].image_height
+            os.kill(old_forkserver, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
+            await wait_until(lambda: all(w.state == "ready" and w.pid not in (None, victim)
+                                         for w in engine.model_info("proc-fsdead").workers))
+            replies = await asyncio.gather(*(engine.detect("proc-fsdead", [image(b"ENV:HOME")]) for _ in range(6)))
+            parents = {r[0].image_width for r in replies}
+            assert old_forkserver not in parents and os.getpid() not in parents
+            assert sum(w.restarts for w in engine.model_info("proc-fsdead").workers) == 1
+
+    run(scenario())
+
+
+def test_a_worker_that_cannot_be_launched_is_retried_not_left_starting(tmp_path, monkeypatch):
+    from service.engine import pool
+
+    launches = {"n": 0}
+    real = pool.WorkerProcess
+
+    def flaky(*args, **kwargs):
+        launches["n"] += 1
+        if launches["n"] == 2:  # the first restart
+            raise OSError("cannot connect to the forkserver (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "WorkerProcess", flaky)
+    write_model(tmp_path, "proc-flaky", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            victim = engine.model_info("proc-flaky").workers[0].pid
+            os.kill(victim, signal.SIGKILL)
+            await wait_until(lambda: engine.model_info("proc-flaky").workers[0].state == "ready"
+                             and engine.model_info("proc-flaky").workers[0].pid not in (None, victim))
+            assert launches["n"] == 3
+            assert engine.model_info("proc-flaky").workers[0].restarts == 2
+            assert len(await engine.detect("proc-flaky", [image(b"ok")])) == 1
+
+    run(scenario())
+
+
 def test_workers_are_spawned_when_the_forkserver_cannot_start(tmp_path, monkeypatch, caplog):
     from multiprocessing import forkserver
 
@@ -95,8 +143,8 @@ def test_workers_are_spawned_when_the_forkserver_cannot_start(tmp_path, monkeypa
 
 
 def test_a_sigterm_to_the_forkserver_neither_ends_it_nor_looks_like_dead_workers(tmp_path):
-    # systemd and `kill -- -PGID` signal the whole group while the front drains: the workers' exit
-    # status comes through the forkserver, so its death would read as every worker dying at once.
+    # systemd and `kill -- -PGID` signal the whole group while the front drains: the forkserver must
+    # stay, or every restart during the drain would first wait for a new one to import torch.
     write_model(tmp_path, "proc-term", workers=2, batch={"max_batch_size": 1})
 
     async def scenario():
