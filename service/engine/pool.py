@@ -27,7 +27,7 @@ from ..settings import ModelConfig, ServerSettings
 from ..types import WorkerStatus
 from .messages import (DEFAULT_PREDICTOR_FACTORY, BatchRequest, BatchResult, Heartbeat, LoadProgress, ModelFacts,
                        Shutdown, WorkerError, WorkerReady, WorkerSpec)
-from .process import WorkerProcess, worker_context
+from .process import WorkerProcess, prepare_worker_context
 from .scheduler import WorkerLoad
 from .worker import describe, load_predictor, run_batch
 
@@ -309,7 +309,7 @@ class ProcessPool(_PoolBase):
 
     async def _prepare(self) -> None:
         # The forkserver's (re)start waits for it to import torch: in a thread, so the doors keep answering.
-        await asyncio.get_running_loop().run_in_executor(None, worker_context, self.settings.worker_start_method)
+        await asyncio.get_running_loop().run_in_executor(None, prepare_worker_context, self.settings.worker_start_method)
 
     def _launch(self, seat: _Seat, threads: int) -> None:
         loop = asyncio.get_running_loop()

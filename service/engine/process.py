@@ -31,6 +31,13 @@ _contexts_lock = threading.Lock()
 
 
 def worker_context(method: str) -> mp.context.BaseContext:
+    """The context `prepare_worker_context` made for `method` (made now, if it never ran)."""
+    with _contexts_lock:
+        ctx = _contexts.get(method)
+    return ctx if ctx is not None else prepare_worker_context(method)
+
+
+def prepare_worker_context(method: str) -> mp.context.BaseContext:
     """The multiprocessing context workers start from: "forkserver" (torch imported once, in the
     forkserver, and shared by every worker forked from it) or "spawn" (every worker imports it).
 
