@@ -130,7 +130,6 @@ class _PoolBase:
         """Grow (waiting until the new workers are ready) or shrink (idle workers first; busy ones
         finish their batch first). Concurrent calls run one after the other, in order."""
         async with self._scaling:
-            await self._prepare()
             await self._scale(count)
 
     async def _prepare(self) -> None:
@@ -138,6 +137,8 @@ class _PoolBase:
 
     async def _scale(self, count: int) -> None:
         active = [s for s in self._seats if not s.retiring]
+        if count > len(active):
+            await self._prepare()
         new = []
         for _ in range(count - len(active)):
             # The lowest free slot keeps GPU round-robin even after scaling down and up again.
