@@ -219,7 +219,8 @@ def _cpu_groups(ls: RunningLabelStudio, ds: Detserve) -> dict[str, list[int]]:
     the forkserver's command line (the forkserver, idle but for forks, counts with them), spawned ones
     run spawn_main."""
     below = children_of(ds.proc.pid)
-    workers = [p for p in below if any(mark in _cmdline(p) for mark in (b"multiprocessing.forkserver", b"spawn_main"))]
+    workers = [p for p, line in ((p, _cmdline(p)) for p in below)
+               if b"multiprocessing.forkserver" in line or b"spawn_main" in line]
     return {"label_studio": [ls.pid, *children_of(ls.pid)], "detserve_front": [ds.proc.pid],
             "detserve_workers": workers}
 
