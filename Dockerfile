@@ -15,10 +15,14 @@ ENV DEBIAN_FRONTEND=noninteractive
 # security update of the base.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 
 FROM ${CPU_IMAGE} AS runtime-cpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
 
 # A stage name, not an image: hadolint cannot resolve the build arg.
 # hadolint ignore=DL3006
@@ -83,7 +87,12 @@ EXPOSE 8080 8081 8082 7070
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DETSERVE_INFERENCE_PORT', '8080'), timeout=4)"]
 
-# detserve handles SIGTERM itself: stop accepting, drain for drain_timeout_s, then exit.
+# detserve handles SIGTERM itself: stop accepting, drain for drain_timeout_s, then exit. tini is
+# PID 1 so that processes orphaned inside the container are reaped: workers are children of the
+# forkserver, and if it dies they are re-parented to PID 1, which detserve would never wait for
+# (zombies until the pod restarts). tini forwards SIGTERM to detserve and exits with its status;
+# TINI_SUBREAPER lets it work under another init too (`docker run --init`, compose's `init: true`).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["detserve"]
+ENV TINI_SUBREAPER=1
+ENTRYPOINT ["tini", "--", "detserve"]
 CMD ["serve"]

@@ -115,7 +115,15 @@ def test_final_stage_is_lean_non_root_and_healthchecked():
     exposed = {int(p) for keyword, args in final if keyword == "EXPOSE" for p in args.split()}
     s = ServerSettings()
     assert exposed == {s.inference_port, s.management_port, s.metrics_port, s.grpc_port}
-    assert [json.loads(args) for keyword, args in final if keyword == "ENTRYPOINT"] == [["detserve"]]
+    # An init as PID 1 reaps workers orphaned by a dead forkserver; detserve itself never would.
+    assert [json.loads(args) for keyword, args in final if keyword == "ENTRYPOINT"] == [
+        ["tini", "--", "detserve"]]
+
+
+@pytest.mark.parametrize("variant", ["runtime-gpu", "runtime-cpu"])
+def test_every_runtime_installs_the_init_the_entrypoint_runs(variant):
+    runs = " ".join(args for keyword, args in stages()[variant] if keyword == "RUN")
+    assert re.search(r"apt-get install [^&]*\btini\b", runs)
 
 
 def test_builder_keeps_no_pip_cache():

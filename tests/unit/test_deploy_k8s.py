@@ -117,6 +117,7 @@ def test_crd_kinds_have_the_fields_detserve_relies_on():
     assert kserve_container["name"] == "kserve-container"
     assert kserve_container["ports"][0]["containerPort"] == ServerSettings().inference_port
     parse_serve_args(kserve_container["args"])
+    assert "command" not in kserve_container  # keeps the image's entrypoint: tini, then detserve
 
 
 # ---- invariants against the app -----------------------------------------------------------------
@@ -212,6 +213,7 @@ def test_container_args_are_accepted_by_the_cli_and_config_is_mounted():
     c = container(docs)
     ns = parse_serve_args(c["args"])
     assert ns.command == "serve"
+    assert "command" not in c  # args only: the image's entrypoint (tini, then detserve) stays
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert Path(ns.config).parent == Path(mounts["config"])
     for env in c["env"]:
