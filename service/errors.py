@@ -9,9 +9,21 @@ import sys
 
 
 # Messages quote client values (model names, datatypes, ids), and every door sends them back: a
-# gRPC status message travels in a header, and past the client's 16 KiB metadata limit the call
-# ends RESOURCE_EXHAUSTED without our status or trailers. One bound here covers every door.
-MAX_MESSAGE_CHARS = 1000
+# gRPC status message travels in a header, percent-encoded (a non-ASCII byte takes 3), and past the
+# client's 8 KiB soft metadata limit the call may end RESOURCE_EXHAUSTED without our status or
+# trailers: 1000 emoji were 11.8 KB. So the bound is on UTF-8 bytes (at most 3 KB on the wire); one
+# bound here covers every door.
+MAX_MESSAGE_BYTES = 1000
+
+
+def bounded_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_BYTES and message.isascii():
+        return message
+    data = message[:MAX_MESSAGE_BYTES].encode("utf-8", "replace")  # "replace": lone surrogates
+    if len(data) <= MAX_MESSAGE_BYTES and len(message) <= MAX_MESSAGE_BYTES:
+        return data.decode("utf-8")
+    kept = data[:MAX_MESSAGE_BYTES - 24].decode("utf-8", "ignore")  # "ignore": a character cut in two
+    return f"{kept}... ({len(message)} chars)"
 
 
 class DetserveError(Exception):
@@ -20,8 +32,7 @@ class DetserveError(Exception):
     code = "internal"
 
     def __init__(self, message: str, *, retry_after_s: float | None = None):
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} chars)"
+        message = bounded_message(message)
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s

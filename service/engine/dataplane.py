@@ -216,14 +216,23 @@ def _max_dets(value: Any, cap: int | None) -> int | None:
     return int(number)
 
 
+def check_class_count(count: int) -> None:
+    """On the names as sent, before they are stripped and deduplicated (and, on gRPC, before the
+    repeated field becomes a list): 16 MiB of empty names are millions of them."""
+    if count > MAX_CLASS_NAMES:
+        raise errors.InvalidRequest(f"classes: at most {MAX_CLASS_NAMES} names, got {count}")
+
+
 def _classes(value: Any, known: Sequence[str]) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
+        check_class_count(value.count(",") + 1)
         names = [n.strip() for n in value.split(",")]
     elif isinstance(value, (list, tuple)):
+        check_class_count(len(value))
         if not all(isinstance(n, str) for n in value):
             raise errors.InvalidRequest("classes must be a comma-separated string or a list of class-name strings")
         names = [n.strip() for n in value]
@@ -233,8 +242,6 @@ def _classes(value: Any, known: Sequence[str]) -> tuple[str, ...] | None:
     names = list(dict.fromkeys(n for n in names if n))
     if not names:
         raise errors.InvalidRequest("classes: give one or more class names")
-    if len(names) > MAX_CLASS_NAMES:
-        raise errors.InvalidRequest(f"classes: at most {MAX_CLASS_NAMES} names, got {len(names)}")
     unknown = [n for n in names if known and n not in known]
     if unknown:
         shown = list(known[:20]) + (["..."] if len(known) > 20 else [])

@@ -411,3 +411,106 @@ def test_kserve_refuses_an_input_it_does_not_declare_and_an_output_asked_twice(r
             await server.stop(None)
 
     run(scenario())
+
+
+def test_client_controlled_counts_are_refused_before_per_item_work(run):
+    """Within the 16 MiB limit a request holds hundreds of thousands of inputs, parameters, class
+    names or empty BYTES elements; each is refused by its count, and the message says so."""
+    async def scenario():
+        server, channel = await _serve(FakeEngine())
+        try:
+            kstub, stub = kpb_grpc.GRPCInferenceServiceStub(channel), pb_grpc.DetectorStub(channel)
+            tensor = kpb.ModelInferRequest.InferInputTensor
+            image = tensor(name="image", datatype="BYTES", shape=[1])
+            one = [codec.pack_bytes_elements([b"abc"])]
+            cases = {
+                "expected one input tensor, got 100000: " + str(["image"] * 10) + " and 99990 more": kpb.ModelInferRequest(
+                    model_name="toy", inputs=[image] * 100_000),
+                "more than the 1 element(s) its shape declares": kpb.ModelInferRequest(
+                    model_name="toy", inputs=[image], raw_input_contents=[b"\0\0\0\0" * 100_000]),
+                f"request has 1000 parameters; at most {codec.MAX_PARAMETERS}": kpb.ModelInferRequest(
+                    model_name="toy", inputs=[image], raw_input_contents=one,
+                    parameters={f"p{i}": kpb.InferParameter(bool_param=True) for i in range(1000)}),
+                "its data is in raw_input_contents, so 'contents' must be unset": kpb.ModelInferRequest(
+                    model_name="toy", raw_input_contents=one,
+                    inputs=[tensor(name="image", datatype="BYTES", shape=[1],
+                                   contents=kpb.InferTensorContents(bytes_contents=[b"junk"]))]),
+            }
+            for expected, request in cases.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await kstub.ModelInfer(request, timeout=30)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert expected in err.value.details(), err.value.details()[:200]
+            # 5000 empty names used to be deduplicated to none ("give one or more class names")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Detect(pb.DetectRequest(model="toy", image=pb.Image(encoded=b"x"),
+                                                   options=pb.DetectOptions(classes=[""] * 5000)), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 1024 names, got 5000" in err.value.details()
+            ok = await kstub.ModelInfer(kpb.ModelInferRequest(model_name="toy", inputs=[image], raw_input_contents=one,
+                                                              parameters={f"p{i}": kpb.InferParameter(bool_param=True)
+                                                                          for i in range(codec.MAX_PARAMETERS)}))
+            assert ok.model_name == "toy"  # up to the bound, unknown parameters are ignored as before
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_non_ascii_client_strings_keep_the_status_within_grpc_metadata_limits(run):
+    """A status message is percent-encoded on the wire: 1000 emoji are 12 KB, past grpc's 8 KiB soft
+    limit, and the call then ended RESOURCE_EXHAUSTED at random instead of NOT_FOUND."""
+    async def scenario():
+        server, channel = await _serve(FakeEngine())
+        try:
+            stub = pb_grpc.DetectorStub(channel)
+            for name in ("😀" * 5000, "中" * 5000, "x\udc80" * 10):
+                for _ in range(10):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Detect(pb.DetectRequest(model=name.encode("utf-8", "replace").decode(),
+                                                           image=pb.Image(encoded=b"x")), timeout=10)
+                    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                    assert len(err.value.details().encode()) <= 1000
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_undecodable_reflection_request_is_invalid_argument_not_unknown(run):
+    async def scenario():
+        server, channel = await _serve(FakeEngine())
+        try:
+            raw = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            call = raw()
+            await call.write(b"\xff\xff\xff\xff")
+            await call.done_writing()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid protobuf message" in err.value.details()
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    run(scenario())
+
+
+def test_a_spent_deadline_is_deadline_exceeded_not_invalid_argument():
+    from service.errors import DeadlineExceeded
+    from service.protocols.grpc.common import timeout_from
+
+    class Context:
+        def __init__(self, remaining):
+            self.remaining = remaining
+
+        def time_remaining(self):
+            return self.remaining
+
+    assert timeout_from(Context(None)) is None and timeout_from(Context(2.5)) == 2.5
+    for spent in (0.0, -0.001):
+        with pytest.raises(DeadlineExceeded):
+            timeout_from(Context(spent))

@@ -144,6 +144,12 @@ def _binary(shape, raw: bytes = b"") -> tuple[bytes, dict]:
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}
 
 
+def _bytes_binary(raw: bytes) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
 @pytest.mark.parametrize("body,headers,needle", [
     # JSON nested as deep as orjson allows: a 400, not a RecursionError
     (json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": _nested(900)}]}).encode(), {},
@@ -152,6 +158,14 @@ def _binary(shape, raw: bytes = b"") -> tuple[bytes, dict]:
     (*_binary([2, 2**62, 0, 3]), "dimension above"),
     (*_binary([4, 2**31 - 1, 2**31 - 1, 0]), "not a valid array shape"),
     (*_binary([1] * 9), "at most 8"),
+    # counts the client controls, each refused before per-item work (tensors, parameters, elements)
+    (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "data": []}] * 1000}).encode(), {},
+     "got 1000: " + str(["image"] * 10) + " and 990 more"),
+    (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["YQ=="]}],
+                 "parameters": {f"p{i}": 1 for i in range(300)}}).encode(), {}, "request has 300 parameters"),
+    (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["YQ=="],
+                             "parameters": {f"p{i}": 1 for i in range(300)}}]}).encode(), {}, "at most 256"),
+    (*_bytes_binary(b"\0\0\0\0" * 10_000), "more than the 1 element(s) its shape declares"),
 ])
 def test_shapes_and_nesting_no_array_can_have_are_400s(client, body, headers, needle):
     res = client.post("/v2/models/toy/infer", content=body, headers=headers)

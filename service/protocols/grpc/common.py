@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import grpc
 
-from ...errors import DetserveError, InternalError, grpc_status
+from ...errors import DeadlineExceeded, DetserveError, InternalError, grpc_status
 from ...engine.dataplane import DataPlane
 from ...settings import default_model_name
 
@@ -38,9 +38,13 @@ def as_detserve_error(exc: BaseException, *, quiet: bool = False) -> DetserveErr
 
 
 def timeout_from(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's remaining deadline, passed to the engine as its request timeout."""
+    """The client's remaining deadline, passed to the engine as its request timeout. One already
+    spent is DEADLINE_EXCEEDED (retryable with a longer deadline), not the engine's INVALID_ARGUMENT
+    for a timeout of 0."""
     remaining = context.time_remaining()
-    return None if remaining is None else max(remaining, 0.0)
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before its images were queued")
+    return remaining
 
 
 class Call:

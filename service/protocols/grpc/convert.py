@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ...engine.dataplane import check_class_count
 from ...errors import DetserveError, InvalidRequest
 from ...types import (
     BatchSettings, DetectOptions, DetectResult, Detection, EncodedImage, ImageInput, ModelInfo, RawImage, RLEMask,
@@ -28,6 +29,7 @@ def options_from_proto(msg: pb.DetectOptions) -> dict[str, Any]:
     """The raw option values for the data plane, which checks them (one rule for every door)."""
     values: dict[str, Any] = {name: getattr(msg, name) if msg.HasField(name) else None for name in _OPTIONAL_FIELDS}
     values.update({name: getattr(msg, name) or None for name in _STRING_FIELDS})
+    check_class_count(len(msg.classes))  # before a list of 7 million empty names is built
     values["classes"] = list(msg.classes) or None
     return values
 
@@ -136,7 +138,8 @@ _CONTENTS_FIELD = {
 }
 
 
-def parameters_from_proto(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:
+def parameters_from_proto(params: Mapping[str, kpb.InferParameter], where: str = "request") -> dict[str, Any]:
+    codec.check_parameter_count(len(params), where)
     out = {}
     for key, value in params.items():
         choice = value.WhichOneof("parameter_choice")
@@ -145,13 +148,18 @@ def parameters_from_proto(params: Mapping[str, kpb.InferParameter]) -> dict[str,
 
 
 def input_tensors_from_request(request: kpb.ModelInferRequest) -> list[codec.Tensor]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; they must pair up")
+    """Counts first (they are the client's), then one tensor per input."""
+    inputs, raw = request.inputs, request.raw_input_contents  # repeated fields: len() costs nothing
+    codec.refuse_extra_inputs(len(inputs), [inp.name for inp in inputs[:10]])
+    if raw and len(raw) != len(inputs):
+        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(inputs)} inputs; they must pair up")
     tensors = []
-    for i, inp in enumerate(request.inputs):
-        params = parameters_from_proto(inp.parameters)
+    for i, inp in enumerate(inputs):
+        params = parameters_from_proto(inp.parameters, f"input '{inp.name[:64]}'")
         if raw:
+            if inp.HasField("contents"):  # as Triton: one place for a tensor's data, never two
+                raise InvalidRequest(f"input '{inp.name[:64]}': its data is in raw_input_contents, so 'contents' "
+                                     "must be unset")
             tensors.append(codec.tensor_from_raw(inp.name, inp.datatype, inp.shape, raw[i], params))
             continue
         field = _CONTENTS_FIELD.get(inp.datatype)

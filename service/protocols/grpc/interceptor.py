@@ -38,8 +38,12 @@ def _tolerant(deserializer: Callable | None) -> Callable | None:
     return deserialize
 
 
+class _BadStreamMessage(InvalidRequest):
+    """An undecodable message in a request stream (raised from inside the handler's iteration)."""
+
+
 def _bad_message(marker: _Undecodable) -> InvalidRequest:
-    return InvalidRequest(f"request is not a valid protobuf message for this method: {marker.error}")
+    return _BadStreamMessage(f"request is not a valid protobuf message for this method: {marker.error}")
 
 
 async def _checked_stream(requests):
@@ -79,15 +83,20 @@ def _rebuild(handler: grpc.RpcMethodHandler, denied: DetserveError | None) -> gr
         def admitted(request_or_requests):
             return _checked_stream(request_or_requests) if wrap_requests else request_or_requests
 
-        # grpc picks the streaming style from the handler's kind: keep the wrapped one's.
+        # grpc picks the streaming style from the handler's kind: keep the wrapped one's. A handler
+        # that is not ours (reflection) lets _checked_stream's InvalidRequest out: grpc would send
+        # that as UNKNOWN with a traceback, so it becomes the table's status here.
         if inspect.isasyncgenfunction(behavior):
             async def generator(request_or_requests, context):
                 refused = refusal(request_or_requests)
                 if refused is not None:
                     fail(context, refused)
                     return
-                async for response in behavior(admitted(request_or_requests), context):
-                    yield response
+                try:
+                    async for response in behavior(admitted(request_or_requests), context):
+                        yield response
+                except _BadStreamMessage as exc:
+                    fail(context, exc)
             return generator
 
         async def writer(request_or_requests, context):  # handlers that use context.write
@@ -95,7 +104,11 @@ def _rebuild(handler: grpc.RpcMethodHandler, denied: DetserveError | None) -> gr
             if refused is not None:
                 fail(context, refused)
                 return None
-            return await behavior(admitted(request_or_requests), context)
+            try:
+                return await behavior(admitted(request_or_requests), context)
+            except _BadStreamMessage as exc:
+                fail(context, exc)
+                return None
         return writer
 
     kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
