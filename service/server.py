@@ -207,6 +207,10 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     log.info("draining: refusing new connections, finishing in-flight requests",
              extra={"drain_timeout_s": settings.drain_timeout_s})
     dataplane.draining = True  # every door's readiness turns false at once, gRPC health included
+    # One budget for the whole drain (doors, then the engine), not one per stage: an orchestrator's
+    # grace period (terminationGracePeriodSeconds) is sized from drain_timeout_s. The workers then get
+    # a few seconds of their own to exit (pool.stop).
+    drain_deadline = loop.time() + settings.drain_timeout_s
     for srv in servers:
         srv.should_exit = True
     # Just before uvicorn's graceful timeout cancels what still runs, answer uploads still in flight.
@@ -216,10 +220,10 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     cutter.cancel()
     sweeper.cancel()
     if grpc_server is not None:
-        await grpc_server.stop(settings.drain_timeout_s)
+        await grpc_server.stop(max(0.0, drain_deadline - loop.time()))
     if ls_jobs is not None:
         await ls_jobs.stop_jobs(inference_app)  # before the engine: jobs stop where they are and resume next start
-    await engine.stop(settings.drain_timeout_s)
+    await engine.stop(max(0.0, drain_deadline - loop.time()))
     stopper.cancel()
     log.info("stopped")
     return exit_code

@@ -114,6 +114,14 @@ class _ModelRuntime:
 
     # -- PoolEvents (loop thread) -------------------------------------------------------------
     def workers_changed(self) -> None:
+        if self.accepting and self.pool.size == 0 and self.scheduler.depth:
+            # Scaled to 0 (Engine.detect refuses new requests the same way): what is queued would
+            # otherwise wait for its deadline, since no seat will ever take it.
+            for item in self.scheduler.take_all():
+                metrics.REJECTED.labels(self.name, "not_ready").inc()
+                _answer(item, errors.ModelNotReady(f"model {self.name!r} was scaled to 0 workers before this "
+                                                   "request ran"))
+            self._publish()
         self._wake.set()
 
     def batch_done(self, result: BatchResult) -> None:

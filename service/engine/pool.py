@@ -385,7 +385,17 @@ class ProcessPool(_PoolBase):
             changed = False
             for seat in list(self._seats):
                 handle = seat.handle
-                if handle is None or handle.kill_reason is not None:
+                if handle is None:
+                    continue
+                if handle.kill_reason is not None:
+                    if now - handle.killed_at > timeout:
+                        # SIGKILL has not ended it (uninterruptible sleep in a driver): its batch is
+                        # answered elsewhere and the seat restarts; a late exit of it is ignored.
+                        log.error("worker pid %s of %s still runs %.1f s after SIGKILL; giving up on it",
+                                  handle.process.pid, self.cfg.name, now - handle.killed_at)
+                        self._on_gone(seat, f"{handle.kill_reason}; it did not exit after SIGKILL")
+                    else:
+                        handle.kill(handle.kill_reason)  # again: a no-op once its pipe has closed
                     continue
                 if seat.state == "starting":
                     # Imports and weights loading may starve heartbeats on a busy box; only the start

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import struct
 import threading
@@ -28,6 +29,12 @@ log = logging.getLogger("detserve.engine")
 PRELOAD = "service.engine.forkserver_preload"
 _contexts: dict[str, mp.context.BaseContext] = {}
 _contexts_lock = threading.Lock()
+# How long a probe may wait for the forkserver (its first start imports torch: ~1.5 s warm, much more
+# from a cold disk). Past it the forkserver is taken as hung (stopped, swapped out) and replaced.
+PROBE_TIMEOUT_S = 60.0
+# How long the exit status of a worker whose pipe closed is waited for: it comes through the
+# forkserver, which may itself be stopped; the worker is gone either way.
+EXIT_STATUS_WAIT_S = 5.0
 
 
 def worker_context(method: str) -> mp.context.BaseContext:
@@ -54,19 +61,47 @@ def prepare_worker_context(method: str) -> mp.context.BaseContext:
                 ctx.set_forkserver_preload([PRELOAD])
         if ctx.get_start_method() == "forkserver":
             try:
-                probe = ctx.Process(target=os.getpid, daemon=True)
-                probe.start()
-                probe.join(60)
-                if probe.exitcode != 0:
-                    if probe.exitcode is None:
-                        probe.kill()
-                    raise OSError(f"its probe process ended with {probe.exitcode}")
-            except (OSError, EOFError) as exc:  # EOFError: the forkserver died while importing
+                try:
+                    _probe(ctx)
+                except EOFError:  # it died while importing, or _probe killed it as hung: once more
+                    _probe(ctx)
+            except (OSError, EOFError) as exc:
                 log.warning("cannot start the worker forkserver (%s); workers start by spawn, each importing "
                             "torch", exc)
                 ctx = mp.get_context("spawn")
         _contexts[method] = ctx
         return ctx
+
+
+def _probe(ctx: mp.context.BaseContext) -> None:
+    """Fork one process that exits at once. A forkserver that does not answer within PROBE_TIMEOUT_S
+    is killed, so the wait (which nothing else can interrupt) ends in EOFError and the next start
+    makes a new one; unbounded, a stopped forkserver stalled every restart and scale call."""
+    watchdog = threading.Timer(PROBE_TIMEOUT_S, _kill_forkserver)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        probe = ctx.Process(target=os.getpid, daemon=True)
+        probe.start()
+        probe.join(PROBE_TIMEOUT_S)
+    finally:
+        watchdog.cancel()
+    if probe.exitcode != 0:
+        if probe.exitcode is None:
+            probe.kill()
+        raise OSError(f"its probe process ended with {probe.exitcode}")
+
+
+def _kill_forkserver() -> None:
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # private: no public handle exists
+    if pid:
+        log.warning("the worker forkserver (pid %s) did not answer within %.0f s; replacing it", pid, PROBE_TIMEOUT_S)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class WorkerProcess:
@@ -94,6 +129,7 @@ class WorkerProcess:
         child_results.close()
         self.started_at = self.last_heartbeat = time.monotonic()
         self.kill_reason: str | None = None
+        self.killed_at = 0.0
         self._on_message, self._on_exit, self._loop = on_message, on_exit, loop
         self._results = results_reader
         self._frames = FrameReader()
@@ -133,10 +169,18 @@ class WorkerProcess:
         self._loop.remove_writer(fd)
 
     def kill(self, reason: str) -> None:
+        """SIGKILL by pid while the results pipe is open: the worker holds its end until it exits, so
+        the pid is still its own. Not Process.kill(): once the forkserver dies, multiprocessing marks
+        every child it forked as exited (code 255) at the next start, and kill() then sends nothing."""
         if self.kill_reason is None:
             self.kill_reason = reason
+            self.killed_at = time.monotonic()
             log.warning("killing worker pid %s: %s", self.process.pid, reason)
-        self.process.kill()
+        if not self._results.closed:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
 
     def _on_readable(self) -> None:
         fd = self._results.fileno()
@@ -180,13 +224,16 @@ class WorkerProcess:
             self.arena.close()
             self.arena = None
             self.arena_mapped = False
-        self._on_exit(self, self.kill_reason or f"exit code {self.process.exitcode}")
+        code = self.process.exitcode
+        self._on_exit(self, self.kill_reason or (f"exit code {code}" if code is not None else
+                                                 "exit status unknown: the forkserver did not report it"))
 
     def _join(self) -> None:
-        self.process.join(5.0)
+        """Bounded: the pipe's EOF already says the worker is gone; only its status may be late."""
+        self.process.join(EXIT_STATUS_WAIT_S)
         if self.process.exitcode is None:
             self.process.kill()
-            self.process.join()
+            self.process.join(1.0)
 
 
 def widen_send_buffer(fd: int, size: int = 8 << 20) -> None:

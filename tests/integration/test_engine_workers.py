@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -90,6 +91,88 @@ def test_a_worker_restarts_after_the_forkserver_itself_was_killed(tmp_path):
             assert sum(w.restarts for w in engine.model_info("proc-fsdead").workers) == 1
 
     run(scenario())
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ("T" stopped, "Z" zombie), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
+def test_a_hung_worker_is_killed_even_after_its_forkserver_died(tmp_path):
+    # Once the forkserver dies, multiprocessing marks every worker it forked as exited at the next
+    # start, and Process.kill() then sends nothing: a hung one stayed stopped, its seat busy, forever.
+    write_model(tmp_path, "proc-orphan", workers=2, batch={"max_batch_size": 1})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method="forkserver",
+                                  heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0) as engine:
+            workers = lambda: engine.model_info("proc-orphan").workers  # noqa: E731
+            reply = await engine.detect("proc-orphan", [image(b"ENV:HOME")])
+            forkserver = reply[0].image_width
+            first, second = (w.pid for w in workers())
+            os.kill(forkserver, signal.SIGKILL)
+            os.kill(first, signal.SIGKILL)  # its restart starts a new forkserver (and a Process.start())
+            await wait_until(lambda: sum(w.restarts for w in workers()) == 1
+                             and all(w.state == "ready" and w.pid != first for w in workers()))
+            os.kill(second, signal.SIGSTOP)
+            try:
+                await wait_until(lambda: _state(second) in ("gone", "Z"))
+                await wait_until(lambda: sum(w.restarts for w in workers()) == 2
+                                 and all(w.state == "ready" and w.pid not in (first, second) for w in workers()))
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(second, signal.SIGKILL)
+            assert len(await asyncio.gather(*(engine.detect("proc-orphan", [image(b"ok")]) for _ in range(4)))) == 4
+
+    run(scenario())
+
+
+def test_a_stopped_forkserver_is_replaced_and_the_dead_worker_restarted(tmp_path, monkeypatch):
+    # The exit status of a worker comes through the forkserver, and a restart's probe waits for it:
+    # stopped (SIGSTOP, swapped out), it used to stall every restart and scale call for good.
+    from service.engine import process
+
+    monkeypatch.setattr(process, "PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(process, "EXIT_STATUS_WAIT_S", 0.5)
+    write_model(tmp_path, "proc-fsstop", workers=1)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False, worker_start_method="forkserver") as engine:
+            reply = await engine.detect("proc-fsstop", [image(b"ENV:HOME")])
+            forkserver, victim = reply[0].image_width, reply[0].image_height
+            os.kill(forkserver, signal.SIGSTOP)
+            try:
+                os.kill(victim, signal.SIGKILL)
+                worker = lambda: engine.model_info("proc-fsstop").workers[0]  # noqa: E731
+                await wait_until(lambda: worker().state == "ready" and worker().pid not in (None, victim), 30)
+                assert _state(forkserver) in ("gone", "Z")  # killed as hung, not left stopped
+                reply = await engine.detect("proc-fsstop", [image(b"ENV:HOME")])
+                assert reply[0].image_width not in (forkserver, os.getpid())  # forked by a new forkserver
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(forkserver, signal.SIGKILL)
+
+    run(scenario())
+
+
+def test_scaling_to_zero_answers_the_queue_at_once(tmp_path):
+    write_model(tmp_path, "proc-zero", workers=1, batch={"max_batch_size": 1, "request_timeout_ms": 60000})
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            running = asyncio.ensure_future(engine.detect("proc-zero", [image(b"SLEEP:1")]))
+            await wait_until(lambda: engine.model_info("proc-zero").workers[0].state == "busy")
+            queued = [asyncio.ensure_future(engine.detect("proc-zero", [image(b"ok")])) for _ in range(3)]
+            await wait_until(lambda: engine.model_info("proc-zero").queue_depth == 3)
+            await engine.scale_workers("proc-zero", 0)
+            outcomes = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 10)
+            assert all(isinstance(o, errors.ModelNotReady) and "scaled to 0" in o.message for o in outcomes)
+            assert len(await running) == 1  # the batch it was running finishes first
+
+    run(scenario(), 30)
 
 
 def test_a_worker_that_cannot_be_launched_is_retried_not_left_starting(tmp_path, monkeypatch):
