@@ -8,6 +8,7 @@ oddities), goes through Pillow, which also reads the header lazily.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import warnings
@@ -25,6 +26,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _PIL_FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}
 PILLOW_LOCK = threading.Lock()
+# A progressive JPEG is decoded once per scan, over the whole image: a 335 KB file declaring
+# 6000x6000 with its last scan repeated 1500 times held a worker for 30 s until it was killed (about
+# 25 ms a scan, and Pillow decodes it again after libjpeg-turbo's strict mode refuses it). Encoders
+# write 10 or so (libjpeg's progression: 10 for colour, mozjpeg about as many); 100 bounds the
+# decode near 2.5 s at the default pixel limit. SOS markers cannot occur inside entropy-coded data
+# (a 0xFF byte there is stuffed), so counting them in the bytes needs no parse; an embedded EXIF
+# thumbnail adds its own one.
+MAX_JPEG_SCANS = 100
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -52,6 +61,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     if fmt is None:
         raise UnsupportedMediaType("unsupported image format: expected JPEG, PNG, WebP or BMP")
     if fmt == "jpeg":
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImage(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
         fast = _decode_jpeg_fast(data, max_pixels)
         if fast is not None:
             return fast
@@ -141,7 +153,9 @@ def _decode_with_pillow_locked(data: bytes, max_pixels: int) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image exceeds the pixel limit: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"cannot read image header: {exc}") from None
+        # Pillow names the stream object ("<_io.BytesIO object at 0x7f...>"): no addresses to clients.
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise InvalidImage(f"cannot read image header: {detail}") from None
     with image:
         if image.format not in _PIL_FORMATS:
             raise UnsupportedMediaType(f"unsupported image format {image.format}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import simplejpeg
+from ..errors import ImageTooLarge
 from ..types import DetectResult, RenderFormat
 from .polygons import box_window
 
@@ -61,8 +62,17 @@ def draw_detections(bgr: np.ndarray, result: DetectResult) -> np.ndarray:
     return canvas
 
 
+# The encoders' own bounds on a side (libjpeg's JPEG_MAX_DIMENSION, libpng's default user limit).
+# A valid 65500x1 image is cheap to detect on; drawing it must be a client error, not a 500.
+MAX_RENDER_SIDE = {RenderFormat.JPEG: 65500, RenderFormat.PNG: 1_000_000}
+
+
 def encode_image(bgr: np.ndarray, fmt: RenderFormat) -> bytes:
     """BGR pixels -> JPEG or PNG bytes."""
+    limit = MAX_RENDER_SIDE.get(fmt)
+    if limit is not None and max(bgr.shape[:2]) > limit:
+        raise ImageTooLarge(f"a {fmt.value.upper()} drawing has at most {limit} pixels a side; this image is "
+                            f"{bgr.shape[1]}x{bgr.shape[0]} (ask for JSON, or another image_format)")
     bgr = np.ascontiguousarray(bgr)
     if fmt == RenderFormat.JPEG:
         return simplejpeg.encode_jpeg(bgr, quality=JPEG_QUALITY, colorspace="BGR")

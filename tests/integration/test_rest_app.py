@@ -242,6 +242,7 @@ def test_management_describe_load_scale_batch_unload(mgmt, engine):
     assert mgmt.post("/models?url=other.mar").status_code == 200
     assert_error(mgmt.post("/models?model_name=other"), 409, "conflict")  # already loaded, as TorchServe answers
     assert_error(mgmt.post("/models?url=http://evil/x.mar"), 400, "invalid_request")
+    assert_error(mgmt.post("/models?model_name=other%0A"), 400, "invalid_request")  # "$" let a final newline in
     assert_error(mgmt.post("/models?model_name=missing"), 404, "model_not_found")
 
     r = mgmt.put("/models/shapes?min_worker=3")

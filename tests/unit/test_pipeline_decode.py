@@ -205,3 +205,31 @@ def test_webp_header_size_is_read_and_limited_before_decoding(variant):
         bomb[24:30] = (16383).to_bytes(3, "little") + (16383).to_bytes(3, "little")
         with pytest.raises(ImageTooLarge):
             decode_image(bytes(bomb), max_pixels=LIMIT)
+
+
+def test_a_progressive_jpeg_with_hundreds_of_scans_is_refused_before_decoding():
+    # Each scan is a pass over the whole image: 1500 repeats of one made a 335 KB file hold a worker
+    # for 30 s. Repeating the last scan keeps the file decodable (libjpeg only warns).
+    from service.pipeline.decode import MAX_JPEG_SCANS
+
+    buf = io.BytesIO()
+    Image.fromarray(_quadrants()).save(buf, "JPEG", progressive=True, quality=90)
+    base = buf.getvalue()
+    assert 1 < base.count(b"\xff\xda") <= MAX_JPEG_SCANS and base.endswith(b"\xff\xd9")
+    assert decode_image(base, max_pixels=10**6).shape == (48, 64, 3)
+    last_scan, scans = base[base.rindex(b"\xff\xda"):-2], base.count(b"\xff\xda")
+    for repeats, refused in ((MAX_JPEG_SCANS - scans, False), (300, True)):
+        data = base[:-2] + last_scan * repeats + b"\xff\xd9"
+        if refused:
+            with pytest.raises(InvalidImage, match=f"JPEG has {300 + scans} scans; at most"):
+                decode_image(data, max_pixels=10**6)
+        else:
+            assert decode_image(data, max_pixels=10**6).shape == (48, 64, 3)
+
+
+def test_a_header_pillow_cannot_identify_is_a_400_without_a_memory_address():
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+    png += struct.pack(">I", zlib.crc32(png[12:29]))
+    with pytest.raises(InvalidImage) as err:
+        decode_image(png, max_pixels=10**6)
+    assert "cannot" in err.value.message and "0x" not in err.value.message and "BytesIO" not in err.value.message

@@ -65,3 +65,15 @@ def test_a_mask_tints_exactly_its_pixels_and_a_full_frame_mask_costs_no_frame_co
     free = (unmasked == 100).all(axis=2)  # not under the box outline or its label
     tinted = (drawn != 100).any(axis=2)
     assert np.array_equal(tinted[free], disk[free]) and disk[free].sum() > 0.9 * disk.sum()
+
+
+def test_a_drawing_past_the_encoders_side_limit_is_a_413_not_a_500():
+    import pytest
+
+    from service.errors import ImageTooLarge, http_status
+
+    assert encode_image(np.zeros((1, 65500, 3), np.uint8), RenderFormat.JPEG)[:2] == b"\xff\xd8"
+    for fmt, width in ((RenderFormat.JPEG, 65501), (RenderFormat.PNG, 1_000_001)):
+        with pytest.raises(ImageTooLarge, match=f"at most .* pixels a side; this image is {width}x1") as err:
+            encode_image(np.zeros((1, width, 3), np.uint8), fmt)
+        assert http_status(err.value) == 413

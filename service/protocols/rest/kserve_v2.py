@@ -161,7 +161,7 @@ def _parse_inputs(entries: list, binary: memoryview) -> list[codec.Tensor]:
             raise InvalidRequest("each input must be a JSON object")
         name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
-                or not all(isinstance(d, int) for d in shape):
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidRequest("each input needs 'name' (string), 'datatype' (string) and 'shape' (list of ints)")
         parameters = codec.parameters_object(entry.get("parameters"), f"input '{name}'")
         size = parameters.pop("binary_data_size", None)

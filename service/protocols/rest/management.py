@@ -21,7 +21,7 @@ from ...types import ModelInfo
 
 router = APIRouter()
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # \Z: "$" also matches before a final newline
 
 
 def _json(payload, status: int = 200) -> Response:
