@@ -420,6 +420,7 @@ class ServerLimits(_Strict):
     header_timeout_s: float = Field(10.0, gt=0, le=3600)  # connect (or end of previous request) to end of headers
     body_timeout_s: float = Field(60.0, gt=0, le=3600)  # end of headers to end of body
     keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600)  # idle keep-alive connection
+    send_timeout_s: float = Field(60.0, gt=0, le=3600)  # an answer's unsent bytes not read by the client at all
     max_connections: int | None = Field(None, ge=1)  # concurrent connections + tasks per listener (uvicorn's limit_concurrency)
 
 

@@ -126,6 +126,9 @@ class FakePredictor:
                 time.sleep(0.05)  # long enough for concurrent requests to reach every worker
                 out.append(DetectResult([], image_width=os.getppid(), image_height=os.getpid(), model_name=self.name,
                                         model_version=f"{os.environ.get(name)} torch={'torch' in sys.modules}"))
+            elif command.startswith(b"DRAWN:"):  # format=image with an answer of that many bytes
+                out.append(DetectResult([], image_width=1, image_height=os.getpid(), model_name=self.name,
+                                        model_version=self.version, rendered=b"\xff" * int(command[6:])))
             elif command.startswith(b"DIGEST"):
                 out.append(DetectResult([], image_width=len(img.data), image_height=os.getpid(),
                                         model_name=self.name, model_version=hashlib.sha256(img.data).hexdigest()))

@@ -1,5 +1,5 @@
 """Server-wide bounds on a real `detserve serve`: header size and count, header and body read
-timeouts (slowloris), an endless chunked body, and the drain edges (a slow upload gets a JSON 503;
+timeouts (slowloris), an endless chunked body, an answer the client never reads, and the drain edges (a slow upload gets a JSON 503;
 SIGTERM to the whole process group restarts no worker and accepted requests complete)."""
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ max_header_bytes = 8192
 max_headers = 40
 header_timeout_s = 1.0
 body_timeout_s = 2.0
+send_timeout_s = 1.0
 """
 
 
@@ -423,3 +424,23 @@ def test_an_upgrade_the_server_does_not_take_is_ignored_and_the_body_arrives(ser
     with _connect(server) as sock:
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n" + UPGRADE_H2C + b"\r\n" + b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
         assert [s for s, _ in _read_answers(sock, 2)] == [200, 200]
+
+
+def test_an_answer_the_client_never_reads_is_dropped_after_the_send_timeout(server):
+    # 20 MB (a drawing of a large image) waits in the front's transport buffer for the client; close()
+    # would wait for it to flush, so a client that never reads used to hold it for as long as it liked.
+    size = 20_000_000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.ports["inference"]))
+    body = b"DRAWN:%d" % size
+    sock.sendall(b"PUT /predictions/m?format=image HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+                 + body)
+    time.sleep(4)  # the answer is ready within a second; then send_timeout_s (1 s) with nothing read
+    got = len(_read_all(sock, 10))
+    sock.close()
+    assert 0 < got < size  # the head and what the kernel buffers held, then the reset
+    assert "read none of" in server.log_path.read_text()
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # a client that reads gets it all
+        r = client.put("/predictions/m?format=image", content=body)
+        assert r.status_code == 200 and len(r.content) == size

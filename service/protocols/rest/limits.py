@@ -1,5 +1,6 @@
 """Per-connection bounds uvicorn lacks: header size and count, a header read timeout and a body
-read timeout, plus cutting unfinished uploads at the end of a drain.
+read timeout, a send timeout for answers the client does not read, plus cutting unfinished
+uploads at the end of a drain.
 
 uvicorn (httptools) accumulates an unfinished request line and headers without limit, and once a
 byte has arrived its keep-alive timer is off, so a client that sends headers or a body slowly holds
@@ -68,6 +69,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.running_cycles: list = []  # cycles still answering behind a pipelined request (at most a few)
         # A fresh connection that sends nothing is a header read that has not finished.
         self.phase, self.phase_seen_at, self.header_bytes, self.parsed_header_bytes = _HEADERS, None, 0, 0
+        self.unsent, self.unsent_since = 0, None  # answer bytes in the transport's buffer, stalled since
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
@@ -235,8 +237,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def sweep(self, now: float) -> None:
+        if self.transport is None or self._unread_too_long(now):
+            return
         phase = self.phase
-        if phase in (_IDLE, _REFUSED) or self.transport is None or self.transport.is_closing():
+        if phase in (_IDLE, _REFUSED) or self.transport.is_closing():
             return
         if self.phase_seen_at is None:
             self.phase_seen_at = now
@@ -259,6 +263,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if not cut:
                 self.transport.close()
             self.phase = _IDLE
+
+
+    def _unread_too_long(self, now: float) -> bool:
+        """Abort a connection whose client has read nothing of its answer for send_timeout_s.
+
+        The answer sits in the transport's buffer until the client reads it (a drawing of a large
+        image is 20-70 MB from a small upload), and neither keep-alive expiry nor close() drops it:
+        close() waits for the buffer to flush. So a client that never reads held that memory for as
+        long as it kept the socket open. Progress is any shrinking of the buffer between two sweeps;
+        abort() drops the buffer and resets the connection."""
+        pending = self.transport.get_write_buffer_size()
+        if pending == 0 or pending < self.unsent:
+            self.unsent, self.unsent_since = pending, None
+            return False
+        self.unsent = pending
+        if self.unsent_since is None:
+            self.unsent_since = now
+            return False
+        if now - self.unsent_since <= self.limits.send_timeout_s:
+            return False
+        log.warning("aborting a connection whose client read none of %d answer bytes in send_timeout_s (%g s)",
+                    pending, self.limits.send_timeout_s)
+        self.phase = _REFUSED
+        self.transport.abort()
+        return True
 
 
 class _AfterIgnoredUpgrade:
