@@ -188,6 +188,16 @@ def test_relative_url_without_ls_url():
         fetch("/data/upload/1/a.png", FetchConfig())
 
 
+@pytest.mark.parametrize("path", ["/data/upload/../../api/users/whoami", "/data/upload/%2e%2e/%2E%2E/api/users",
+                                  "data/upload/./1/a.png", "/data/upload/..%5C..%5Capi"])
+def test_a_relative_path_with_dot_segments_is_refused_before_the_key_is_sent(ls_url, path):
+    # Resolved by Label Studio (or a proxy), a media path would steer the key to any of its APIs.
+    before = FakeLabelStudio.hits
+    with pytest.raises(ImageFetchError, match="'.' or '..' segments"):
+        fetch(path, FetchConfig(url=ls_url, api_key=LEGACY))
+    assert FakeLabelStudio.hits == before
+
+
 def test_absolute_url_gets_token_only_on_the_ls_host(ls_url):
     assert fetch(f"{ls_url}/data/upload/1/a.png", FetchConfig(url=ls_url, api_key=LEGACY)) == IMAGE
     other = ls_url.replace("127.0.0.1", "localhost")  # /public.png answers 400 to any Authorization
