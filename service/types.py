@@ -172,6 +172,7 @@ class WorkerStatus:
     state: str  # "starting" | "ready" | "busy" | "restarting" | "stopped"
     restarts: int = 0
     in_flight: int = 0
+    responsive: bool = True  # False after missed heartbeats: not live until it beats again or is killed
 
 
 @dataclass(frozen=True, slots=True)

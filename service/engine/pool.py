@@ -14,6 +14,7 @@ CPU with the null model at c16 (py-spy); the arena cut the front's share of that
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -83,7 +84,8 @@ class _Seat:
 
     def status(self) -> WorkerStatus:
         in_flight = self.batch[1] if self.batch else 0
-        return WorkerStatus(self.worker_id, self.pid, self.device, self.state, self.restarts, in_flight)
+        return WorkerStatus(self.worker_id, self.pid, self.device, self.state, self.restarts, in_flight,
+                            not self.suspect)
 
 
 class _PoolBase:
@@ -251,7 +253,8 @@ class _PoolBase:
             delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (seat.failures_in_a_row - 1))
             log.warning("worker %d of %s gone (%s); restarting in %.1f s", seat.worker_id, self.cfg.name, reason, delay)
             loop = asyncio.get_running_loop()
-            loop.call_later(delay, lambda: loop.create_task(self._restart(seat), name=f"restart-{self.cfg.name}"))
+            loop.call_later(delay, lambda: loop.create_task(self._restart(seat), name=f"restart-{self.cfg.name}"),
+                            context=contextvars.Context())
         self._publish()
 
     async def _restart(self, seat: _Seat) -> None:
@@ -268,7 +271,9 @@ class _PoolBase:
         """Launch, and a launch that raises is a worker gone at once (a restart with backoff, or a
         failed start), never a seat left "starting" with no process behind it."""
         try:
-            self._launch(seat, threads)
+            # In a fresh context: the callbacks a launch registers (the worker's pipe reader, the
+            # supervisor) would otherwise log with the request id of the management call that scaled.
+            contextvars.Context().run(self._launch, seat, threads)
         except Exception as exc:  # noqa: BLE001 - reported through the seat like any other failure
             log.exception("worker %d of %s could not be started", seat.worker_id, self.cfg.name)
             seat.load_error = seat.load_error or f"worker could not be started: {type(exc).__name__}: {exc}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -559,3 +560,38 @@ def test_a_slow_warm_up_skips_its_batch_instead_of_failing_the_start(tmp_path, c
     assert run(scenario()).model_version == "slow-warm-fake"
     assert calls.read_text().splitlines()[:3] == ["RawImage:64x64"] * 2 + ["EncodedImage:-x-"]  # no batch of 16: the request next
     assert "so no batch of 16" in caplog.text
+
+
+def test_workers_started_by_a_request_do_not_log_with_its_request_id(tmp_path):
+    # The callbacks a launch registers copy the context they are registered in: without a fresh
+    # one, every later line about that worker (its restarts too) carried the scale call's id.
+    from service.observability.logging import request_id_var
+
+    write_model(tmp_path, "proc-ctx", workers=1)
+    seen: list[str | None] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            if "proc-ctx" in record.getMessage():
+                seen.append(request_id_var.get())
+
+    handler = Recorder()
+    logging.getLogger("detserve.engine").addHandler(handler)
+
+    async def scenario():
+        async with running_engine(tmp_path, inline=False) as engine:
+            token = request_id_var.set("scale-call-id")
+            try:
+                await engine.scale_workers("proc-ctx", 2)
+            finally:
+                request_id_var.reset(token)
+            victim = max(engine.model_info("proc-ctx").workers, key=lambda w: w.worker_id).pid
+            os.kill(victim, signal.SIGKILL)
+            await wait_until(lambda: sum(w.restarts for w in engine.model_info("proc-ctx").workers) == 1
+                             and all(w.state == "ready" for w in engine.model_info("proc-ctx").workers))
+
+    try:
+        run(scenario())
+    finally:
+        logging.getLogger("detserve.engine").removeHandler(handler)
+    assert seen and "scale-call-id" not in seen

@@ -41,6 +41,11 @@ def test_sigstop_one_of_two_workers_fails_over_and_restarts_it(tmp_path):
             try:
                 noticed = await _until(lambda: sample("detserve_live_workers", {"model": "hang2"}) == 1, 3.0)
                 assert noticed < 1.2  # a few missed beats, not the 30 s request timeout
+                from service.protocols.rest.management import describe
+
+                info = engine.model_info("hang2")  # describe agrees with the metric (it counted it live)
+                assert all(not w.responsive for w in info.workers if w.pid == victim)
+                assert describe(info)["liveWorkers"] == 1
                 assert engine.model_ready("hang2")  # one live worker still serves
                 (result,) = await asyncio.wait_for(stuck, 10)  # retried on the survivor
                 assert result.image_height == survivor

@@ -288,3 +288,30 @@ def test_front_process_imports_no_torch():
             "a.build_inference_app(None, ServerSettings()); a.build_management_app(None, ServerSettings()); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_scale_call_overtaken_by_a_later_one_answers_at_once():
+    """Scaling to 0 waits for busy workers to retire; a later scale to 1 makes that count
+    unreachable, and the first call used to wait out drain_timeout_s + 5 s (35 s) before its 202."""
+    import asyncio
+
+    import httpx
+
+    class SlowToShrink(FakeEngine):
+        async def scale_workers(self, name, count):
+            self._info(name)
+            if count:  # growing is immediate; shrinking waits for a batch that never ends here
+                self.workers = count
+            return self._info(name)
+
+    async def scenario():
+        app = build_management_app(SlowToShrink(), ServerSettings())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mgmt") as client:
+            first = asyncio.ensure_future(client.put("/models/shapes?min_worker=0"))
+            await asyncio.sleep(0.3)
+            second = await client.put("/models/shapes?min_worker=1")
+            assert second.status_code == 200
+            overtaken = await asyncio.wait_for(first, 5)
+            assert overtaken.status_code == 202 and overtaken.json()["model"]["minWorkers"] == 1
+
+    asyncio.run(scenario())

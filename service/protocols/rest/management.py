@@ -7,6 +7,7 @@ so the management port cannot be used to fetch or unpickle remote files.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
 
@@ -35,7 +36,7 @@ def _engine(request: Request) -> EngineAPI:
 def describe(info: ModelInfo) -> dict:
     """TorchServe's describe keys (camelCase) plus detserve's own facts."""
     batch = info.batch
-    live = sum(1 for w in info.workers if w.state in ("ready", "busy"))
+    live = sum(1 for w in info.workers if w.state in ("ready", "busy") and w.responsive)
     return {
         "modelName": info.name,
         "modelVersion": info.version,
@@ -68,6 +69,7 @@ def describe(info: ModelInfo) -> dict:
                 "gpu": w.device.startswith("cuda"),
                 "restarts": w.restarts,
                 "inFlight": w.in_flight,
+                "responsive": w.responsive,
             }
             for w in info.workers
         ],
@@ -161,11 +163,17 @@ async def scale_model(
     if count is None:
         raise InvalidRequest("give min_worker=N (the number of worker processes)")
     engine = _engine(request)
+    calls = getattr(request.app.state, "scale_calls", None)
+    if calls is None:
+        calls = request.app.state.scale_calls = collections.Counter()
+    calls[model] += 1
+    call = calls[model]
     info = await engine.scale_workers(model, count)
     # Shrinking retires workers once their current batch is done; wait for that so the answer
-    # describes the final state. Past the drain timeout, answer 202 as TorchServe does for async.
+    # describes the final state. Past the drain timeout, answer 202 as TorchServe does for async;
+    # at once when a later call changed the count, which this one would otherwise wait out.
     deadline = time.monotonic() + request.app.state.settings.drain_timeout_s + 5
-    while len(info.workers) != count and time.monotonic() < deadline:
+    while len(info.workers) != count and time.monotonic() < deadline and calls[model] == call:
         await asyncio.sleep(0.05)
         info = engine.model_info(model)
     status = 200 if len(info.workers) == count else 202
