@@ -271,8 +271,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         The answer sits in the transport's buffer until the client reads it (a drawing of a large
         image is 20-70 MB from a small upload), and neither keep-alive expiry nor close() drops it:
         close() waits for the buffer to flush. So a client that never reads held that memory for as
-        long as it kept the socket open. Progress is any shrinking of the buffer between two sweeps;
-        abort() drops the buffer and resets the connection."""
+        long as it kept the socket open. Progress is any shrinking of the buffer between two sweeps
+        (every answer is written whole, so a reading client shrinks it); abort() drops the buffer
+        and resets the connection."""
         pending = self.transport.get_write_buffer_size()
         if pending == 0 or pending < self.unsent:
             self.unsent, self.unsent_since = pending, None
