@@ -30,10 +30,11 @@ PILLOW_LOCK = threading.Lock()
 # 6000x6000 with its last scan repeated 1500 times held a worker for 30 s until it was killed (about
 # 25 ms a scan, and Pillow decodes it again after libjpeg-turbo's strict mode refuses it). Encoders
 # write 10 or so (libjpeg's progression: 10 for colour, mozjpeg about as many); 100 bounds the
-# decode near 2.5 s at the default pixel limit. SOS markers cannot occur inside entropy-coded data
-# (a 0xFF byte there is stuffed), so counting them in the bytes needs no parse; an embedded EXIF
-# thumbnail adds its own one.
+# decode near 2.5 s at the default pixel limit.
 MAX_JPEG_SCANS = 100
+# The next marker after entropy-coded data: 0xFF then anything but a stuffed 0x00, a restart marker
+# or another 0xFF (fill bytes before a marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -61,9 +62,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     if fmt is None:
         raise UnsupportedMediaType("unsupported image format: expected JPEG, PNG, WebP or BMP")
     if fmt == "jpeg":
-        scans = data.count(b"\xff\xda")
+        scans = jpeg_scan_count(data, MAX_JPEG_SCANS)
         if scans > MAX_JPEG_SCANS:
-            raise InvalidImage(f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
+            raise InvalidImage(f"JPEG has more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are decoded")
         fast = _decode_jpeg_fast(data, max_pixels)
         if fast is not None:
             return fast
@@ -111,6 +112,35 @@ def raw_image_to_bgr(image: RawImage, *, max_pixels: int | None = None) -> np.nd
     if order == "RGB":
         return np.ascontiguousarray(pixels[:, :, ::-1])
     return pixels
+
+
+def jpeg_scan_count(data: bytes, stop_after: int) -> int:
+    """Scans (SOS segments) of the first image, counted by walking its markers up to its EOI, and
+    no further than `stop_after` + 1. Segments are skipped by their length and entropy-coded data by
+    a search for the next marker, so the bytes of APP segments, an EXIF thumbnail or data appended
+    after the image (motion photos, gain maps) are never taken for scans. A malformed stream ends
+    the count; the decoder then reports it."""
+    pos, scans, size = 2, 0, len(data)
+    while pos + 4 <= size and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > stop_after:
+                break
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

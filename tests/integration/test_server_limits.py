@@ -444,3 +444,25 @@ def test_an_answer_the_client_never_reads_is_dropped_after_the_send_timeout(serv
     with httpx.Client(base_url=server.url, timeout=30) as client:  # a client that reads gets it all
         r = client.put("/predictions/m?format=image", content=body)
         assert r.status_code == 200 and len(r.content) == size
+
+
+def test_a_client_reading_its_answer_slowly_is_not_cut_by_the_send_timeout(server):
+    # ~20 KB/s for four send timeouts: the kernel's queue drains, the transport's buffer does not
+    # move (it shrinks only after megabytes), and that alone is not a stalled client.
+    size = 20_000_000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.ports["inference"]))
+    body = b"DRAWN:%d" % size
+    sock.sendall(b"PUT /predictions/m?format=image HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+                 + body)
+    got, deadline = 0, time.monotonic() + 4
+    sock.settimeout(10)
+    while time.monotonic() < deadline:
+        chunk = sock.recv(2048)
+        assert chunk, f"connection closed after {got} bytes while the client was reading"
+        got += len(chunk)
+        time.sleep(0.1)
+    rest = _read_all(sock, 10)
+    sock.close()
+    assert got + len(rest) > size  # everything arrived: the head and 20 MB

@@ -221,7 +221,7 @@ def test_a_progressive_jpeg_with_hundreds_of_scans_is_refused_before_decoding():
     for repeats, refused in ((MAX_JPEG_SCANS - scans, False), (300, True)):
         data = base[:-2] + last_scan * repeats + b"\xff\xd9"
         if refused:
-            with pytest.raises(InvalidImage, match=f"JPEG has {300 + scans} scans; at most"):
+            with pytest.raises(InvalidImage, match=f"JPEG has more than {MAX_JPEG_SCANS} scans"):
                 decode_image(data, max_pixels=10**6)
         else:
             assert decode_image(data, max_pixels=10**6).shape == (48, 64, 3)
@@ -233,3 +233,18 @@ def test_a_header_pillow_cannot_identify_is_a_400_without_a_memory_address():
     with pytest.raises(InvalidImage) as err:
         decode_image(png, max_pixels=10**6)
     assert "cannot" in err.value.message and "0x" not in err.value.message and "BytesIO" not in err.value.message
+
+
+def test_scans_are_counted_by_markers_not_by_byte_pairs_elsewhere_in_the_file():
+    # FF DA occurs by chance in binary payloads: an APP segment, or data appended after the image
+    # (motion photos, gain maps; ~one pair per 64 KiB of random bytes). Those are not scans.
+    from service.pipeline.decode import MAX_JPEG_SCANS, jpeg_scan_count
+
+    buf = io.BytesIO()
+    Image.fromarray(_quadrants()).save(buf, "JPEG", quality=90)
+    base = buf.getvalue()
+    app2 = b"\xff\xe2" + (65535).to_bytes(2, "big") + b"\xff\xda" * 32766 + b"\x00"
+    for data in (base[:2] + app2 + base[2:], base + b"\xff\xda" * (MAX_JPEG_SCANS + 50)):
+        assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+        assert jpeg_scan_count(data, MAX_JPEG_SCANS) == 1
+        assert decode_image(data, max_pixels=10**6).shape == (48, 64, 3)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import struct
+import termios
 import time
 
 import httptools
@@ -271,10 +274,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         The answer sits in the transport's buffer until the client reads it (a drawing of a large
         image is 20-70 MB from a small upload), and neither keep-alive expiry nor close() drops it:
         close() waits for the buffer to flush. So a client that never reads held that memory for as
-        long as it kept the socket open. Progress is any shrinking of the buffer between two sweeps
-        (every answer is written whole, so a reading client shrinks it); abort() drops the buffer
-        and resets the connection."""
+        long as it kept the socket open. Progress is any shrinking, between two sweeps, of what is
+        unsent: the transport's buffer plus the kernel's send queue. The buffer alone shrinks only
+        when the kernel's queue has drained a long way (a client reading 20 KB/s went 57 s without
+        shrinking it). abort() drops the buffer and resets the connection."""
         pending = self.transport.get_write_buffer_size()
+        if pending:
+            pending += _kernel_send_queue(self.transport)
         if pending == 0 or pending < self.unsent:
             self.unsent, self.unsent_since = pending, None
             return False
@@ -289,6 +295,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.phase = _REFUSED
         self.transport.abort()
         return True
+
+
+def _kernel_send_queue(transport) -> int:
+    """Bytes the kernel holds for the socket that the peer has not acknowledged (Linux TIOCOUTQ);
+    0 where that cannot be asked."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 class _AfterIgnoredUpgrade:
