@@ -5,8 +5,8 @@ processes, so this module (and everything it imports at start-up) stays free of 
 
 Shutdown (SIGTERM/SIGINT): the data plane turns every door's readiness false, the listeners close
 (no new connections), in-flight HTTP requests finish (up to drain_timeout_s; uploads still arriving
-then are answered 503), gRPC stops with the same grace, then the engine drains and stops its
-workers; the process exits 0. The workers ignore both signals, so a signal to the whole process
+then are answered 503) while gRPC drains beside them, then the engine drains its queue in what is
+left of that one budget and stops its workers; the process exits 0. The workers ignore both signals, so a signal to the whole process
 group drains the same way.
 """
 from __future__ import annotations
@@ -213,14 +213,16 @@ async def serve(settings: ServerSettings, *, engine=None, stop_event: asyncio.Ev
     drain_deadline = loop.time() + settings.drain_timeout_s
     for srv in servers:
         srv.should_exit = True
+    # gRPC drains beside HTTP, not after it: it stops taking calls now and gets the whole budget.
+    grpc_stopped = None if grpc_server is None else asyncio.ensure_future(grpc_server.stop(settings.drain_timeout_s))
     # Just before uvicorn's graceful timeout cancels what still runs, answer uploads still in flight.
     grace = _graceful_timeout_s(settings)
     cutter = loop.call_later(grace - min(1.0, grace / 4), _cut_uploads, servers)
     await asyncio.gather(*tasks, return_exceptions=True)
     cutter.cancel()
     sweeper.cancel()
-    if grpc_server is not None:
-        await grpc_server.stop(max(0.0, drain_deadline - loop.time()))
+    if grpc_stopped is not None:
+        await grpc_stopped
     if ls_jobs is not None:
         await ls_jobs.stop_jobs(inference_app)  # before the engine: jobs stop where they are and resume next start
     await engine.stop(max(0.0, drain_deadline - loop.time()))

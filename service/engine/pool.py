@@ -305,6 +305,12 @@ class _PoolBase:
         raise NotImplementedError
 
 
+# A SIGKILLed worker still running after this is given up on (its batch answered, its seat
+# restarted). A CUDA process can take many seconds to exit while the driver frees its memory; giving
+# up sooner would load the replacement beside memory still held.
+KILL_GRACE_S = 30.0
+
+
 class ProcessPool(_PoolBase):
     """Supervised worker processes: a crash (EOF), a missed heartbeat, a batch stuck longer than the
     heartbeat timeout, or a start past `worker_start_timeout_s` kills and restarts with backoff."""
@@ -393,7 +399,7 @@ class ProcessPool(_PoolBase):
                 if handle is None:
                     continue
                 if handle.kill_reason is not None:
-                    if now - handle.killed_at > timeout:
+                    if now - handle.killed_at > max(timeout, KILL_GRACE_S):
                         # SIGKILL has not ended it (uninterruptible sleep in a driver): its batch is
                         # answered elsewhere and the seat restarts; a late exit of it is ignored.
                         log.error("worker pid %s of %s still runs %.1f s after SIGKILL; giving up on it",
@@ -427,7 +433,8 @@ class ProcessPool(_PoolBase):
         for seat in self._seats:
             if seat.handle is not None:
                 seat.handle.kill("did not stop in time")
-        while any(s.handle is not None for s in self._seats) and time.monotonic() < deadline + 5.0:
+        # SIGKILL by pid ends them in milliseconds; what is left is their exit status.
+        while any(s.handle is not None for s in self._seats) and time.monotonic() < deadline + 2.0:
             await asyncio.sleep(0.02)
         if self._supervisor is not None:
             self._supervisor.cancel()

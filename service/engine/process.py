@@ -29,9 +29,11 @@ log = logging.getLogger("detserve.engine")
 PRELOAD = "service.engine.forkserver_preload"
 _contexts: dict[str, mp.context.BaseContext] = {}
 _contexts_lock = threading.Lock()
-# How long a probe may wait for the forkserver (its first start imports torch: ~1.5 s warm, much more
-# from a cold disk). Past it the forkserver is taken as hung (stopped, swapped out) and replaced.
+# How long a probe may wait for a running forkserver (it answers in ~30 ms); past it the forkserver
+# is taken as hung (stopped, swapped out) and replaced. A probe that starts one waits for it to import
+# torch (~1.5 s warm, far longer from a cold disk or a starved node), so it gets FIRST_START_TIMEOUT_S.
 PROBE_TIMEOUT_S = 60.0
+FIRST_START_TIMEOUT_S = 600.0
 # How long the exit status of a worker whose pipe closed is waited for: it comes through the
 # forkserver, which may itself be stopped; the worker is gone either way.
 EXIT_STATUS_WAIT_S = 5.0
@@ -77,13 +79,14 @@ def _probe(ctx: mp.context.BaseContext) -> None:
     """Fork one process that exits at once. A forkserver that does not answer within PROBE_TIMEOUT_S
     is killed, so the wait (which nothing else can interrupt) ends in EOFError and the next start
     makes a new one; unbounded, a stopped forkserver stalled every restart and scale call."""
-    watchdog = threading.Timer(PROBE_TIMEOUT_S, _kill_forkserver)
+    timeout = PROBE_TIMEOUT_S if _forkserver_pid() is not None else FIRST_START_TIMEOUT_S
+    watchdog = threading.Timer(timeout, _kill_forkserver, args=(timeout,))
     watchdog.daemon = True
     watchdog.start()
     try:
         probe = ctx.Process(target=os.getpid, daemon=True)
         probe.start()
-        probe.join(PROBE_TIMEOUT_S)
+        probe.join(timeout)
     finally:
         watchdog.cancel()
     if probe.exitcode != 0:
@@ -92,12 +95,25 @@ def _probe(ctx: mp.context.BaseContext) -> None:
         raise OSError(f"its probe process ended with {probe.exitcode}")
 
 
-def _kill_forkserver() -> None:
+def _forkserver_pid() -> int | None:
+    """The forkserver's pid while it runs (stopped counts; dead and not yet reaped does not: the
+    next start reaps it and starts another)."""
     from multiprocessing import forkserver
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # private: no public handle exists
+    if not pid:
+        return None
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state in ("Z", "X") else pid
+
+
+def _kill_forkserver(timeout: float) -> None:
+    pid = _forkserver_pid()
     if pid:
-        log.warning("the worker forkserver (pid %s) did not answer within %.0f s; replacing it", pid, PROBE_TIMEOUT_S)
+        log.warning("the worker forkserver (pid %s) did not answer within %.0f s; replacing it", pid, timeout)
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:

@@ -278,10 +278,10 @@ def check_version(info: ModelInfo, version: str | None) -> None:
 
 def refuse_extra_inputs(count: int, names: Sequence[str]) -> None:
     """A detector has one input. Doors call this before building any tensor (`names`: the first
-    few are enough), so a request of 700,000 inputs is refused at the cost of one; none at all is
-    refused later, after the model name (an unknown model is 404 first)."""
+    few are enough), so a request of 700,000 inputs is refused at the cost of one. Doors resolve
+    the model and its version first (404 before 400); none at all is refused in images_from_inputs."""
     if count > 1:
-        shown = [str(name)[:64] for name in names[:10]]
+        shown = [name[:64] if isinstance(name, str) else "?" for name in names[:10]]  # str() of a deep list recurses
         more = f" and {count - len(shown)} more" if count > len(shown) else ""
         raise InvalidRequest(f"expected one input tensor, got {count}: {shown}{more}")
 

@@ -243,6 +243,9 @@ def test_management_describe_load_scale_batch_unload(mgmt, engine):
     assert_error(mgmt.post("/models?model_name=other"), 409, "conflict")  # already loaded, as TorchServe answers
     assert_error(mgmt.post("/models?url=http://evil/x.mar"), 400, "invalid_request")
     assert_error(mgmt.post("/models?model_name=other%0A"), 400, "invalid_request")  # "$" let a final newline in
+    for i in range(3):  # unknown names are refused before the scale bookkeeping keeps a counter for them
+        assert_error(mgmt.put(f"/models/nope{i}?min_worker=1"), 404, "model_not_found")
+    assert not any(name.startswith("nope") for name in getattr(mgmt.app.state, "scale_calls", {}))
     assert_error(mgmt.post("/models?model_name=missing"), 404, "model_not_found")
 
     r = mgmt.put("/models/shapes?min_worker=3")

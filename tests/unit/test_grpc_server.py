@@ -441,6 +441,10 @@ def test_client_controlled_counts_are_refused_before_per_item_work(run):
                     await kstub.ModelInfer(request, timeout=30)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert expected in err.value.details(), err.value.details()[:200]
+            # the model first, as on REST: an unknown one is NOT_FOUND whatever the request holds
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await kstub.ModelInfer(kpb.ModelInferRequest(model_name="nope", inputs=[image] * 1000), timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
             # 5000 empty names used to be deduplicated to none ("give one or more class names")
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Detect(pb.DetectRequest(model="toy", image=pb.Image(encoded=b"x"),

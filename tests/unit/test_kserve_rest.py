@@ -158,6 +158,8 @@ def _bytes_binary(raw: bytes) -> tuple[bytes, dict]:
     (*_binary([2, 2**62, 0, 3]), "dimension above"),
     (*_binary([4, 2**31 - 1, 2**31 - 1, 0]), "not a valid array shape"),
     (*_binary([1] * 9), "at most 8"),
+    (json.dumps({"inputs": [{"name": _nested(900), "datatype": "BYTES", "shape": [1], "data": ["YQ=="]}] * 2}).encode(),
+     {}, "got 2: ['?', '?']"),  # a name that is not a string is not str()-ed (a deep list recursed: 500)
     (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [True], "data": ["YQ=="]}]}).encode(), {},
      "list of ints"),  # JSON true is not a dimension
     # counts the client controls, each refused before per-item work (tensors, parameters, elements)

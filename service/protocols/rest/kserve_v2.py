@@ -154,7 +154,7 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[dict, list[c
 
 
 def _parse_inputs(entries: list, binary: memoryview) -> list[codec.Tensor]:
-    codec.refuse_extra_inputs(len(entries), [e.get("name") if isinstance(e, dict) else "?" for e in entries[:10]])
+    codec.refuse_extra_inputs(len(entries), [e.get("name") if isinstance(e, dict) else None for e in entries[:10]])
     tensors, offset = [], 0
     for entry in entries:
         if not isinstance(entry, dict):

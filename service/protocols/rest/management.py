@@ -163,6 +163,7 @@ async def scale_model(
     if count is None:
         raise InvalidRequest("give min_worker=N (the number of worker processes)")
     engine = _engine(request)
+    engine.model_info(model)  # 404 for an unknown name before it gets a counter
     calls = getattr(request.app.state, "scale_calls", None)
     if calls is None:
         calls = request.app.state.scale_calls = collections.Counter()
