@@ -226,8 +226,8 @@ class ImageFetcher:
             )
         if not self.config.url.startswith(("http://", "https://")):
             raise ImageFetchError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.config.url[:100]!r}")
-        # The API key goes with this request: "/data/upload/../../api/users/whoami" must not steer it
-        # from a media path to another Label Studio API (servers and proxies resolve dot-segments).
+        # The API key goes with this request: what reads as a media path ("/data/upload/../../api/x")
+        # must be the path fetched, not another API that servers and proxies resolve it to.
         segments = urllib.parse.unquote(urllib.parse.urlsplit(path).path).replace("\\", "/").split("/")
         if any(segment in (".", "..") for segment in segments):
             raise ImageFetchError(f"task image path {path[:100]!r} has '.' or '..' segments")
