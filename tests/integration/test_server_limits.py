@@ -426,23 +426,29 @@ def test_an_upgrade_the_server_does_not_take_is_ignored_and_the_body_arrives(ser
         assert [s for s, _ in _read_answers(sock, 2)] == [200, 200]
 
 
-def test_an_answer_the_client_never_reads_is_dropped_after_the_send_timeout(server):
-    # 20 MB (a drawing of a large image) waits in the front's transport buffer for the client; close()
-    # would wait for it to flush, so a client that never reads used to hold it for as long as it liked.
-    size = 20_000_000
+def _ask_for_a_drawing(server, size: int) -> socket.socket:
+    """A socket with a small receive window that asked the fake predictor for a `size`-byte drawing."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.ports["inference"]))
     body = b"DRAWN:%d" % size
     sock.sendall(b"PUT /predictions/m?format=image HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
                  + body)
+    return sock
+
+
+def test_an_answer_the_client_never_reads_is_dropped_after_the_send_timeout(server):
+    # 20 MB (a drawing of a large image) waits in the front's transport buffer for the client; close()
+    # would wait for it to flush, so a client that never reads used to hold it for as long as it liked.
+    size = 20_000_000
+    sock = _ask_for_a_drawing(server, size)
     time.sleep(4)  # the answer is ready within a second; then send_timeout_s (1 s) with nothing read
     got = len(_read_all(sock, 10))
     sock.close()
     assert 0 < got < size  # the head and what the kernel buffers held, then the reset
     assert "read none of" in server.log_path.read_text()
     with httpx.Client(base_url=server.url, timeout=30) as client:  # a client that reads gets it all
-        r = client.put("/predictions/m?format=image", content=body)
+        r = client.put("/predictions/m?format=image", content=b"DRAWN:%d" % size)
         assert r.status_code == 200 and len(r.content) == size
 
 
@@ -450,12 +456,7 @@ def test_a_client_reading_its_answer_slowly_is_not_cut_by_the_send_timeout(serve
     # ~20 KB/s for four send timeouts: the kernel's queue drains, the transport's buffer does not
     # move (it shrinks only after megabytes), and that alone is not a stalled client.
     size = 20_000_000
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.ports["inference"]))
-    body = b"DRAWN:%d" % size
-    sock.sendall(b"PUT /predictions/m?format=image HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
-                 + body)
+    sock = _ask_for_a_drawing(server, size)
     got, deadline = 0, time.monotonic() + 4
     sock.settimeout(10)
     while time.monotonic() < deadline:
