@@ -408,10 +408,17 @@ class InferOutcome:
     outputs: list[Tensor]
 
 
+def resolve(dp, model: str, version: str | None) -> ModelInfo:
+    """The model a KServe request names, refused (503 starting, 404 unknown or another version)
+    before its body is parsed: doors call this first, then `infer` with what it returns."""
+    info = dp.resolve(model)
+    check_version(info, version)
+    return info
+
+
 async def infer(
     dp,
-    model: str,
-    version: str | None,
+    info: ModelInfo,
     inputs: Sequence[Tensor],
     parameters: Mapping[str, Any],
     requested: Sequence[str],
@@ -423,12 +430,10 @@ async def infer(
     """Validate the request against the model, run it through the data plane, build the outputs.
     Request parameters (`score_thr`, `max_dets`, `classes`, `iou_thr`, `box_format`, `mask_format`,
     `tile`, ...: engine/dataplane.py OPTION_NAMES) are checked by the data plane; others are ignored."""
-    info = dp.resolve(model, None)
-    check_version(info, version)
     images = images_from_inputs(inputs)
     options = dp.options_from(info, parameters)
     check_requested(requested, [spec.name for spec in output_specs(info.has_masks, options.mask_format)])
-    results = await dp.detect(model, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
+    results = await dp.detect(info.name, images, options, protocol=protocol, request_id=request_id, timeout_s=timeout_s)
     outputs = select_outputs(detection_outputs(results, info.has_masks, options), requested)
     served_version = next((r.model_version for r in results if r.model_version), info.version)
     return InferOutcome(info.name, served_version, outputs)

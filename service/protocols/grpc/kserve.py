@@ -42,12 +42,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return convert.model_metadata_to_proto(info)
 
     async def _infer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
-        # The model and version first, as on REST: an unknown one is NOT_FOUND whatever the tensors hold.
-        codec.check_version(self._dp.resolve(request.model_name, None), request.model_version)
+        # The model and version first: an unknown one is NOT_FOUND whatever the tensors hold.
+        info = codec.resolve(self._dp, request.model_name, request.model_version)
         inputs = convert.input_tensors_from_request(request)
         parameters = convert.parameters_from_proto(request.parameters)
         outcome = await codec.infer(
-            self._dp, request.model_name, request.model_version, inputs, parameters,
+            self._dp, info, inputs, parameters,
             convert.requested_outputs(request),
             protocol=PROTOCOL, request_id=request.id or None, timeout_s=timeout_from(context),
         )

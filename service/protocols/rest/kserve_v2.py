@@ -105,7 +105,7 @@ async def infer_call(dp: DataPlane, model: str, version: str | None, header_leng
 
 
 async def _infer(dp: DataPlane, model: str, version: str | None, header_length: str | None, read_body) -> Response:
-    dp.resolve(model)  # 503 while starting, 404 before reading a large body
+    info = codec.resolve(dp, model, version)  # 503 while starting, 404 before reading a large body
     header, inputs = _parse_request(await read_body(), header_length)
     parameters = codec.parameters_object(header.get("parameters"), "request")
     binary_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
@@ -119,7 +119,7 @@ async def _infer(dp: DataPlane, model: str, version: str | None, header_length: 
     if request_id is not None and not isinstance(request_id, (str, int)):
         raise InvalidRequest(f"'id' must be a string, got {type(request_id).__name__}")
     outcome = await codec.infer(
-        dp, model, version, inputs, parameters, [o["name"] for o in requested],
+        dp, info, inputs, parameters, [o["name"] for o in requested],
         protocol=PROTOCOL, request_id=str(request_id)[:256] if request_id else None,
     )
     return _render(outcome, request_id, lambda name: binary_for.get(name, binary_default))
